@@ -1,0 +1,167 @@
+"""The only module that creates or destroys process groups.
+
+Member-only creation
+--------------------
+Each rank creates only the groups it belongs to. torch's public
+``new_group(ranks, use_local_synchronization=True)`` allows that, but names the
+group after a hash of its ranks *and of how many groups the calling process has
+registered*; ranks that belong to different numbers of groups (an actor on
+ranks 0-3 and a reference on 0-7, say) then compute different names for the
+same group and wait for each other forever (``tests/test_gloo_world.py``
+reproduces it). So groups are named here, deterministically from their ranks,
+backend and how many groups of that rank set this process created before, and
+built with torch's group constructor under that name.
+
+Ranks create their groups in one global order (sorted by group key), which
+rules out circular waits between overlapping groups.
+
+Sharing
+-------
+Identical requests (ranks, backend, options object, timeout) share one process
+group, reference-counted; :func:`release` destroys it with its last user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+__all__ = ["GroupRequest", "acquire", "release", "live_groups", "creation_count"]
+
+
+@dataclass(frozen=True)
+class GroupRequest:
+    """What a state asks for: ranks, backend (None = default), options, timeout."""
+
+    ranks: tuple[int, ...]
+    backend: str | None = None
+    options: Any = None
+    timeout: timedelta | None = None
+    desc: str = "scoped_parallel"
+
+    def order_key(self) -> tuple[Any, ...]:
+        """A key every rank computes alike: the global creation order."""
+        return (len(self.ranks), self.ranks, str(self.backend), self.desc)
+
+
+@dataclass
+class _Entry:
+    group: Any
+    request: GroupRequest
+    users: int = 1
+    descs: list[str] = field(default_factory=list)
+
+
+_LOCK = threading.RLock()
+_SHARED: dict[tuple[Any, ...], _Entry] = {}
+_BY_GROUP: dict[Any, tuple[tuple[Any, ...] | None, _Entry]] = {}
+_NAME_ORDINALS: dict[str, int] = {}
+_CREATIONS = [0]
+
+
+def creation_count() -> int:
+    """How many process groups this module has created in this process."""
+    return _CREATIONS[0]
+
+
+def live_groups() -> int:
+    """How many process groups created here are still alive."""
+    with _LOCK:
+        return len(_BY_GROUP)
+
+
+def _share_key(request: GroupRequest) -> tuple[Any, ...]:
+    return (
+        request.ranks,
+        str(request.backend),
+        None if request.options is None else id(request.options),
+        request.timeout,
+    )
+
+
+def acquire(request: GroupRequest, *, share: bool) -> Any:
+    """Return a process group for ``request``, created or shared.
+
+    The calling rank must be in ``request.ranks``.
+    """
+    with _LOCK:
+        key = _share_key(request)
+        if share:
+            entry = _SHARED.get(key)
+            if entry is not None:
+                entry.users += 1
+                entry.descs.append(request.desc)
+                return entry.group
+        group = _create(request)
+        entry = _Entry(group, request, descs=[request.desc])
+        _BY_GROUP[group] = (key if share else None, entry)
+        if share:
+            _SHARED[key] = entry
+        return group
+
+
+def release(group: Any) -> None:
+    """Drop one user of ``group``; destroy it when none is left."""
+    with _LOCK:
+        found = _BY_GROUP.get(group)
+        if found is None:
+            return
+        key, entry = found
+        entry.users -= 1
+        if entry.users > 0:
+            return
+        del _BY_GROUP[group]
+        if key is not None and _SHARED.get(key) is entry:
+            del _SHARED[key]
+    if dist.is_initialized():
+        dist.destroy_process_group(group)
+
+
+def users(group: Any) -> int:
+    """How many states hold ``group`` (0 when unknown or released)."""
+    with _LOCK:
+        found = _BY_GROUP.get(group)
+        return 0 if found is None else found[1].users
+
+
+def _group_name(ranks: tuple[int, ...], backend: str) -> str:
+    digest = hashlib.sha1(
+        (",".join(map(str, ranks)) + "|" + backend).encode(), usedforsecurity=False
+    ).hexdigest()[:20]
+    base = f"scoped_parallel:{digest}"
+    ordinal = _NAME_ORDINALS.get(base, 0)
+    _NAME_ORDINALS[base] = ordinal + 1
+    return f"{base}:{ordinal}"
+
+
+def default_backend() -> str:
+    return str(dist.get_backend())
+
+
+def _create(request: GroupRequest) -> Any:
+    default_pg = c10d._get_default_group()
+    backend = c10d.Backend(request.backend or dist.get_backend(default_pg))
+    timeout = request.timeout if request.timeout is not None else c10d._get_default_timeout(backend)
+    ranks = list(request.ranks)
+    global_rank = dist.get_rank()
+    name = _group_name(request.ranks, str(backend))
+    group, _store = c10d._new_process_group_helper(
+        len(ranks),
+        ranks.index(global_rank),
+        ranks,
+        backend,
+        c10d._get_default_store(),
+        name,
+        backend_options=request.options,
+        timeout=timeout,
+        group_desc=request.desc,
+    )
+    c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
+    _CREATIONS[0] += 1
+    return group

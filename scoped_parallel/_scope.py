@@ -1,0 +1,270 @@
+"""The active-state scope: one private ContextVar and the functions around it.
+
+Only this module reads or writes the variable. It holds an immutable
+:class:`_Frame` (the state, the enclosing frame, and the thread/task that
+entered it), so copying a context (``asyncio.create_task``,
+``contextvars.copy_context``) shares frames safely and a child's changes never
+reach its parent.
+
+Threads that did not inherit a context (``threading.Thread``, torch's autograd
+device threads on CUDA) see no frame. For them :func:`current_state` falls back
+to the process-wide picture: if exactly one state is the innermost active scope
+of every place that has one, that state is the answer; if two different states
+are innermost in different threads or tasks, it raises
+:class:`~scoped_parallel.errors.AmbiguousStateError`.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import sys
+import threading
+from collections import Counter
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from scoped_parallel.errors import (
+    AmbiguousStateError,
+    NoActiveStateError,
+    ScopeNestingError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scoped_parallel.state import ParallelState
+
+__all__ = ["Activation", "current_state", "current_state_or_none", "propagate"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Frame:
+    """One entered scope. Immutable after construction; compared by identity."""
+
+    __slots__ = ("state", "parent", "owner")
+
+    def __init__(self, state: Any, parent: _Frame | None, owner: tuple[int, int]) -> None:
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "parent", parent)
+        object.__setattr__(self, "owner", owner)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("scope frames are immutable")
+
+
+_CURRENT: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar(
+    "scoped_parallel.current_frame", default=None
+)
+
+# Process-wide bookkeeping for the fallback rule, guarded by _LOCK.
+# _SAME_OWNER_CHILDREN[f]: active frames entered inside f by the same thread/task.
+# _LEAVES[state]: active frames of that state with no same-owner child (innermost).
+_LOCK = threading.Lock()
+_SAME_OWNER_CHILDREN: dict[_Frame, int] = {}
+_LEAVES: Counter[Any] = Counter()
+
+
+def _owner() -> tuple[int, int]:
+    """The (thread, asyncio task) that is running, as identities."""
+    task_id = 0
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and asyncio._get_running_loop() is not None:
+        task = asyncio.current_task()
+        if task is not None:
+            task_id = id(task)
+    return (threading.get_ident(), task_id)
+
+
+def _register(frame: _Frame) -> None:
+    with _LOCK:
+        _SAME_OWNER_CHILDREN[frame] = 0
+        _LEAVES[frame.state] += 1
+        parent = frame.parent
+        if parent is not None and parent.owner == frame.owner and parent in _SAME_OWNER_CHILDREN:
+            if _SAME_OWNER_CHILDREN[parent] == 0:
+                _drop_leaf(parent.state)
+            _SAME_OWNER_CHILDREN[parent] += 1
+
+
+def _unregister(frame: _Frame) -> None:
+    with _LOCK:
+        if _SAME_OWNER_CHILDREN.pop(frame, 0) == 0:
+            _drop_leaf(frame.state)
+        parent = frame.parent
+        if parent is not None and parent.owner == frame.owner and parent in _SAME_OWNER_CHILDREN:
+            _SAME_OWNER_CHILDREN[parent] -= 1
+            if _SAME_OWNER_CHILDREN[parent] == 0:
+                _LEAVES[parent.state] += 1
+
+
+def _drop_leaf(state: Any) -> None:
+    _LEAVES[state] -= 1
+    if _LEAVES[state] <= 0:
+        del _LEAVES[state]
+
+
+def active_states() -> tuple[Any, ...]:
+    """The distinct states that are the innermost scope somewhere in the process."""
+    with _LOCK:
+        return tuple(_LEAVES)
+
+
+def current_state_or_none() -> ParallelState | None:
+    """The active state, or ``None`` when no scope applies.
+
+    Resolution: the calling context's innermost ``activate()`` scope; else, in a
+    thread that inherited no scope, the single state active anywhere in the
+    process. Raises :class:`AmbiguousStateError` when that fallback finds
+    several different states (a wrong process group would corrupt training
+    silently, so this never guesses).
+    """
+    frame = _CURRENT.get()
+    if frame is not None:
+        return frame.state  # type: ignore[no-any-return]
+    if not _LEAVES:
+        return None
+    states = active_states()
+    if not states:
+        return None
+    if len(states) == 1:
+        return states[0]  # type: ignore[no-any-return]
+    names = ", ".join(_describe(s) for s in states)
+    raise AmbiguousStateError(
+        f"this thread has no active scope and {len(states)} different states are active in "
+        f"other threads or tasks ({names}), so the state to use is ambiguous. Enter the right "
+        "state here with `with state.activate():`, or hand the caller's scope to this thread "
+        "with scoped_parallel.propagate(fn)."
+    )
+
+
+def current_state() -> ParallelState:
+    """The active state; raises :class:`NoActiveStateError` when there is none.
+
+    Example::
+
+        with actor.activate():
+            assert scoped_parallel.current_state() is actor
+    """
+    state = current_state_or_none()
+    if state is None:
+        raise NoActiveStateError(
+            "no ParallelState is active here. Wrap the call in `with state.activate():`, "
+            "decorate the function with `@state.activate()`, or bind an engine with "
+            "`state.bind(engine)`; for thread pools, submit scoped_parallel.propagate(fn)."
+        )
+    return state
+
+
+def _describe(state: Any) -> str:
+    name = getattr(state, "name", None)
+    return repr(name) if name else repr(state)
+
+
+class Activation:
+    """What ``state.activate()`` returns: a context manager and a decorator.
+
+    The object is cheap and re-entrant: entering it while it is already
+    entered nests (it keeps one token per entry). ``__enter__`` returns the
+    state. Exiting checks that this scope is the innermost one in the calling
+    context; if not, :class:`ScopeNestingError` names both states and the scope
+    is left untouched.
+    """
+
+    __slots__ = ("_state", "_entries")
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+        self._entries: list[tuple[contextvars.Token[_Frame | None], _Frame]] = []
+
+    def __repr__(self) -> str:
+        return f"<Activation of {_describe(self._state)}, entered {len(self._entries)}x>"
+
+    def __enter__(self) -> Any:
+        check = getattr(self._state, "_check_activatable", None)
+        if check is not None:
+            check()
+        frame = _Frame(self._state, _CURRENT.get(), _owner())
+        token = _CURRENT.set(frame)
+        _register(frame)
+        self._entries.append((token, frame))
+        return self._state
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._entries:
+            raise ScopeNestingError(
+                f"exit of the scope of {_describe(self._state)} that was not entered "
+                "(exited twice?)"
+            )
+        token, frame = self._entries[-1]
+        current = _CURRENT.get()
+        if current is not frame:
+            found = "no scope" if current is None else f"the scope of {_describe(current.state)}"
+            raise ScopeNestingError(
+                f"out-of-order exit: leaving the scope of {_describe(self._state)} but the "
+                f"innermost active scope here is {found}. Scopes must be exited in reverse "
+                "order of entry, in the thread or task that entered them (a scope held across "
+                "`yield`/`await` and closed elsewhere causes this). The scope was left unchanged."
+            )
+        try:
+            _CURRENT.reset(token)
+        except ValueError as err:
+            raise ScopeNestingError(
+                f"the scope of {_describe(self._state)} was entered in another context "
+                "(thread or asyncio task) than the one exiting it; exit it where it was "
+                "entered. The scope was left unchanged."
+            ) from err
+        self._entries.pop()
+        _unregister(frame)
+
+    def __call__(self, fn: F) -> F:
+        """Use the activation as a decorator: every call runs inside the scope."""
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"cannot decorate generator function {fn.__qualname__!r} with activate(): "
+                "the scope would end at the first `yield` and resume in whatever scope the "
+                "consumer has. Enter `with state.activate():` inside the generator body instead."
+            )
+        state = self._state
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with Activation(state):
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with Activation(state):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+def propagate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Return a callable that runs ``fn`` under the caller's current scope.
+
+    Use it where a new thread would otherwise start with no scope::
+
+        with critic.activate():
+            pool.submit(scoped_parallel.propagate(compute_values), batch)
+
+    The whole context is captured now (as ``asyncio.create_task`` does); each
+    call runs in a fresh copy of it, so concurrent calls do not interfere.
+    """
+    ctx = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run_in_captured_scope(*args: Any, **kwargs: Any) -> Any:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    return run_in_captured_scope

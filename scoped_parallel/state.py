@@ -1,0 +1,631 @@
+"""``ParallelState``: one model's process groups, with Megatron's and DeepSpeed's getter names.
+
+A state is built collectively by the ranks of its layout (each rank creates
+only the groups it belongs to), answers the getters from its own groups, and is
+switched in with ``with state.activate():``. It is also a complete DeepSpeed
+``mpu``: ``deepspeed.initialize(model=..., mpu=state)``.
+
+Worked example on 8 ranks, ``ParallelState(name="actor", tensor_model_parallel_size=2,
+pipeline_model_parallel_size=2)`` (so data parallel size 2). On rank 5:
+
+===========================================  ===============
+getter                                       rank 5 sees
+===========================================  ===============
+``get_tensor_model_parallel_group()``        ranks (4, 5), rank 1 of 2
+``get_data_parallel_group()``                ranks (5, 7), rank 0 of 2
+``get_pipeline_model_parallel_group()``      ranks (1, 5), rank 1 of 2 (last stage)
+``get_model_parallel_group()``               ranks (0, 1, 4, 5) = tp x pp, rank 3 of 4
+===========================================  ===============
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from scoped_parallel import _groups
+from scoped_parallel._scope import Activation
+from scoped_parallel.errors import (
+    DistributedNotInitializedError,
+    GroupNotAvailableError,
+    LayoutError,
+    RankNotInLayoutError,
+    ScopedParallelError,
+    StateMismatchError,
+)
+from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout, canonical_kind
+
+__all__ = ["ParallelState"]
+
+_GLOO_TWIN_KINDS = ("dp", "dp-cp", "edp")
+_KIND_ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
+# Per (rank_offset, world_size): how many states this process constructed over that range,
+# so that the fingerprint exchange of the k-th state meets the k-th state of its peers.
+_CONSTRUCTIONS: dict[tuple[int, int], int] = {}
+
+
+def _kind(kind: str) -> str:
+    text = str(kind).strip().lower().replace("_", "-")
+    return canonical_kind(_KIND_ALIASES.get(text, text))
+
+
+def _per_kind(mapping: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping from group kind to value, got {mapping!r}")
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        try:
+            out[_kind(key)] = value
+        except LayoutError as err:
+            raise LayoutError(f"{what}: {err}") from None
+    return out
+
+
+class ParallelState:
+    """The process groups of one model's parallel layout.
+
+    Args:
+        name: a label used in messages, ``repr`` and group descriptions.
+        tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
+        sequence_parallel_size, expert_model_parallel_size, expert_tensor_parallel_size,
+        order: as in :class:`~scoped_parallel.ParallelLayout`.
+        world_size: how many ranks the state spans (default: the rest of the world after
+            ``rank_offset``). With ``rank_offset`` it places a model on a subset of ranks,
+            e.g. an actor on ranks 0-3 and a critic on 4-7.
+        backend: backend of every group (default: the default group's backend).
+        timeout: a :class:`datetime.timedelta` for group creation/collectives and for the
+            agreement check between ranks.
+        share_groups: reuse a process group already held by another state when the ranks,
+            backend, options and timeout are identical (reference-counted).
+        backends: per-kind backend, e.g. ``{"dp": "gloo"}``.
+        pg_options: per-kind backend options, e.g. ``{"dp": ProcessGroupNCCL.Options(...)}``.
+        create_gloo_process_groups: also build gloo twins of the dp, dp-cp and edp groups
+            (Megatron's CPU-side groups for checkpoint collectives).
+
+    A rank outside ``rank_offset .. rank_offset + world_size - 1`` may construct the
+    state (it builds nothing and waits for nobody); every getter then raises
+    :class:`~scoped_parallel.errors.RankNotInLayoutError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        sequence_parallel_size: int = 1,
+        expert_model_parallel_size: int = 1,
+        expert_tensor_parallel_size: int | None = None,
+        order: str = "tp-cp-ep-dp-pp",
+        world_size: int | None = None,
+        rank_offset: int = 0,
+        backend: str | None = None,
+        timeout: timedelta | None = None,
+        share_groups: bool = True,
+        backends: Mapping[str, str] | None = None,
+        pg_options: Mapping[str, Any] | None = None,
+        create_gloo_process_groups: bool = False,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(
+                f"timeout must be a datetime.timedelta (as in torch.distributed), got {timeout!r}; "
+                "e.g. timeout=datetime.timedelta(minutes=10)"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise DistributedNotInitializedError(
+                "ParallelState needs torch.distributed to be initialized first: call "
+                "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) "
+                "before building a state."
+            )
+        world = dist.get_world_size()
+        if isinstance(rank_offset, int) and not isinstance(rank_offset, bool):
+            if world_size is None:
+                world_size = world - rank_offset
+            if rank_offset + (world_size if isinstance(world_size, int) else 0) > world or rank_offset >= world:
+                raise LayoutError(
+                    f"ParallelState {name!r} spans ranks {rank_offset}..{rank_offset + world_size - 1} "
+                    f"(rank_offset={rank_offset}, world_size={world_size}) but the process world has "
+                    f"{world} ranks (0..{world - 1}); lower world_size or rank_offset."
+                )
+        self._layout = ParallelLayout(
+            world_size,  # type: ignore[arg-type]
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            sequence_parallel_size=sequence_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
+            order=order,
+            rank_offset=rank_offset,
+        )
+        self._name = name
+        self._backend = backend
+        self._timeout = timeout
+        self._share = bool(share_groups)
+        self._backends = _per_kind(backends, "backends")
+        self._options = _per_kind(pg_options, "pg_options")
+        self._gloo_twins = bool(create_gloo_process_groups)
+        self._rank = dist.get_rank()
+        self._groups: dict[str, Any] = {}
+        self._gloo: dict[str, Any] = {}
+        self._ranks_of: dict[str, tuple[int, ...]] = {}
+        self._destroyed = False
+        if not self._layout.contains(self._rank):
+            return
+        self._ranks_of = dict(self._layout.groups_of(self._rank))
+        self._agree_with_peers()
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+
+    @property
+    def _fake(self) -> bool:
+        return str(dist.get_backend()) == "fake"
+
+    def _fingerprint(self) -> str:
+        backends = ",".join(f"{k}={v}" for k, v in sorted(self._backends.items()))
+        return (
+            f"name={self._name!r};{self._layout.fingerprint()};backend={self._backend};"
+            f"backends={backends};gloo_twins={self._gloo_twins};share={self._share}"
+        )
+
+    def _agree_with_peers(self) -> None:
+        """Check, before any group is created, that every peer built the same state.
+
+        Each rank publishes its fingerprint in the default store and reads those of the
+        ranks it shares a group with (not the whole world). A peer that disagrees, or
+        never arrives within ``timeout``, raises :class:`StateMismatchError` here and on
+        the peer, instead of a hang inside group creation.
+        """
+        if self._fake:
+            return
+        span = (self._layout.rank_offset, self._layout.world_size)
+        seq = _CONSTRUCTIONS.get(span, 0)
+        _CONSTRUCTIONS[span] = seq + 1
+        prefix = f"scoped_parallel/agree/{span[0]}+{span[1]}/{seq}/"
+        store = dist.distributed_c10d._get_default_store()
+        mine = self._fingerprint()
+        store.set(prefix + str(self._rank), mine)
+        peers = sorted({r for ranks in self._ranks_of.values() for r in ranks} - {self._rank})
+        timeout = self._timeout or dist.distributed_c10d._get_default_timeout(
+            dist.distributed_c10d.Backend(dist.get_backend())
+        )
+        deadline = time.monotonic() + timeout.total_seconds()
+        pending = list(peers)
+        while pending:
+            pending = [p for p in pending if not store.check([prefix + str(p)])]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise StateMismatchError(
+                    f"{self._label()}: ranks {pending} did not construct this state within "
+                    f"{timeout} (this is construction #{seq} over ranks "
+                    f"{span[0]}..{span[0] + span[1] - 1} on rank {self._rank}). Every rank of a "
+                    "state must construct it, and states over the same ranks must be built in "
+                    "the same order on every rank."
+                )
+            time.sleep(0.002)
+        for peer in peers:
+            theirs = store.get(prefix + str(peer)).decode()
+            if theirs != mine:
+                raise StateMismatchError(
+                    f"{self._label()}: rank {self._rank} and rank {peer} built different states "
+                    f"as construction #{seq} over ranks {span[0]}..{span[0] + span[1] - 1}:\n"
+                    f"  rank {self._rank}: {mine}\n  rank {peer}: {theirs}\n"
+                    "Every rank must pass the same arguments and build states in the same order."
+                )
+
+    def _requests(self) -> list[tuple[str, _groups.GroupRequest]]:
+        out = []
+        label = self._name or "state"
+        for kind, ranks in self._ranks_of.items():
+            out.append(
+                (
+                    kind,
+                    _groups.GroupRequest(
+                        ranks=ranks,
+                        backend=self._backends.get(kind, self._backend),
+                        options=self._options.get(kind),
+                        timeout=self._timeout,
+                        desc=f"{label}:{kind}",
+                    ),
+                )
+            )
+        if self._gloo_twins:
+            for kind in _GLOO_TWIN_KINDS:
+                ranks = self._ranks_of[kind]
+                out.append(
+                    (
+                        "gloo:" + kind,
+                        _groups.GroupRequest(
+                            ranks=ranks, backend="gloo", timeout=self._timeout, desc=f"{label}:{kind}:gloo"
+                        ),
+                    )
+                )
+        return out
+
+    def _build(self) -> None:
+        requests = self._requests()
+        # One global order shared by all ranks: no circular waits between overlapping groups.
+        requests.sort(key=lambda item: item[1].order_key())
+        acquired: list[Any] = []
+        try:
+            for kind, request in requests:
+                group = _groups.acquire(request, share=self._share)
+                acquired.append(group)
+                if kind.startswith("gloo:"):
+                    self._gloo[kind[5:]] = group
+                else:
+                    self._groups[kind] = group
+        except BaseException:
+            for group in reversed(acquired):
+                _groups.release(group)
+            self._groups.clear()
+            self._gloo.clear()
+            raise
+
+    def destroy(self) -> None:
+        """Release this state's groups (a shared group dies with its last user). Idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        held = list(self._groups.values()) + list(self._gloo.values())
+        self._groups.clear()
+        self._gloo.clear()
+        for group in held:
+            _groups.release(group)
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return self._layout
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return self._rank
+
+    @property
+    def is_member(self) -> bool:
+        """Whether this rank belongs to the state's ranks."""
+        return self._layout.contains(self._rank)
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    def _label(self) -> str:
+        return f"ParallelState {self._name!r}" if self._name else "ParallelState"
+
+    def __repr__(self) -> str:
+        sizes = repr(self._layout)[len("ParallelLayout(") : -1]
+        where = f"rank {self._rank}" if self.is_member else f"rank {self._rank} (not a member)"
+        gone = ", destroyed" if self._destroyed else ""
+        head = f"{self._name!r}, " if self._name else ""
+        return f"ParallelState({head}{sizes}; {where}{gone})"
+
+    # ------------------------------------------------------------------ scope
+
+    def activate(self) -> Activation:
+        """A context manager / decorator making this state the current one.
+
+        ``with actor.activate(): ...`` — nestable, exception-safe, per thread and per
+        asyncio task (see the README's scope rules).
+        """
+        return Activation(self)
+
+    def _check_activatable(self) -> None:
+        if self._destroyed:
+            raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
+
+    # ------------------------------------------------------------------ generic access
+
+    def _require(self, kind: str) -> str:
+        if self._destroyed:
+            raise GroupNotAvailableError(f"{self._label()} was destroyed; its groups are gone")
+        if not self.is_member:
+            lo = self._layout.rank_offset
+            raise RankNotInLayoutError(
+                f"rank {self._rank} is not part of {self._label()} (ranks {lo}..{lo + self._layout.world_size - 1}), "
+                "so it holds none of its groups; only call its getters on its own ranks "
+                "(check state.is_member)."
+            )
+        kind = _kind(kind)
+        if kind not in self._ranks_of:
+            if kind in ("embd", "pos-embd"):
+                raise GroupNotAvailableError(
+                    f"rank {self._rank} is not in an {kind!r} group of {self._label()} (only the "
+                    "first/last pipeline stages are); check is_rank_in_embedding_group() first."
+                )
+            raise GroupNotAvailableError(
+                f"{self._label()} holds no {kind!r} group; it holds {sorted(self._ranks_of)}."
+            )
+        return kind
+
+    def group(self, kind: str) -> Any:
+        """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
+        return self._groups[self._require(kind)]
+
+    def ranks(self, kind: str) -> tuple[int, ...]:
+        """Global ranks of this rank's ``kind`` group."""
+        return self._ranks_of[self._require(kind)]
+
+    def size(self, kind: str) -> int:
+        return len(self.ranks(kind))
+
+    def rank_in(self, kind: str) -> int:
+        """This rank's index inside its ``kind`` group."""
+        return self.ranks(kind).index(self._rank)
+
+    def kinds(self) -> tuple[str, ...]:
+        """The group kinds this rank holds."""
+        return tuple(self._ranks_of)
+
+    def gloo_group(self, kind: str) -> Any:
+        kind = self._require(kind)
+        if kind not in self._gloo:
+            raise GroupNotAvailableError(
+                f"{self._label()} has no gloo twin of {kind!r}; build it with "
+                "create_gloo_process_groups=True (twins exist for dp, dp-cp and edp)."
+            )
+        return self._gloo[kind]
+
+    # ------------------------------------------------------------------ Megatron: tensor / pipeline
+
+    def is_initialized(self) -> bool:
+        return not self._destroyed
+
+    def model_parallel_is_initialized(self) -> bool:
+        return not self._destroyed and self.is_member
+
+    def get_tensor_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("tp")
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.size("tp")
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.rank_in("tp")
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ranks("tp")[0]
+
+    def get_tensor_model_parallel_last_rank(self) -> int:
+        return self.ranks("tp")[-1]
+
+    def get_tensor_model_parallel_ranks(self) -> tuple[int, ...]:
+        return self.ranks("tp")
+
+    def get_pipeline_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("pp")
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.size("pp")
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.rank_in("pp")
+
+    def get_pipeline_model_parallel_first_rank(self) -> int:
+        return self.ranks("pp")[0]
+
+    def get_pipeline_model_parallel_last_rank(self) -> int:
+        return self.ranks("pp")[-1]
+
+    def get_pipeline_model_parallel_next_rank(self) -> int:
+        ranks = self.ranks("pp")
+        return ranks[(self.rank_in("pp") + 1) % len(ranks)]
+
+    def get_pipeline_model_parallel_prev_rank(self) -> int:
+        ranks = self.ranks("pp")
+        return ranks[(self.rank_in("pp") - 1) % len(ranks)]
+
+    def is_pipeline_first_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        return self.rank_in("pp") == 0
+
+    def is_pipeline_last_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        return self.rank_in("pp") == self.size("pp") - 1
+
+    # DeepSpeed's PipelineParallelGrid names (utils/bwc.py probes these).
+    def get_pipe_parallel_group(self) -> Any:
+        return self.group("pp")
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return self.size("pp")
+
+    def get_pipe_parallel_rank(self) -> int:
+        return self.rank_in("pp")
+
+    # ------------------------------------------------------------------ model parallel = tp x pp
+
+    def get_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """Megatron's model-parallel group: tensor x pipeline parallel ranks.
+
+        Group, size and rank always describe this same group (Megatron's legacy
+        ``get_model_parallel_world_size`` reported TP's size, which is only the same
+        thing when PP == 1).
+        """
+        return self.group("tp-pp")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.size("tp-pp")
+
+    def get_model_parallel_rank(self) -> int:
+        return self.rank_in("tp-pp")
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self.ranks("tp-pp")[0]
+
+    # ------------------------------------------------------------------ data / context parallel
+
+    def _dp_kind(self, with_context_parallel: bool, partial_data_parallel: bool = False) -> str:
+        if partial_data_parallel:
+            raise GroupNotAvailableError(
+                "partial data parallel groups (num_distributed_optimizer_instances > 1) are "
+                "not built by scoped_parallel; call with partial_data_parallel=False."
+            )
+        return "dp-cp" if with_context_parallel else "dp"
+
+    def get_data_parallel_group(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> Any:
+        """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data."""
+        return self.group(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_group_gloo(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> Any:
+        return self.gloo_group(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_world_size(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        return self.size(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_rank(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        return self.rank_in(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
+        return self.ranks(self._dp_kind(with_context_parallel))[0]
+
+    def get_data_parallel_group_ranks(self) -> tuple[int, ...]:
+        return self.ranks("dp")
+
+    def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
+        return self.ranks(self._dp_kind(with_context_parallel))
+
+    def get_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("cp")
+
+    def get_context_parallel_world_size(self) -> int:
+        return self.size("cp")
+
+    def get_context_parallel_rank(self) -> int:
+        return self.rank_in("cp")
+
+    def get_context_parallel_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
+        return self.ranks("cp")
+
+    def get_tensor_and_data_parallel_group(self, with_context_parallel: bool = False) -> Any:
+        return self.group("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
+        return self.size("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
+        return self.rank_in("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("tp-cp")
+
+    def get_tensor_and_context_parallel_world_size(self) -> int:
+        return self.size("tp-cp")
+
+    def get_tensor_and_context_parallel_rank(self) -> int:
+        return self.rank_in("tp-cp")
+
+    # ------------------------------------------------------------------ DeepSpeed sequence parallel
+
+    def get_sequence_parallel_group(self) -> Any:
+        return self.group("sp")
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.size("sp")
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.rank_in("sp")
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        """SP x DP: the ranks that shard ZeRO state and all-reduce gradients together."""
+        return self.group("sp-dp")
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.size("sp-dp")
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.rank_in("sp-dp")
+
+    # ------------------------------------------------------------------ experts
+
+    def get_expert_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("ep")
+
+    def get_expert_model_parallel_world_size(self) -> int:
+        return self.size("ep")
+
+    def get_expert_model_parallel_rank(self) -> int:
+        return self.rank_in("ep")
+
+    def get_expert_tensor_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("etp")
+
+    def get_expert_tensor_parallel_world_size(self) -> int:
+        return self.size("etp")
+
+    def get_expert_tensor_parallel_rank(self) -> int:
+        return self.rank_in("etp")
+
+    def get_expert_tensor_and_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("etp-ep")
+
+    def get_expert_tensor_and_model_parallel_world_size(self) -> int:
+        return self.size("etp-ep")
+
+    def get_expert_tensor_and_model_parallel_rank(self) -> int:
+        return self.rank_in("etp-ep")
+
+    def get_expert_tensor_model_pipeline_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self.group("etp-ep-pp")
+
+    def get_expert_data_parallel_group(
+        self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
+    ) -> Any:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self.group("edp")
+
+    def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self.gloo_group("edp")
+
+    def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+        return self.size("edp")
+
+    def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+        return self.rank_in("edp")
+
+    # ------------------------------------------------------------------ embeddings
+
+    def is_rank_in_embedding_group(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        self._require("tp")
+        return "embd" in self._ranks_of
+
+    def is_rank_in_position_embedding_group(self) -> bool:
+        self._require("tp")
+        return "pos-embd" in self._ranks_of
+
+    def get_embedding_group(self, check_initialized: bool = True) -> Any:
+        return self.group("embd")
+
+    def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
+        return self.group("pos-embd")
+
+
+# DeepSpeed treats an mpu that has `initialize_sequence_parallel` as its SP-only module
+# (data-parallel group -> WORLD). A state is a full mpu, so it must never grow one.
+assert not hasattr(ParallelState, "initialize_sequence_parallel")
+_ALL_KINDS = DENSE_KINDS + EXPERT_KINDS
