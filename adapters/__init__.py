@@ -1,9 +1,106 @@
 """Adapters that re-point other libraries' global parallel state at the active scope.
 
 This folder is installed as the ``scoped_parallel.adapters`` subpackage (never as a
-top-level ``adapters`` package). Each target has its own module, imported lazily.
+top-level ``adapters`` package). One module per target, each importing its target
+lazily and skipped when the target is not installed:
+
+=================  ====================================================================
+``deepspeed``      ``deepspeed.utils.groups`` getters, ``groups.mpu``/``mesh_device``,
+                   expert groups, AutoTP groups, ``parallel_state_sp``
+``ulysses``        ``UlyssesSPAttentionHF``: one instance per state, one dispatcher
+``megatron``       ``megatron.core.parallel_state`` getters
+=================  ====================================================================
+
+Usage::
+
+    from scoped_parallel import adapters
+    adapters.install()            # idempotent; adapters.uninstall() restores every original
+    with adapters.installed(): ...
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import contextlib
+import importlib
+import importlib.util
+from typing import Iterator
+
+from scoped_parallel.adapters._common import is_strict, set_strict
+from scoped_parallel.adapters._ledger import LEDGER
+
+__all__ = ["TARGETS", "install", "installed", "is_installed", "uninstall", "available"]
+
+#: adapter module -> the distribution it adapts
+TARGETS: dict[str, str] = {"deepspeed": "deepspeed", "ulysses": "deepspeed", "megatron": "megatron.core"}
+
+
+def available() -> tuple[str, ...]:
+    """The adapters whose target library is importable here."""
+    out = []
+    for name, package in TARGETS.items():
+        root = package.split(".")[0]
+        if importlib.util.find_spec(root) is not None:
+            out.append(name)
+    return tuple(out)
+
+
+def _module(name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(f"scoped_parallel.adapters.{name}")
+
+
+def install(strict: bool = False, targets: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Patch every available target (or ``targets``); return the adapters now installed.
+
+    Idempotent: an installed adapter is left as it is. ``strict=True`` makes a
+    patched getter called outside any scope raise instead of falling back to the
+    library's own globals.
+    """
+    set_strict(strict)
+    names = available() if targets is None else tuple(targets)
+    for name in names:
+        if name not in TARGETS:
+            raise ValueError(f"unknown adapter {name!r}; choose from {sorted(TARGETS)}")
+        if LEDGER.is_patched(name):
+            continue
+        module = _module(name)
+        try:
+            module.install(LEDGER)
+        except BaseException:
+            LEDGER.undo(name)
+            raise
+    return LEDGER.owners()
+
+
+def uninstall(targets: tuple[str, ...] | None = None) -> None:
+    """Restore every original object (by identity) patched by the adapters."""
+    names = LEDGER.owners() if targets is None else tuple(targets)
+    for name in reversed(names):
+        module = _module(name)
+        hook = getattr(module, "uninstall", None)
+        if hook is not None:
+            hook()
+        LEDGER.undo(name)
+    if not LEDGER.owners():
+        set_strict(False)
+
+
+def is_installed(target: str | None = None) -> bool:
+    return bool(LEDGER.owners()) if target is None else LEDGER.is_patched(target)
+
+
+@contextlib.contextmanager
+def installed(strict: bool = False, targets: tuple[str, ...] | None = None) -> Iterator[tuple[str, ...]]:
+    """``with adapters.installed(): ...`` installs for the block and restores afterwards.
+
+    Adapters that were installed before the block stay installed after it.
+    """
+    before = LEDGER.owners()
+    previous_strict = is_strict()
+    names = install(strict=strict, targets=targets)
+    try:
+        yield names
+    finally:
+        added = tuple(n for n in LEDGER.owners() if n not in before)
+        if added:
+            uninstall(added)
+        set_strict(previous_strict)

@@ -46,6 +46,18 @@ _KIND_ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
 # Per (rank_offset, world_size): how many states this process constructed over that range,
 # so that the fingerprint exchange of the k-th state meets the k-th state of its peers.
 _CONSTRUCTIONS: dict[tuple[int, int], int] = {}
+_EPOCH = ["0"]
+
+
+def _reset_agreement(epoch: str) -> None:
+    """Start a new numbering of state constructions (all ranks must call it alike).
+
+    After a failed construction the ranks' counts may differ; a test harness (or a
+    job that recovers from such a failure) resets them on every rank with a new,
+    shared ``epoch`` so that old agreement keys are never read again.
+    """
+    _CONSTRUCTIONS.clear()
+    _EPOCH[0] = str(epoch)
 
 
 def _kind(kind: str) -> str:
@@ -191,7 +203,7 @@ class ParallelState:
         span = (self._layout.rank_offset, self._layout.world_size)
         seq = _CONSTRUCTIONS.get(span, 0)
         _CONSTRUCTIONS[span] = seq + 1
-        prefix = f"scoped_parallel/agree/{span[0]}+{span[1]}/{seq}/"
+        prefix = f"scoped_parallel/agree/{_EPOCH[0]}/{span[0]}+{span[1]}/{seq}/"
         store = dist.distributed_c10d._get_default_store()
         mine = self._fingerprint()
         store.set(prefix + str(self._rank), mine)

@@ -74,6 +74,9 @@ def _worker(rank: int, size: int, port: int, conn: Any, env: dict[str, str]) -> 
     )
     from scoped_parallel import _groups
     from scoped_parallel._scope import current_state_or_none
+    from scoped_parallel.state import _reset_agreement
+
+    calls = 0
 
     conn.send(("ready", rank))
     while True:
@@ -84,6 +87,8 @@ def _worker(rank: int, size: int, port: int, conn: Any, env: dict[str, str]) -> 
         if msg is None:
             break
         path, fn_name, args, kwargs = msg
+        calls += 1
+        _reset_agreement(f"call{calls}")  # a failed call must not desynchronise the next
         try:
             fn = getattr(_load(path), fn_name)
             result = fn(rank, *args, **kwargs)

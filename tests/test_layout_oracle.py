@@ -61,12 +61,13 @@ def _build_grid() -> list[tuple]:
         small = [d for d in _divisors(ws) if d <= 8]
         for _ in range(12):
             # Mostly divisors (valid sizes), sometimes any small size (often invalid).
-            pick = (lambda: rng.choice(small)) if rng.random() < 0.85 else (lambda: rng.choice((1, 2, 3, 4, 8)))
-            tp, pp, cp, ep = pick(), pick(), pick(), pick()
-            etp = rng.choice((None, None, 1, pick()))
+            pool = small if rng.random() < 0.85 else (1, 2, 3, 4, 8)
+            tp, pp, cp, ep = (rng.choice(pool) for _ in range(4))
+            etp = rng.choice((None, None, 1, rng.choice(pool)))
             cases.add((ws, tp, pp, cp, ep, etp, rng.choice(ORDERS)))
     # Every order for a few configurations where the order matters on each axis.
-    for config in ((16, 2, 2, 2, 2, 1), (8, 2, 2, 1, 2, 1), (24, 2, 3, 2, 2, None), (8, 2, 2, 2, 1, None)):
+    fixed = ((16, 2, 2, 2, 2, 1), (8, 2, 2, 1, 2, 1), (24, 2, 3, 2, 2, None), (8, 2, 2, 2, 1, None))
+    for config in fixed:
         for order in ORDERS:
             cases.add(config + (order,))
     return sorted(cases, key=lambda c: (c[0], _case_id(c)))
@@ -94,7 +95,9 @@ def megatron_generators(ps, ws, tp, pp, cp, ep, etp, order, rank_offset=0):
         return None
     dp = ws // (tp * pp * cp)
     try:
-        dense = ps.RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order=order, rank_offset=rank_offset)
+        dense = ps.RankGenerator(
+            tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order=order, rank_offset=rank_offset
+        )
     except RuntimeError:
         return None
     etp = tp if etp is None else etp
@@ -102,7 +105,9 @@ def megatron_generators(ps, ws, tp, pp, cp, ep, etp, order, rank_offset=0):
         return None
     edp = ws // (etp * ep * pp)
     try:
-        expert = ps.RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order=order, rank_offset=rank_offset)
+        expert = ps.RankGenerator(
+            tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order=order, rank_offset=rank_offset
+        )
     except RuntimeError:
         return None
     if not (order.endswith("pp") or pp == 1 or edp == dp):
