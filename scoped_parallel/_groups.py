@@ -147,7 +147,8 @@ def default_backend() -> str:
 def _create(request: GroupRequest) -> Any:
     default_pg = c10d._get_default_group()
     backend = c10d.Backend(request.backend or dist.get_backend(default_pg))
-    timeout = request.timeout if request.timeout is not None else c10d._get_default_timeout(backend)
+    # An explicit timeout wins; else the backend options' own; else torch's default.
+    timeout = request.timeout or getattr(request.options, "_timeout", None) or c10d._get_default_timeout(backend)
     ranks = list(request.ranks)
     global_rank = dist.get_rank()
     name = _group_name(request.ranks, str(backend))

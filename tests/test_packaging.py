@@ -1,0 +1,57 @@
+"""Packaging: `adapters/` installs as scoped_parallel.adapters, never as a top-level package."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = (
+    "import importlib.util, scoped_parallel.adapters as a, scoped_parallel as s;"
+    "print(a.__name__, s.__file__);"
+    "print(importlib.util.find_spec('adapters'))"
+)
+
+
+def test_editable_install_maps_adapters_under_scoped_parallel(tmp_path):
+    """The editable install imports scoped_parallel.adapters from adapters/ and no top-level adapters."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0].startswith("scoped_parallel.adapters ")
+    assert out[1] == "None"
+
+
+@pytest.mark.slow
+def test_built_wheel_has_no_top_level_adapters(tmp_path):
+    """A built wheel holds scoped_parallel/adapters/ and py.typed, and nothing named adapters/ at the top."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("scoped_parallel-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "scoped_parallel/adapters/__init__.py" in names
+    assert "scoped_parallel/py.typed" in names
+    assert not [n for n in names if n.startswith("adapters/")]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    # -I: no site-packages (so not the editable finder), no cwd; only the unpacked wheel.
+    code = f"import sys; sys.path.insert(0, {str(target)!r}); " + PROBE
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    ).stdout.split("\n")
+    assert out[0].startswith("scoped_parallel.adapters ") and str(target) in out[0]
+    assert out[1] == "None"

@@ -1,0 +1,109 @@
+"""Tier 3: group construction at scale under torch's fake backend (layout and creation counts only)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scoped_parallel import ParallelLayout, ParallelState, _groups
+from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS
+from scoped_parallel.testing import fake_world
+
+MEGATRON_BIG = dict(
+    tensor_model_parallel_size=8,
+    pipeline_model_parallel_size=8,
+    context_parallel_size=2,
+    expert_model_parallel_size=8,
+)
+
+
+def _cases():
+    yield 8, 5, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    yield 64, 17, dict(tensor_model_parallel_size=4, context_parallel_size=2, expert_model_parallel_size=2)
+    yield 512, 300, dict(tensor_model_parallel_size=8, pipeline_model_parallel_size=4, sequence_parallel_size=1)
+    yield 1024, 1023, dict(pipeline_model_parallel_size=8, sequence_parallel_size=4, tensor_model_parallel_size=2)
+    for rank in (0, 4093, 8191):
+        yield 8192, rank, MEGATRON_BIG
+        yield 8192, rank, dict(MEGATRON_BIG, expert_tensor_parallel_size=1)
+
+
+@pytest.mark.parametrize("world_size,rank,sizes", list(_cases()))
+def test_rank_creates_only_its_own_distinct_groups(world_size, rank, sizes):
+    """A rank creates one group per distinct rank set it belongs to, whatever the world size."""
+    with fake_world(world_size, rank):
+        before = _groups.creation_count()
+        state = ParallelState(**sizes)
+        try:
+            mine = ParallelLayout(world_size, **sizes).groups_of(rank)
+            assert _groups.creation_count() - before == len(set(mine.values()))
+            for kind, ranks in mine.items():
+                group = state.group(kind)
+                assert group.size() == len(ranks) and group.rank() == ranks.index(rank)
+        finally:
+            state.destroy()
+
+
+def test_share_groups_false_creates_one_group_per_kind():
+    """Without sharing, every kind gets its own group (Megatron's behaviour)."""
+    with fake_world(8192, 77):
+        before = _groups.creation_count()
+        state = ParallelState(share_groups=False, **MEGATRON_BIG)
+        try:
+            held = state.kinds()
+            assert _groups.creation_count() - before == len(held)
+            assert set(DENSE_KINDS + EXPERT_KINDS) <= set(held)
+        finally:
+            state.destroy()
+
+
+def test_creation_count_does_not_grow_with_world_size():
+    """The same per-rank layout costs the same number of group creations at 64 and 8192 ranks."""
+    counts = []
+    for world_size in (64, 1024, 8192):
+        with fake_world(world_size, 3):
+            before = _groups.creation_count()
+            s = ParallelState(tensor_model_parallel_size=8, pipeline_model_parallel_size=2)
+            counts.append(_groups.creation_count() - before)
+            s.destroy()
+    assert len(set(counts)) == 1, counts
+
+
+def test_two_states_share_identical_groups_and_destroy_releases_all():
+    """An actor and a reference with the same layout share every group; destroy frees them."""
+    with fake_world(1024, 10):
+        before = _groups.creation_count()
+        actor = ParallelState(name="actor", tensor_model_parallel_size=4)
+        ref = ParallelState(name="ref", tensor_model_parallel_size=4)
+        assert _groups.creation_count() - before == len(set(actor.layout.groups_of(10).values()))
+        assert actor.get_data_parallel_group() is ref.get_data_parallel_group()
+        actor.destroy()
+        assert _groups.live_groups() > 0
+        ref.destroy()
+        assert _groups.live_groups() == 0
+
+
+def test_megatron_creates_every_group_on_every_rank():
+    """Megatron's initialize_model_parallel calls new_group for all groups; we create only our own."""
+    ps = pytest.importorskip("megatron.core.parallel_state")
+    import torch.distributed as dist
+
+    calls = []
+    original = dist.new_group
+
+    def counting_new_group(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    sizes = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2)
+    with fake_world(64, 5):
+        dist.new_group = counting_new_group
+        try:
+            ps.initialize_model_parallel(**sizes, create_gloo_process_groups=False)
+        finally:
+            dist.new_group = original
+            ps.destroy_model_parallel()
+        before = _groups.creation_count()
+        state = ParallelState(share_groups=False, **sizes)
+        ours = _groups.creation_count() - before
+        state.destroy()
+    assert ours == len(state.kinds())
+    assert len(calls) > 5 * ours, (len(calls), ours)
