@@ -340,6 +340,22 @@ class ParallelState:
         """
         return Activation(self)
 
+    def bind(self, engine: Any) -> Any:
+        """Make ``engine``'s calls run inside this state's scope; return the engine.
+
+        Wraps ``engine(...)`` (``__call__``) and, where the engine has them,
+        :data:`BOUND_METHODS` (forward, backward, step, train/eval batch, checkpoint
+        save/load), so a training loop need not wrap every call in ``with``.
+        Reversible with :meth:`unbind`; binding an engine that another state holds
+        raises ``ScopedParallelError``. Works for any object (DeepSpeed engines,
+        ``nn.Module`` s); the core imports nothing from DeepSpeed.
+        """
+        return _bind(self, engine)
+
+    def unbind(self, engine: Any) -> Any:
+        """Undo :meth:`bind`; return the engine."""
+        return _unbind(self, engine)
+
     def _check_activatable(self) -> None:
         if self._destroyed:
             raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
@@ -635,6 +651,73 @@ class ParallelState:
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
         return self.group("pos-embd")
+
+
+#: Engine methods that :meth:`ParallelState.bind` runs inside the state's scope.
+BOUND_METHODS = (
+    "forward",
+    "backward",
+    "step",
+    "train_batch",
+    "eval_batch",
+    "save_checkpoint",
+    "load_checkpoint",
+)
+_BOUND_ATTR = "_scoped_parallel_bound_state"
+_SCOPED_CLASSES: dict[type, type] = {}
+
+
+def _scoped_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    state = self.__dict__[_BOUND_ATTR]
+    with state.activate():
+        return super(type(self), self).__call__(*args, **kwargs)
+
+
+def _scoped_class(cls: type) -> type:
+    sub = _SCOPED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"__call__": _scoped_call, "__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _SCOPED_CLASSES[cls] = sub
+    return sub
+
+
+def _bind(state: ParallelState, engine: Any) -> Any:
+    holder = getattr(engine, "__dict__", {}).get(_BOUND_ATTR)
+    if holder is state:
+        return engine
+    if holder is not None:
+        raise ScopedParallelError(
+            f"{type(engine).__name__} is already bound to {holder._label()}; an engine belongs to "
+            f"one state. Call {holder._label()}.unbind(engine) first if you really mean to move it."
+        )
+    wrapped = {}
+    for name in BOUND_METHODS:
+        method = getattr(engine, name, None)
+        if callable(method):
+            wrapped[name] = state.activate()(method)
+    object.__setattr__(engine, _BOUND_ATTR, state)
+    for name, fn in wrapped.items():
+        object.__setattr__(engine, name, fn)
+    if callable(engine):
+        object.__setattr__(engine, "__class__", _scoped_class(type(engine)))
+    return engine
+
+
+def _unbind(state: ParallelState, engine: Any) -> Any:
+    holder = getattr(engine, "__dict__", {}).get(_BOUND_ATTR)
+    if holder is None:
+        return engine
+    if holder is not state:
+        raise ScopedParallelError(
+            f"{type(engine).__name__} is bound to {holder._label()}, not to {state._label()}"
+        )
+    for name in BOUND_METHODS:
+        engine.__dict__.pop(name, None)
+    del engine.__dict__[_BOUND_ATTR]
+    if type(engine) in _SCOPED_CLASSES.values():
+        object.__setattr__(engine, "__class__", type(engine).__mro__[1])
+    return engine
 
 
 # DeepSpeed treats an mpu that has `initialize_sequence_parallel` as its SP-only module

@@ -1,0 +1,114 @@
+"""Re-point ``megatron.core.parallel_state``'s getters at the active scope.
+
+Inside ``with state.activate():`` each getter listed in :data:`GETTERS` answers
+from the state (same name, same meaning); outside any scope it is Megatron's
+own function, unchanged (or raises, with ``install(strict=True)``).
+
+Megatron code usually imports the module (``from megatron.core import
+parallel_state`` / ``mpu``) and reads attributes at call time, which the module
+patch covers. Copies made with ``from megatron.core.parallel_state import
+get_...`` in modules already imported are patched too (the ledger walks every
+loaded ``megatron.*`` module); modules imported later pick up the patched
+function.
+
+Not re-pointed (they fall through to Megatron's globals): virtual pipeline
+rank/size, the hierarchical/hybrid context-parallel groups, partial data
+parallel groups, memory buffers, and ``set_*`` overrides of sizes and ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+from scoped_parallel.adapters._common import active_state
+
+__all__ = ["GETTERS", "install"]
+
+OWNER = "megatron"
+
+#: Megatron getters answered by the active state (megatron-core 0.16).
+GETTERS: tuple[str, ...] = (
+    "get_context_parallel_global_ranks",
+    "get_context_parallel_group",
+    "get_context_parallel_rank",
+    "get_context_parallel_world_size",
+    "get_data_parallel_group",
+    "get_data_parallel_group_gloo",
+    "get_data_parallel_rank",
+    "get_data_parallel_src_rank",
+    "get_data_parallel_world_size",
+    "get_embedding_group",
+    "get_expert_data_parallel_group",
+    "get_expert_data_parallel_group_gloo",
+    "get_expert_data_parallel_rank",
+    "get_expert_data_parallel_world_size",
+    "get_expert_model_parallel_group",
+    "get_expert_model_parallel_rank",
+    "get_expert_model_parallel_world_size",
+    "get_expert_tensor_and_model_parallel_group",
+    "get_expert_tensor_and_model_parallel_rank",
+    "get_expert_tensor_and_model_parallel_world_size",
+    "get_expert_tensor_model_pipeline_parallel_group",
+    "get_expert_tensor_parallel_group",
+    "get_expert_tensor_parallel_rank",
+    "get_expert_tensor_parallel_world_size",
+    "get_model_parallel_group",
+    "get_model_parallel_src_rank",
+    "get_pipeline_model_parallel_first_rank",
+    "get_pipeline_model_parallel_group",
+    "get_pipeline_model_parallel_last_rank",
+    "get_pipeline_model_parallel_next_rank",
+    "get_pipeline_model_parallel_prev_rank",
+    "get_pipeline_model_parallel_rank",
+    "get_pipeline_model_parallel_world_size",
+    "get_position_embedding_group",
+    "get_tensor_and_context_parallel_group",
+    "get_tensor_and_context_parallel_rank",
+    "get_tensor_and_context_parallel_world_size",
+    "get_tensor_and_data_parallel_group",
+    "get_tensor_model_parallel_group",
+    "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_src_rank",
+    "get_tensor_model_parallel_world_size",
+    "is_initialized",
+    "is_pipeline_first_stage",
+    "is_pipeline_last_stage",
+    "is_rank_in_embedding_group",
+    "is_rank_in_position_embedding_group",
+    "model_parallel_is_initialized",
+)
+
+
+def _scoped(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    what = f"megatron.core.parallel_state.{name}()"
+
+    @functools.wraps(original)
+    def getter(*args: Any, **kwargs: Any) -> Any:
+        state = active_state(what)
+        if state is None:
+            return original(*args, **kwargs)
+        return getattr(state, name)(*args, **kwargs)
+
+    getter.__scoped_parallel_original__ = original  # type: ignore[attr-defined]
+    return getter
+
+
+def install(ledger: Any) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron warns about Apex/TE on CPU
+        from megatron.core import parallel_state as ps
+
+    for name in GETTERS:
+        original = vars(ps).get(name)
+        replacement = _scoped(name, original) if original is not None else None
+        ledger.patch(OWNER, ps, name, replacement)  # refuses (loudly) a name that is gone
+        others = [
+            m
+            for key, m in list(sys.modules.items())
+            if m is not None and m is not ps and key.startswith("megatron.")
+        ]
+        ledger.patch_aliases(OWNER, original, replacement, others)

@@ -1,0 +1,121 @@
+"""Megatron adapter: megatron.core.parallel_state getters answer from the active state."""
+
+from __future__ import annotations
+
+import warnings
+from datetime import timedelta
+
+import pytest
+
+pytest.importorskip("megatron.core.parallel_state")
+
+T = timedelta(seconds=30)
+
+
+def _ps():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+
+        import megatron.core.tensor_parallel.cross_entropy  # noqa: F401  (holds from-imported copies)
+    return parallel_state
+
+
+def legacy_megatron_step(rank):
+    """Unchanged Megatron-style code: module-level getters, no state in sight."""
+    import torch
+    import torch.distributed as dist
+
+    ps = _ps()
+    x = torch.tensor([float(rank)])
+    dist.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+    y = torch.tensor([float(rank)])
+    dist.all_reduce(y, group=ps.get_data_parallel_group())
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+        int(x.item()),
+        int(y.item()),
+        ps.is_pipeline_last_stage(),
+    )
+
+
+def rank_legacy_code_follows_scope(rank):
+    from scoped_parallel import ParallelState, adapters
+    from scoped_parallel.errors import NoActiveStateError
+
+    ps = _ps()
+    cross_entropy = __import__("sys").modules["megatron.core.tensor_parallel.cross_entropy"]
+    actor = ParallelState(name="actor", tensor_model_parallel_size=2, timeout=T)
+    critic = ParallelState(name="critic", timeout=T)
+    out = {}
+    try:
+        with adapters.installed(targets=("megatron",)):
+            with actor.activate():
+                out["actor"] = legacy_megatron_step(rank)
+                out["alias"] = cross_entropy.get_tensor_model_parallel_group() is actor.get_tensor_model_parallel_group()
+                with critic.activate():
+                    out["critic"] = legacy_megatron_step(rank)
+                out["actor_again"] = legacy_megatron_step(rank)
+            try:
+                ps.get_tensor_model_parallel_group()
+            except AssertionError as err:  # Megatron's own "not initialized"
+                out["outside"] = "megatron: " + str(err)[:40]
+        with adapters.installed(strict=True, targets=("megatron",)):
+            try:
+                ps.get_data_parallel_world_size()
+            except NoActiveStateError as err:
+                out["strict"] = str(err)
+        return out
+    finally:
+        actor.destroy()
+        critic.destroy()
+
+
+@pytest.mark.world
+def test_legacy_megatron_code_uses_each_active_state(world):
+    """Unchanged code calling megatron.core.parallel_state getters runs on each active state's groups."""
+    res = world.run(rank_legacy_code_follows_scope)
+    r1 = res[1]
+    assert r1["actor"] == (2, 2, 0 + 1, 1 + 3, True)
+    assert r1["critic"] == (1, 4, 1, 6, True)
+    assert r1["actor_again"] == r1["actor"]
+    assert r1["alias"] is True
+    assert r1["outside"].startswith("megatron:")
+    assert "strict" in r1["strict"] and "activate()" in r1["strict"]
+
+
+def test_install_uninstall_restores_every_getter_by_identity():
+    """install/uninstall/install round-trips restore the original function objects."""
+    from scoped_parallel import adapters
+    from scoped_parallel.adapters.megatron import GETTERS
+
+    ps = _ps()
+    import sys
+
+    cross_entropy = sys.modules["megatron.core.tensor_parallel.cross_entropy"]
+    before = {n: vars(ps)[n] for n in GETTERS}
+    alias_before = cross_entropy.get_tensor_model_parallel_group
+    for _ in range(2):
+        adapters.install(targets=("megatron",))
+        adapters.install(targets=("megatron",))  # idempotent
+        assert all(vars(ps)[n] is not before[n] for n in GETTERS)
+        assert cross_entropy.get_tensor_model_parallel_group is ps.get_tensor_model_parallel_group
+        adapters.uninstall()
+        assert all(vars(ps)[n] is before[n] for n in GETTERS)
+        assert cross_entropy.get_tensor_model_parallel_group is alias_before
+    assert not adapters.is_installed()
+
+
+def test_missing_upstream_getter_fails_loudly(monkeypatch):
+    """A getter renamed upstream makes install() fail naming it, and leaves nothing patched."""
+    from scoped_parallel import adapters
+    from scoped_parallel.errors import AdapterError
+
+    ps = _ps()
+    original = ps.get_context_parallel_rank
+    monkeypatch.delattr(ps, "get_expert_tensor_parallel_rank")
+    with pytest.raises(AdapterError, match="get_expert_tensor_parallel_rank"):
+        adapters.install(targets=("megatron",))
+    assert not adapters.is_installed("megatron")
+    assert ps.get_context_parallel_rank is original

@@ -1,0 +1,447 @@
+"""The Ulysses adapter: one UlyssesSPAttentionHF per state behind one dispatching attention wrapper.
+
+The world scenarios run once per module (two ``world.run`` calls in all) and record
+what they saw; each test then checks one behaviour from that record. The numerical
+comparisons use ``rtol=1e-5, atol=1e-6`` rather than bit equality: a sharded run
+splits every GEMM along the sequence and sums the parameter gradients of the SP
+ranks with an all-reduce, so reductions run in another order than in the full run
+(the all-to-all itself only moves data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+BATCH = 2
+SEQ = 16
+RTOL, ATOL = 1e-5, 1e-6
+# name -> (seed, hidden, heads, kv heads, vocab); kv heads divide heads and are divisible by SP
+MODELS = {
+    "a": (1, 32, 4, 2, 64),  # SP 2
+    "b": (2, 64, 8, 4, 96),  # SP 4
+    "c": (3, 32, 4, 4, 80),  # SP 1
+}
+
+
+# ---------------------------------------------------------------------- rank-side helpers
+
+
+def _tiny_llama(name: str) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seed, hidden, heads, kv_heads, vocab = MODELS[name]
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4 * SEQ,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float().train()
+
+
+def _batch(name: str) -> tuple[Any, Any]:
+    """Input embeddings and the weights of the loss sum(logits * weights), equal on every rank."""
+    import torch
+
+    seed, hidden, _, _, vocab = MODELS[name]
+    gen = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(BATCH, SEQ, hidden, generator=gen), torch.randn(BATCH, SEQ, vocab, generator=gen)
+
+
+def _positions(start: int, stop: int) -> Any:
+    import torch
+
+    return torch.arange(start, stop).repeat(BATCH, 1)
+
+
+def _full_run(model: Any, embeds: Any, weights: Any) -> dict[str, Any]:
+    """Logits and gradients of the whole sequence in this process, no sequence parallelism."""
+    x = embeds.clone().requires_grad_(True)
+    logits = model(inputs_embeds=x, position_ids=_positions(0, SEQ)).logits
+    (logits * weights).sum().backward()
+    # every parameter but the unused token embedding (the run feeds inputs_embeds)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return {"logits": logits.detach(), "input_grad": x.grad, "grads": grads}
+
+
+def _shard_forward(model: Any, embeds: Any, weights: Any, state: Any) -> tuple[Any, Any, Any]:
+    """This rank's shard of the sequence through the model: (input leaf, logits, loss)."""
+    rank, size = state.get_sequence_parallel_rank(), state.get_sequence_parallel_world_size()
+    n = SEQ // size
+    lo, hi = rank * n, (rank + 1) * n
+    x = embeds[:, lo:hi].clone().requires_grad_(True)
+    logits = model(inputs_embeds=x, position_ids=_positions(lo, hi)).logits
+    return x, logits, (logits * weights[:, lo:hi]).sum()
+
+
+def _compare(actual: Any, expected: Any) -> str | None:
+    """None when close at RTOL/ATOL, else the mismatch report."""
+    import torch
+
+    try:
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    except AssertionError as err:
+        return str(err)
+    return None
+
+
+def _check_shard_run(model: Any, x: Any, logits: Any, state: Any, ref: dict[str, Any]) -> dict[str, Any]:
+    """Gather the SP shards and compare logits, input and parameter gradients with the full run."""
+    import torch
+    import torch.distributed as dist
+
+    group = state.get_sequence_parallel_group()
+    size, rank = state.get_sequence_parallel_world_size(), state.get_sequence_parallel_rank()
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.detach().contiguous(), group=group)
+    full_logits = torch.cat(parts, dim=1)
+    n = SEQ // size
+    out: dict[str, Any] = {
+        "logits": _compare(full_logits, ref["logits"]),
+        "input_grad": _compare(x.grad, ref["input_grad"][:, rank * n : (rank + 1) * n]),
+        "max_logit_diff": float((full_logits - ref["logits"]).abs().max()),
+        "params": {},
+    }
+    params = dict(model.named_parameters())
+    for name in ref["grads"]:
+        grad = params[name].grad.clone()
+        dist.all_reduce(grad, group=group)  # each SP rank holds its shard's share of the gradient
+        out["params"][name] = _compare(grad, ref["grads"][name])
+    return out
+
+
+@contextlib.contextmanager
+def _counting_all_to_alls(counts: list[int]) -> Iterator[None]:
+    """Count deepspeed.comm.all_to_all_single calls (what Ulysses' exchange op runs)."""
+    import deepspeed.comm
+
+    original = deepspeed.comm.all_to_all_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts[0] += 1
+        return original(*args, **kwargs)
+
+    deepspeed.comm.all_to_all_single = counted
+    try:
+        yield
+    finally:
+        deepspeed.comm.all_to_all_single = original
+
+
+def _register(model: Any, sp: int) -> Any:
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model,
+        core_attn_implementation="sdpa",
+        sequence_parallel_size=sp,
+        max_length=SEQ,
+        micro_batch_size=BATCH,
+        seq_length_is_variable=True,
+    )
+
+
+def _forward_counted(fn: Any) -> tuple[Any, int]:
+    counts = [0]
+    with _counting_all_to_alls(counts):
+        result = fn()
+    return result, counts[0]
+
+
+# ---------------------------------------------------------------------- rank functions
+
+
+def _scenario_with_adapter(rank: int) -> dict[str, Any]:
+    """Models A (SP 2), B (SP 4), C (SP 1) registered in their scopes, run interleaved."""
+    import deepspeed.comm
+    import torch
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from scoped_parallel import ParallelState, adapters
+    from scoped_parallel.adapters import ulysses
+
+    deepspeed.comm.init_distributed(dist_backend="gloo")  # wraps the running gloo world
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    register_before = vars(UlyssesSPAttentionHF)["register_with_transformers"]
+    models = {k: _tiny_llama(k) for k in MODELS}
+    data = {k: _batch(k) for k in MODELS}
+    refs = {k: _full_run(models[k], *data[k]) for k in MODELS}  # before anything is patched
+    attn = {k: models[k].model.layers[0].self_attn for k in MODELS}
+    out: dict[str, Any] = {}
+
+    sa = ParallelState(name="ulysses-sp2", sequence_parallel_size=2)
+    sb = ParallelState(name="ulysses-sp4", sequence_parallel_size=4)
+    sc = ParallelState(name="ulysses-sp1")
+    try:
+        with adapters.installed(targets=("ulysses",)):
+            with sa.activate():
+                out["returned_a"] = _register(models["a"], 2) is sa
+                inst_a, dispatcher = ulysses.instance_for(attn["a"]), ALL_ATTENTION_FUNCTIONS["sdpa"]
+                out["again_returns_state"] = _register(models["a"], 2) is sa
+                out["again_same_instance"] = ulysses.instance_for(attn["a"]) is inst_a
+                out["again_same_dispatcher"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is dispatcher
+            with sb.activate():
+                out["returned_b"] = _register(models["b"], 4) is sb
+            with sc.activate():
+                out["returned_c"] = _register(models["c"], 1) is sc
+            out["one_dispatcher"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is dispatcher
+            out["dispatcher_wraps_core"] = dispatcher.scoped_parallel_core is core
+            inst_b = ulysses.instance_for(attn["b"])
+            out["instances"] = {
+                "a_size": inst_a.world_size,
+                "b_size": inst_b.world_size,
+                "a_group_is_state_sp": inst_a.process_group is sa.get_sequence_parallel_group(),
+                "b_group_is_state_sp": inst_b.process_group is sb.get_sequence_parallel_group(),
+                "both_wrap_core": inst_a.attn is core and inst_b.attn is core,
+                "c_is_passthrough": ulysses.instance_for(attn["c"]) is None,
+            }
+
+            # Interleaved: A and B forward in A's scope, B backward with no scope, A backward in
+            # B's scope, C (SP 1) forward in A's scope, and A once more with no scope at all.
+            with sa.activate():
+                (xa, la, loss_a), out["a2a_a"] = _forward_counted(lambda: _shard_forward(models["a"], *data["a"], sa))
+                (xb, lb, loss_b), out["a2a_b"] = _forward_counted(lambda: _shard_forward(models["b"], *data["b"], sb))
+                logits_c, out["a2a_c"] = _forward_counted(
+                    lambda: models["c"](inputs_embeds=data["c"][0], position_ids=_positions(0, SEQ)).logits.detach()
+                )
+            loss_b.backward()
+            with sb.activate():
+                loss_a.backward()
+            out["a"] = _check_shard_run(models["a"], xa, la, sa, refs["a"])
+            out["b"] = _check_shard_run(models["b"], xb, lb, sb, refs["b"])
+            out["c_equal"] = bool(torch.equal(logits_c, refs["c"]["logits"]))
+            models["a"].zero_grad(set_to_none=True)
+            xa2, la2, loss_a2 = _shard_forward(models["a"], *data["a"], sa)
+            loss_a2.backward()
+            out["a_unscoped"] = _check_shard_run(models["a"], xa2, la2, sa, refs["a"])
+        out["core_restored"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is core
+        out["register_restored"] = vars(UlyssesSPAttentionHF)["register_with_transformers"] is register_before
+    finally:
+        for state in (sc, sb, sa):
+            state.destroy()
+    return out
+
+
+def _scenario_without_adapter(rank: int) -> dict[str, Any]:
+    """DeepSpeed alone: the second registration asserts; forced, it wraps the first wrapper."""
+    import deepspeed.comm
+    import torch.distributed as dist
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    deepspeed.comm.init_distributed(dist_backend="gloo")
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    core_was_local = "sdpa" in local
+    model_a, model_b = _tiny_llama("a"), _tiny_llama("b")
+    out: dict[str, Any] = {}
+    created = []
+
+    def forget_sp_groups() -> None:
+        for name in ("_SEQUENCE_PARALLEL_GROUP", "_SEQUENCE_DATA_PARALLEL_GROUP"):
+            group = getattr(parallel_state_sp, name)
+            if group is not None:
+                created.append(group)
+            setattr(parallel_state_sp, name, None)
+
+    try:
+        out["returns_module"] = _register(model_a, 2) is parallel_state_sp
+        first_wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        try:
+            _register(model_b, 4)
+            out["second"] = None
+        except AssertionError as err:
+            out["second"] = str(err)
+        forget_sp_groups()
+        _register(model_b, 4)  # forced: what a reset of DeepSpeed's globals leads to
+        second_wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        inner = [c.cell_contents for c in second_wrapper.__closure__ or ()]
+        uattn = next(obj for obj in inner if isinstance(obj, UlyssesSPAttentionHF))
+        out["forced_wraps_first_wrapper"] = uattn.attn is first_wrapper
+        out["first_wrapper_wraps_core"] = any(
+            isinstance(c.cell_contents, UlyssesSPAttentionHF) and c.cell_contents.attn is core
+            for c in first_wrapper.__closure__ or ()
+        )
+    finally:
+        forget_sp_groups()
+        for group in created:
+            if group is not dist.GroupMember.WORLD:
+                dist.destroy_process_group(group)
+        if core_was_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = core
+        else:
+            local.pop("sdpa", None)
+    out["restored"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is core
+    return out
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def with_adapter(world: Any) -> list[dict[str, Any]]:
+    return world.run(_scenario_with_adapter, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def without_adapter(world: Any) -> list[dict[str, Any]]:
+    return world.run(_scenario_without_adapter, timeout=240)
+
+
+def _failures(result: dict[str, Any]) -> dict[str, str]:
+    bad = {k: result[k] for k in ("logits", "input_grad") if result[k] is not None}
+    bad.update({k: v for k, v in result["params"].items() if v is not None})
+    return bad
+
+
+# ---------------------------------------------------------------------- world tests
+
+@pytest.mark.world
+def test_unpatched_second_registration_asserts(without_adapter: list[dict[str, Any]]) -> None:
+    """Without the adapter DeepSpeed's second register_with_transformers hits its 'already initialized' assert."""
+    for rank, result in enumerate(without_adapter):
+        assert result["returns_module"], rank
+        assert result["second"] is not None and "already initialized" in result["second"], (rank, result["second"])
+        assert result["restored"], rank
+
+
+@pytest.mark.world
+def test_unpatched_forced_second_registration_nests_wrappers(without_adapter: list[dict[str, Any]]) -> None:
+    """With DeepSpeed's globals reset, the second registration wraps the first model's wrapper (two all-to-alls)."""
+    for rank, result in enumerate(without_adapter):
+        assert result["first_wrapper_wraps_core"], rank
+        assert result["forced_wraps_first_wrapper"], rank
+
+
+@pytest.mark.world
+def test_two_models_match_full_sequence_run(with_adapter: list[dict[str, Any]]) -> None:
+    """SP=2 and SP=4 models give the logits and gradients of a single-process full-sequence run."""
+    for rank, result in enumerate(with_adapter):
+        for model in ("a", "b"):
+            assert not _failures(result[model]), (rank, model, _failures(result[model]))
+
+
+@pytest.mark.world
+def test_dispatch_follows_the_module_not_the_scope(with_adapter: list[dict[str, Any]]) -> None:
+    """Each model's attention runs its own state's instance, even under another state's scope or none."""
+    for rank, result in enumerate(with_adapter):
+        assert result["instances"] == {
+            "a_size": 2,
+            "b_size": 4,
+            "a_group_is_state_sp": True,
+            "b_group_is_state_sp": True,
+            "both_wrap_core": True,
+            "c_is_passthrough": True,
+        }, rank
+        # 2 layers x (q, k, v, context) exchanges each: one all-to-all per tensor, never nested
+        assert (result["a2a_a"], result["a2a_b"]) == (8, 8), rank
+        assert not _failures(result["a_unscoped"]), (rank, _failures(result["a_unscoped"]))
+
+
+@pytest.mark.world
+def test_one_dispatcher_wraps_the_original_core(with_adapter: list[dict[str, Any]]) -> None:
+    """Three registrations install a single dispatcher holding the original sdpa function."""
+    for rank, result in enumerate(with_adapter):
+        assert result["one_dispatcher"] and result["dispatcher_wraps_core"], rank
+
+
+@pytest.mark.world
+def test_register_returns_the_active_state(with_adapter: list[dict[str, Any]]) -> None:
+    """Inside a scope register_with_transformers returns the active state, not parallel_state_sp."""
+    for rank, result in enumerate(with_adapter):
+        assert result["returned_a"] and result["returned_b"] and result["returned_c"], rank
+
+
+@pytest.mark.world
+def test_register_twice_in_a_scope_is_idempotent(with_adapter: list[dict[str, Any]]) -> None:
+    """A second registration of the same model in the same scope keeps its instance and dispatcher."""
+    for rank, result in enumerate(with_adapter):
+        assert result["again_returns_state"] and result["again_same_instance"], rank
+        assert result["again_same_dispatcher"], rank
+
+
+@pytest.mark.world
+def test_sp1_model_goes_straight_to_core_attention(with_adapter: list[dict[str, Any]]) -> None:
+    """A model of an SP=1 state runs the core function unchanged: same logits bit for bit, no all-to-all."""
+    for rank, result in enumerate(with_adapter):
+        assert result["c_equal"] and result["a2a_c"] == 0, rank
+
+
+@pytest.mark.world
+def test_uninstall_in_the_world_restores_originals(with_adapter: list[dict[str, Any]]) -> None:
+    """Leaving adapters.installed() after registrations restores the sdpa entry and the classmethod."""
+    for rank, result in enumerate(with_adapter):
+        assert result["core_restored"] and result["register_restored"], rank
+
+
+# ---------------------------------------------------------------------- in-process tests
+
+
+class _StubState:
+    """Just enough of a ParallelState for registrations that build no process group."""
+
+    def __init__(self, sp: int) -> None:
+        self.sp = sp
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sp
+
+
+def test_install_uninstall_round_trip_restores_by_identity() -> None:
+    """uninstall() puts back ALL_ATTENTION_FUNCTIONS['sdpa'] and register_with_transformers by identity."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from scoped_parallel import adapters
+    from scoped_parallel._scope import Activation
+
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    method = vars(UlyssesSPAttentionHF)["register_with_transformers"]
+    state = _StubState(1)
+    with adapters.installed(targets=("ulysses",)):
+        assert vars(UlyssesSPAttentionHF)["register_with_transformers"] is not method
+        with Activation(state):
+            assert _register(_tiny_llama("c"), 1) is state
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not core
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is core
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert vars(UlyssesSPAttentionHF)["register_with_transformers"] is method
+
+
+def test_outside_any_scope_the_original_runs() -> None:
+    """With no active scope the patched method is DeepSpeed's (SP=1 returns None, nothing installed)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from scoped_parallel import adapters
+
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with adapters.installed(targets=("ulysses",)):
+        assert UlyssesSPAttentionHF.register_with_transformers(_tiny_llama("c"), "sdpa", 1, BATCH) is None
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is core
+
+
+def test_mismatch_with_the_scope_raises_before_any_collective() -> None:
+    """A requested SP size that differs from the active state's is refused with both sizes named."""
+    from scoped_parallel import LayoutError, adapters
+    from scoped_parallel._scope import Activation
+
+    with adapters.installed(targets=("ulysses",)), Activation(_StubState(2)):
+        with pytest.raises(LayoutError, match=r"sequence_parallel_size=4.*sequence parallel size is 2"):
+            _register(_tiny_llama("c"), 4)
