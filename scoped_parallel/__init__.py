@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 from scoped_parallel import errors
 from scoped_parallel._scope import Activation, current_state, current_state_or_none, propagate
 from scoped_parallel.errors import (
+    AdapterError,
     AmbiguousStateError,
+    DistributedNotInitializedError,
     GroupNotAvailableError,
     LayoutError,
     NoActiveStateError,
@@ -29,6 +31,7 @@ from scoped_parallel.errors import (
     ScopedParallelError,
     ScopeNestingError,
     StateMismatchError,
+    UnsupportedSetupError,
 )
 from scoped_parallel.layout import ParallelLayout
 
@@ -39,7 +42,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "AdapterError",
     "AmbiguousStateError",
+    "DistributedNotInitializedError",
     "GroupNotAvailableError",
     "LayoutError",
     "NoActiveStateError",
@@ -49,6 +54,7 @@ __all__ = [
     "ScopeNestingError",
     "ScopedParallelError",
     "StateMismatchError",
+    "UnsupportedSetupError",
     "__version__",
     "current_state",
     "current_state_or_none",

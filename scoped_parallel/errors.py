@@ -12,7 +12,8 @@ describes its nature, so callers may catch either::
     ├── ScopeNestingError (RuntimeError)   a scope exited out of order
     ├── GroupNotAvailableError (LookupError) a getter for a group this rank does not hold
     ├── AdapterError (RuntimeError)        an adapter could not patch or restore its target
-    └── DistributedNotInitializedError (RuntimeError)  torch.distributed is not initialized
+    ├── DistributedNotInitializedError (RuntimeError)  torch.distributed is not initialized
+    └── UnsupportedSetupError (RuntimeError)  e.g. a device-bound NCCL default group
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "ScopeNestingError",
     "ScopedParallelError",
     "StateMismatchError",
+    "UnsupportedSetupError",
 ]
 
 
@@ -69,3 +71,7 @@ class AdapterError(ScopedParallelError, RuntimeError):
 
 class DistributedNotInitializedError(ScopedParallelError, RuntimeError):
     """``torch.distributed`` must be initialized before a ``ParallelState`` is built."""
+
+
+class UnsupportedSetupError(ScopedParallelError, RuntimeError):
+    """The distributed setup cannot support member-only group creation safely."""

@@ -36,6 +36,7 @@ from scoped_parallel.errors import (
     RankNotInLayoutError,
     ScopedParallelError,
     StateMismatchError,
+    UnsupportedSetupError,
 )
 from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout, canonical_kind
 
@@ -139,6 +140,15 @@ class ParallelState:
                 "before building a state."
             )
         world = dist.get_world_size()
+        bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+        if bound is not None:
+            raise UnsupportedSetupError(
+                f"the default process group is bound to {bound} (init_process_group(device_id=...)), "
+                "so torch would create every new group with ncclCommSplit, which needs all ranks of "
+                "the world to take part; scoped_parallel creates groups on their members only. "
+                "Initialize the default group without device_id (NCCL then creates communicators "
+                "lazily, per group)."
+            )
         if isinstance(rank_offset, int) and not isinstance(rank_offset, bool):
             if world_size is None:
                 world_size = world - rank_offset
