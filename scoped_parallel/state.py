@@ -187,6 +187,37 @@ class ParallelState:
         self._agree_with_peers()
         self._build()
 
+    # ------------------------------------------------------------------ alternate constructors
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> ParallelState:
+        """Build a state from a DeepSpeed config (dict, JSON path or ``DeepSpeedConfig``).
+
+        Sizes come from ``overrides`` first, then the config (``tensor_parallel.autotp_size``,
+        ``sequence_parallel_size``, a ``scoped_parallel`` section, ... see
+        :mod:`scoped_parallel._config`), then the defaults. Contradictory or unknown values
+        raise :class:`LayoutError` naming the key, before any communication.
+
+        Example::
+
+            ParallelState.from_config({"train_batch_size": 8, "sequence_parallel_size": 2},
+                                      name="actor")
+        """
+        from scoped_parallel._config import load_config, sizes_from_config
+
+        kwargs = sizes_from_config(load_config(config), overrides)
+        expected_dp = kwargs.pop("_data_parallel_size", None)
+        state = cls(**kwargs)
+        if expected_dp is not None and expected_dp != state.layout.data_parallel_size:
+            derived = state.layout.data_parallel_size
+            state.destroy()
+            raise LayoutError(
+                f"config key 'data_parallel_size' is {expected_dp!r} but the layout "
+                f"{state.layout!r} derives data parallel size {derived}; remove the key or fix "
+                "the other sizes"
+            )
+        return state
+
     # ------------------------------------------------------------------ construction
 
     @property
@@ -369,6 +400,51 @@ class ParallelState:
     def _check_activatable(self) -> None:
         if self._destroyed:
             raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
+
+    # ------------------------------------------------------------------ DeviceMesh view
+
+    def device_mesh(self, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
+        """A ``torch.distributed.device_mesh.DeviceMesh`` over this state's own groups.
+
+        No communicator is created: each mesh dimension is the state's group of that axis.
+        ``dims`` names the dimensions, outermost first, from ``tp``, ``cp``, ``sp``, ``dp``,
+        ``pp``; by default every axis of size > 1 in the layout's order, slowest first
+        (e.g. ``("pp", "dp", "tp")`` for the default order), or ``("dp",)`` when all are 1.
+        Every axis of size > 1 must be named, so the mesh covers exactly the state's ranks.
+        """
+        import torch
+        from torch.distributed.device_mesh import DeviceMesh
+
+        self._require("tp")
+        sizes = self._layout.sizes()
+        tokens = [t for t in self._layout.order.split("-") if t in ("tp", "cp", "sp", "dp", "pp")]
+        if dims is None:
+            dims = tuple(t for t in reversed(tokens) if sizes[t] > 1) or ("dp",)
+        dims = tuple(dims)
+        bad = [d for d in dims if d not in tokens]
+        missing = [t for t in tokens if sizes[t] > 1 and t not in dims]
+        if bad or missing or len(set(dims)) != len(dims):
+            raise LayoutError(
+                f"device_mesh(dims={dims!r}): dims must be distinct axes from {tokens} and include "
+                f"every axis of size > 1 ({[t for t in tokens if sizes[t] > 1]}); "
+                f"unknown: {bad}, missing: {missing}"
+            )
+        # Ranks of the state as a grid with one dimension per order token, slowest first.
+        grid = torch.arange(self._layout.world_size, dtype=torch.int).reshape(
+            [sizes[t] for t in reversed(tokens)]
+        ) + self._layout.rank_offset
+        axes = list(reversed(tokens))
+        keep = list(dims) + [t for t in axes if t not in dims]
+        mesh = grid.permute([axes.index(t) for t in keep]).reshape([sizes[t] for t in dims])
+        if device_type is None:
+            device_type = "cuda" if str(dist.get_backend(self.group(dims[0]))) == "nccl" else "cpu"
+        groups = [self.group(d) for d in dims]
+        return DeviceMesh.from_group(
+            groups if len(groups) > 1 else groups[0],
+            device_type,
+            mesh=mesh if len(groups) > 1 else mesh.reshape(-1).tolist(),
+            mesh_dim_names=dims,
+        )
 
     # ------------------------------------------------------------------ generic access
 
