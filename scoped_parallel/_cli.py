@@ -5,6 +5,9 @@ Examples::
     python -m scoped_parallel layout --world-size 16 --tp 2 --pp 2
     python -m scoped_parallel layout --world-size 16 --tp 2 --pp 2 --rank 5
     python -m scoped_parallel layout --world-size 8 --sp 2 --json
+    python -m scoped_parallel layout --world-size 4 --state actor:tp=2 --state critic:dp=4 --rank 1
+    python -m scoped_parallel layout --world-size 4 --state actor:tp=2 --state ref:sp=2 --diff
+    python -m scoped_parallel layout --world-size 8 --state actor:tp=2,pp=2 --svg layout.svg
 
 Pure layout math: no process group is created and torch is not imported.
 """
@@ -46,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--rank-offset", type=_positive_int, default=0)
     lay.add_argument("--rank", type=_positive_int, default=None, help="show one rank's groups")
     lay.add_argument("--json", action="store_true", help="machine-readable output")
+    lay.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="NAME:k=v,...",
+        help="a named layout (keys tp pp cp sp ep etp dp order offset ws); repeat for several",
+    )
+    lay.add_argument("--diff", action="store_true", help="compare the first two --state layouts")
+    lay.add_argument("--svg", metavar="FILE", help="write a picture of each state's rank grid")
     return parser
 
 
@@ -71,8 +83,48 @@ def _rank_view(layout: ParallelLayout, rank: int) -> dict[str, object]:
     }
 
 
+def _several(args: argparse.Namespace) -> int:
+    from scoped_parallel import _inspect
+
+    states = dict(_inspect.parse_state_spec(spec, args.world_size) for spec in args.state)
+    if args.svg:
+        with open(args.svg, "w", encoding="utf-8") as fh:
+            fh.write(_inspect.svg(states))
+        print(f"wrote {args.svg}")
+    if args.json:
+        doc: dict[str, object] = {"states": {n: lay.to_dict() for n, lay in states.items()}}
+        if args.rank is not None:
+            doc["rank"] = {
+                n: _rank_view(lay, args.rank) for n, lay in states.items() if lay.contains(args.rank)
+            }
+            doc["shared"] = [
+                {"ranks": list(r), "users": u}
+                for r, u in _inspect.shared_groups(states, args.rank).items()
+            ]
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    if args.diff:
+        if len(states) < 2:
+            raise LayoutError("--diff needs two --state layouts")
+        (a, la), (b, lb) = list(states.items())[:2]
+        print(_inspect.diff_report(a, la, b, lb))
+    elif args.rank is not None:
+        print(_inspect.rank_report(states, args.rank))
+    elif not args.svg:
+        for name, lay in states.items():
+            print(f"== {name}")
+            print(lay.table())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.state:
+        try:
+            return _several(args)
+        except (LayoutError, TypeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         layout = _layout(args)
         view = _rank_view(layout, args.rank) if args.rank is not None else None

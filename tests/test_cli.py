@@ -39,3 +39,45 @@ def test_module_entry_point_runs_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "tp" in out
+
+
+def test_several_states_show_coordinates_and_shared_groups(capsys):
+    """--state twice with --rank shows the rank in each state and the physically shared groups."""
+    argv = ["layout", "--world-size", "4", "--state", "actor:tp=2", "--state", "ref:sp=2,dp=2", "--rank", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "actor: ParallelLayout(world_size=4, tp=2, dp=2)" in out
+    assert "(0, 1): actor.tp" in out and "ref.sp" in out.split("(0, 1): actor.tp")[1].split("\n")[0]
+
+
+def test_diff_marks_identical_and_different_kinds(capsys):
+    """--diff says which kinds two layouts share and shows both sides where they differ."""
+    argv = ["layout", "--world-size", "4", "--state", "a:tp=2", "--state", "b:sp=2", "--diff"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "= dp " in out and "! tp " in out and "b: (0, 1) (2, 3)" in out
+
+
+def test_svg_contains_every_rank_of_every_group(tmp_path, capsys):
+    """The SVG has one cell per rank per shown kind, tagged with its state, kind and group."""
+    import re
+
+    path = tmp_path / "l.svg"
+    argv = ["layout", "--world-size", "8", "--state", "actor:tp=2,pp=2", "--state", "ref:sp=4", "--svg", str(path)]
+    assert main(argv) == 0
+    text = path.read_text()
+    assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+    cells = re.findall(r'data-state="(\w+)" data-kind="([\w-]+)" data-rank="(\d+)" data-group="(\d+)"', text)
+    actor_tp = {int(r): int(g) for s, k, r, g in cells if s == "actor" and k == "tp"}
+    assert actor_tp == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}
+    ref_sp = {int(r): int(g) for s, k, r, g in cells if s == "ref" and k == "sp"}
+    assert ref_sp == {r: r // 4 for r in range(8)}
+    assert {(s, k) for s, k, _, _ in cells} == {("actor", "tp"), ("actor", "pp"), ("actor", "dp"), ("ref", "dp"), ("ref", "sp")}
+
+
+def test_bad_state_spec_exits_2(capsys):
+    """A malformed or contradictory --state exits 2 naming the problem."""
+    assert main(["layout", "--world-size", "4", "--state", "actor:tq=2"]) == 2
+    assert "bad item 'tq=2'" in capsys.readouterr().err
+    assert main(["layout", "--world-size", "4", "--state", "actor:tp=2,dp=4"]) == 2
+    assert "dp=4" in capsys.readouterr().err
