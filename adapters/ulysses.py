@@ -20,7 +20,9 @@ instance, else calls the original core function unchanged. A model whose state
 has SP size 1 always goes straight to core attention. Module-keyed dispatch
 needs no scope, so HF gradient-checkpoint recompute on autograd threads finds
 the right instance too. Outside any scope ``register_with_transformers`` runs
-DeepSpeed's original code.
+DeepSpeed's original code. In strict mode (``adapters.install(strict=True)``) both
+the registration and the dispatch of a module registered nowhere raise instead of
+falling back when no scope is active.
 
 deepspeed and transformers are imported only by :func:`install` and by the
 patched calls; per-state data lives here, keyed weakly, so the core stays
@@ -69,7 +71,6 @@ _UNSUPPORTED = ("eager", "paged|eager")
 _HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
 
 _LOCK = threading.RLock()
-_CLASS: list[Any] = []  # [UlyssesSPAttentionHF] while installed
 _ORIGINAL_REGISTER: list[Any] = []  # [the classmethod object found in the class __dict__]
 
 
@@ -86,7 +87,7 @@ class _StateRecord:
 class _Binding:
     """A registered model's link to its state's instance for one core implementation."""
 
-    __slots__ = ("state_ref", "core", "instance", "__weakref__")
+    __slots__ = ("state_ref", "core", "instance")
 
     def __init__(self, state: Any, core: str, instance: Any) -> None:
         self.state_ref = weakref.ref(state)
@@ -150,7 +151,6 @@ def install(ledger: Ledger) -> None:
         )
     _reset()
     _ORIGINAL_REGISTER.append(ledger.patch(OWNER, UlyssesSPAttentionHF, _METHOD, classmethod(_register)))
-    _CLASS.append(UlyssesSPAttentionHF)
 
 
 def uninstall() -> None:
@@ -187,7 +187,6 @@ def _reset() -> None:
         _STATES.clear()
         _MODULES.clear()
         _CONFIGS.clear()
-        _CLASS.clear()
         _ORIGINAL_REGISTER.clear()
 
 
@@ -254,14 +253,14 @@ def _is_block_mask(mask: Any) -> bool:
     return isinstance(mask, BlockMask)
 
 
-def _install_dispatcher(core: str) -> _Dispatch:
-    """Install the dispatcher for ``core`` unless it is there; return its record."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as mapping
+def _core_function(core: str) -> Callable[..., Any]:
+    """The original core attention function: captured once, when its dispatcher goes in."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     dispatch = _DISPATCH.get(core)
     if dispatch is not None:
-        return dispatch
-    original = mapping[core]
+        return dispatch.original
+    original = ALL_ATTENTION_FUNCTIONS[core]
     if "register_with_transformers.<locals>" in getattr(original, "__qualname__", ""):
         raise AdapterError(
             f"{OWNER}: ALL_ATTENTION_FUNCTIONS[{core!r}] already holds DeepSpeed's Ulysses wrapper "
@@ -269,12 +268,20 @@ def _install_dispatcher(core: str) -> _Dispatch:
             "all-to-alls per attention call; call register_with_transformers only inside "
             "`with state.activate():` once the adapter is installed."
         )
+    return original  # type: ignore[no-any-return]
+
+
+def _install_dispatcher(core: str, original: Callable[..., Any]) -> None:
+    """Put the dispatcher for ``core`` (wrapping ``original``) in place, once."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as mapping
+
+    if core in _DISPATCH:
+        return
     local = getattr(mapping, "_local_mapping", None)
     was_local = not isinstance(local, dict) or core in local
     dispatch = _Dispatch(mapping, core, original, _make_dispatcher(core, original), was_local)
     mapping[core] = dispatch.wrapper
     _DISPATCH[core] = dispatch
-    return dispatch
 
 
 # ---------------------------------------------------------------------- registration
@@ -343,11 +350,7 @@ def _register(
     _check_core(core)
 
     with _LOCK:
-        dispatch = _DISPATCH.get(core)
-        original = dispatch.original if dispatch is not None else None
-        if original is None:
-            dispatch = _install_dispatcher(core)
-            original = dispatch.original
+        original = _core_function(core)
         record = _STATES.get(state)
         if record is None:
             record = _STATES[state] = _StateRecord()
@@ -357,6 +360,7 @@ def _register(
                 cls, record, state, core, original, model_config, micro_batch_size,
                 seq_length, seq_length_is_variable, disable_in_eval,
             )  # fmt: skip
+        _install_dispatcher(core, original)
         record.default[core] = instance
         if is_model:
             _bind(model_name_or_path, model_config, _Binding(state, core, instance))

@@ -23,7 +23,7 @@ import functools
 import inspect
 import sys
 import threading
-from collections import Counter
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -41,75 +41,87 @@ __all__ = ["Activation", "current_state", "current_state_or_none", "propagate"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _Frame:
-    """One entered scope. Immutable after construction; compared by identity."""
+class _Frame(tuple):  # type: ignore[type-arg]
+    """One entered scope: ``(state, parent frame, owner)``. Immutable; compared by identity."""
 
-    __slots__ = ("state", "parent", "owner")
+    __slots__ = ()
 
-    def __init__(self, state: Any, parent: _Frame | None, owner: tuple[int, int]) -> None:
-        object.__setattr__(self, "state", state)
-        object.__setattr__(self, "parent", parent)
-        object.__setattr__(self, "owner", owner)
+    @property
+    def state(self) -> Any:
+        return self[0]
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("scope frames are immutable")
+    @property
+    def parent(self) -> _Frame | None:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self[2]  # type: ignore[no-any-return]
 
 
 _CURRENT: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar(
     "scoped_parallel.current_frame", default=None
 )
 
-# Process-wide bookkeeping for the fallback rule, guarded by _LOCK.
-# _SAME_OWNER_CHILDREN[f]: active frames entered inside f by the same thread/task.
-# _LEAVES[state]: active frames of that state with no same-owner child (innermost).
-_LOCK = threading.Lock()
-_SAME_OWNER_CHILDREN: dict[_Frame, int] = {}
-_LEAVES: Counter[Any] = Counter()
+
+class _Stack(list):  # type: ignore[type-arg]
+    """The frames a thread has entered and not exited yet, in entry order."""
+
+    __slots__ = ("__weakref__",)
+
+
+# Process-wide view for the fallback rule: every thread keeps its own stack (no lock on
+# the hot path); the registry holds them weakly so finished threads drop out.
+_LOCAL = threading.local()
+_STACKS: weakref.WeakValueDictionary[int, _Stack] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _thread_stack() -> _Stack:
+    stack: _Stack | None = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = _Stack()
+        with _REGISTRY_LOCK:
+            _STACKS[id(stack)] = stack
+    return stack
+
+
+_get_ident = threading.get_ident
+_ASYNCIO: list[Any] = []  # [_get_running_loop, current_task] once asyncio is imported
 
 
 def _owner() -> tuple[int, int]:
     """The (thread, asyncio task) that is running, as identities."""
-    task_id = 0
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and asyncio._get_running_loop() is not None:
-        task = asyncio.current_task()
-        if task is not None:
-            task_id = id(task)
-    return (threading.get_ident(), task_id)
+    if not _ASYNCIO:
+        asyncio = sys.modules.get("asyncio")
+        if asyncio is None:
+            return (_get_ident(), 0)
+        _ASYNCIO[:] = [asyncio._get_running_loop, asyncio.current_task]
+    if _ASYNCIO[0]() is None:
+        return (_get_ident(), 0)
+    task = _ASYNCIO[1]()
+    return (_get_ident(), 0 if task is None else id(task))
 
 
-def _register(frame: _Frame) -> None:
-    with _LOCK:
-        _SAME_OWNER_CHILDREN[frame] = 0
-        _LEAVES[frame.state] += 1
-        parent = frame.parent
-        if parent is not None and parent.owner == frame.owner and parent in _SAME_OWNER_CHILDREN:
-            if _SAME_OWNER_CHILDREN[parent] == 0:
-                _drop_leaf(parent.state)
-            _SAME_OWNER_CHILDREN[parent] += 1
-
-
-def _unregister(frame: _Frame) -> None:
-    with _LOCK:
-        if _SAME_OWNER_CHILDREN.pop(frame, 0) == 0:
-            _drop_leaf(frame.state)
-        parent = frame.parent
-        if parent is not None and parent.owner == frame.owner and parent in _SAME_OWNER_CHILDREN:
-            _SAME_OWNER_CHILDREN[parent] -= 1
-            if _SAME_OWNER_CHILDREN[parent] == 0:
-                _LEAVES[parent.state] += 1
-
-
-def _drop_leaf(state: Any) -> None:
-    _LEAVES[state] -= 1
-    if _LEAVES[state] <= 0:
-        del _LEAVES[state]
+def _all_frames() -> list[_Frame]:
+    with _REGISTRY_LOCK:
+        stacks = list(_STACKS.values())
+    frames: list[_Frame] = []
+    for stack in stacks:
+        frames.extend(tuple(stack))  # a snapshot; the owning thread may be changing it
+    return frames
 
 
 def active_states() -> tuple[Any, ...]:
-    """The distinct states that are the innermost scope somewhere in the process."""
-    with _LOCK:
-        return tuple(_LEAVES)
+    """The distinct states that are the innermost scope somewhere in the process.
+
+    Innermost per thread *and* asyncio task: a task nested in another state does
+    not hide its parent task's own scope.
+    """
+    innermost: dict[tuple[int, int], _Frame] = {}
+    for frame in _all_frames():
+        innermost[frame[2]] = frame  # later entries of the same owner are nested deeper
+    return tuple(dict.fromkeys(f[0] for f in innermost.values()))
 
 
 def current_state_or_none() -> ParallelState | None:
@@ -123,9 +135,7 @@ def current_state_or_none() -> ParallelState | None:
     """
     frame = _CURRENT.get()
     if frame is not None:
-        return frame.state  # type: ignore[no-any-return]
-    if not _LEAVES:
-        return None
+        return frame[0]
     states = active_states()
     if not states:
         return None
@@ -183,14 +193,12 @@ class Activation:
         return f"<Activation of {_describe(self._state)}, entered {len(self._entries)}x>"
 
     def __enter__(self) -> Any:
-        check = getattr(self._state, "_check_activatable", None)
-        if check is not None:
-            check()
-        frame = _Frame(self._state, _CURRENT.get(), _owner())
+        state = self._state
+        frame = _Frame((state, _CURRENT.get(), _owner()))
         token = _CURRENT.set(frame)
-        _register(frame)
+        _thread_stack().append(frame)
         self._entries.append((token, frame))
-        return self._state
+        return state
 
     def __exit__(
         self,
@@ -222,7 +230,14 @@ class Activation:
                 "entered. The scope was left unchanged."
             ) from err
         self._entries.pop()
-        _unregister(frame)
+        stack = _thread_stack()
+        if stack and stack[-1] is frame:
+            stack.pop()
+        else:  # asyncio tasks of one thread may exit out of entry order
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is frame:
+                    del stack[i]
+                    break
 
     def __call__(self, fn: F) -> F:
         """Use the activation as a decorator: every call runs inside the scope."""

@@ -180,12 +180,16 @@ class ParallelState:
         self._groups: dict[str, Any] = {}
         self._gloo: dict[str, Any] = {}
         self._ranks_of: dict[str, tuple[int, ...]] = {}
+        self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
+        self._my_index: dict[str, int] = {}
         self._destroyed = False
         if not self._layout.contains(self._rank):
             return
         self._ranks_of = dict(self._layout.groups_of(self._rank))
         self._agree_with_peers()
         self._build()
+        self._live_ranks = dict(self._ranks_of)
+        self._my_index = {k: r.index(self._rank) for k, r in self._ranks_of.items()}
 
     # ------------------------------------------------------------------ alternate constructors
 
@@ -331,6 +335,8 @@ class ParallelState:
         if self._destroyed:
             return
         self._destroyed = True
+        self._live_ranks = {}
+        self._my_index = {}
         held = list(self._groups.values()) + list(self._gloo.values())
         self._groups.clear()
         self._gloo.clear()
@@ -379,6 +385,8 @@ class ParallelState:
         ``with actor.activate(): ...`` — nestable, exception-safe, per thread and per
         asyncio task (see the README's scope rules).
         """
+        if self._destroyed:
+            raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
         return Activation(self)
 
     def bind(self, engine: Any) -> Any:
@@ -396,10 +404,6 @@ class ParallelState:
     def unbind(self, engine: Any) -> Any:
         """Undo :meth:`bind`; return the engine."""
         return _unbind(self, engine)
-
-    def _check_activatable(self) -> None:
-        if self._destroyed:
-            raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
 
     # ------------------------------------------------------------------ DeviceMesh view
 
@@ -470,6 +474,33 @@ class ParallelState:
             )
         return kind
 
+    # Fast paths for the named getters: ``kind`` is canonical there, so a dict lookup
+    # answers; anything unusual (destroyed, non-member, missing kind) takes the slow
+    # path through _require, which raises the explanatory error.
+    def _g(self, kind: str) -> Any:
+        try:
+            return self._groups[kind]
+        except KeyError:
+            return self.group(kind)
+
+    def _k(self, kind: str) -> tuple[int, ...]:
+        try:
+            return self._live_ranks[kind]
+        except KeyError:
+            return self.ranks(kind)
+
+    def _n(self, kind: str) -> int:
+        try:
+            return len(self._live_ranks[kind])
+        except KeyError:
+            return self.size(kind)
+
+    def _r(self, kind: str) -> int:
+        try:
+            return self._my_index[kind]
+        except KeyError:
+            return self.rank_in(kind)
+
     def group(self, kind: str) -> Any:
         """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
         return self._groups[self._require(kind)]
@@ -507,61 +538,61 @@ class ParallelState:
         return not self._destroyed and self.is_member
 
     def get_tensor_model_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("tp")
+        return self._g("tp")
 
     def get_tensor_model_parallel_world_size(self) -> int:
-        return self.size("tp")
+        return self._n("tp")
 
     def get_tensor_model_parallel_rank(self) -> int:
-        return self.rank_in("tp")
+        return self._r("tp")
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ranks("tp")[0]
+        return self._k("tp")[0]
 
     def get_tensor_model_parallel_last_rank(self) -> int:
-        return self.ranks("tp")[-1]
+        return self._k("tp")[-1]
 
     def get_tensor_model_parallel_ranks(self) -> tuple[int, ...]:
-        return self.ranks("tp")
+        return self._k("tp")
 
     def get_pipeline_model_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("pp")
+        return self._g("pp")
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.size("pp")
+        return self._n("pp")
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return self.rank_in("pp")
+        return self._r("pp")
 
     def get_pipeline_model_parallel_first_rank(self) -> int:
-        return self.ranks("pp")[0]
+        return self._k("pp")[0]
 
     def get_pipeline_model_parallel_last_rank(self) -> int:
-        return self.ranks("pp")[-1]
+        return self._k("pp")[-1]
 
     def get_pipeline_model_parallel_next_rank(self) -> int:
-        ranks = self.ranks("pp")
-        return ranks[(self.rank_in("pp") + 1) % len(ranks)]
+        ranks = self._k("pp")
+        return ranks[(self._r("pp") + 1) % len(ranks)]
 
     def get_pipeline_model_parallel_prev_rank(self) -> int:
-        ranks = self.ranks("pp")
-        return ranks[(self.rank_in("pp") - 1) % len(ranks)]
+        ranks = self._k("pp")
+        return ranks[(self._r("pp") - 1) % len(ranks)]
 
     def is_pipeline_first_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
-        return self.rank_in("pp") == 0
+        return self._r("pp") == 0
 
     def is_pipeline_last_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
-        return self.rank_in("pp") == self.size("pp") - 1
+        return self._r("pp") == self._n("pp") - 1
 
     # DeepSpeed's PipelineParallelGrid names (utils/bwc.py probes these).
     def get_pipe_parallel_group(self) -> Any:
-        return self.group("pp")
+        return self._g("pp")
 
     def get_pipe_parallel_world_size(self) -> int:
-        return self.size("pp")
+        return self._n("pp")
 
     def get_pipe_parallel_rank(self) -> int:
-        return self.rank_in("pp")
+        return self._r("pp")
 
     # ------------------------------------------------------------------ model parallel = tp x pp
 
@@ -572,16 +603,16 @@ class ParallelState:
         ``get_model_parallel_world_size`` reported TP's size, which is only the same
         thing when PP == 1).
         """
-        return self.group("tp-pp")
+        return self._g("tp-pp")
 
     def get_model_parallel_world_size(self) -> int:
-        return self.size("tp-pp")
+        return self._n("tp-pp")
 
     def get_model_parallel_rank(self) -> int:
-        return self.rank_in("tp-pp")
+        return self._r("tp-pp")
 
     def get_model_parallel_src_rank(self) -> int:
-        return self.ranks("tp-pp")[0]
+        return self._k("tp-pp")[0]
 
     # ------------------------------------------------------------------ data / context parallel
 
@@ -618,22 +649,22 @@ class ParallelState:
         return self.ranks(self._dp_kind(with_context_parallel))[0]
 
     def get_data_parallel_group_ranks(self) -> tuple[int, ...]:
-        return self.ranks("dp")
+        return self._k("dp")
 
     def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
         return self.ranks(self._dp_kind(with_context_parallel))
 
     def get_context_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("cp")
+        return self._g("cp")
 
     def get_context_parallel_world_size(self) -> int:
-        return self.size("cp")
+        return self._n("cp")
 
     def get_context_parallel_rank(self) -> int:
-        return self.rank_in("cp")
+        return self._r("cp")
 
     def get_context_parallel_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
-        return self.ranks("cp")
+        return self._k("cp")
 
     def get_tensor_and_data_parallel_group(self, with_context_parallel: bool = False) -> Any:
         return self.group("tp-dp-cp" if with_context_parallel else "tp-dp")
@@ -645,82 +676,82 @@ class ParallelState:
         return self.rank_in("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_context_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("tp-cp")
+        return self._g("tp-cp")
 
     def get_tensor_and_context_parallel_world_size(self) -> int:
-        return self.size("tp-cp")
+        return self._n("tp-cp")
 
     def get_tensor_and_context_parallel_rank(self) -> int:
-        return self.rank_in("tp-cp")
+        return self._r("tp-cp")
 
     # ------------------------------------------------------------------ DeepSpeed sequence parallel
 
     def get_sequence_parallel_group(self) -> Any:
-        return self.group("sp")
+        return self._g("sp")
 
     def get_sequence_parallel_world_size(self) -> int:
-        return self.size("sp")
+        return self._n("sp")
 
     def get_sequence_parallel_rank(self) -> int:
-        return self.rank_in("sp")
+        return self._r("sp")
 
     def get_sequence_data_parallel_group(self) -> Any:
         """SP x DP: the ranks that shard ZeRO state and all-reduce gradients together."""
-        return self.group("sp-dp")
+        return self._g("sp-dp")
 
     def get_sequence_data_parallel_world_size(self) -> int:
-        return self.size("sp-dp")
+        return self._n("sp-dp")
 
     def get_sequence_data_parallel_rank(self) -> int:
-        return self.rank_in("sp-dp")
+        return self._r("sp-dp")
 
     # ------------------------------------------------------------------ experts
 
     def get_expert_model_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("ep")
+        return self._g("ep")
 
     def get_expert_model_parallel_world_size(self) -> int:
-        return self.size("ep")
+        return self._n("ep")
 
     def get_expert_model_parallel_rank(self) -> int:
-        return self.rank_in("ep")
+        return self._r("ep")
 
     def get_expert_tensor_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("etp")
+        return self._g("etp")
 
     def get_expert_tensor_parallel_world_size(self) -> int:
-        return self.size("etp")
+        return self._n("etp")
 
     def get_expert_tensor_parallel_rank(self) -> int:
-        return self.rank_in("etp")
+        return self._r("etp")
 
     def get_expert_tensor_and_model_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("etp-ep")
+        return self._g("etp-ep")
 
     def get_expert_tensor_and_model_parallel_world_size(self) -> int:
-        return self.size("etp-ep")
+        return self._n("etp-ep")
 
     def get_expert_tensor_and_model_parallel_rank(self) -> int:
-        return self.rank_in("etp-ep")
+        return self._r("etp-ep")
 
     def get_expert_tensor_model_pipeline_parallel_group(self, check_initialized: bool = True) -> Any:
-        return self.group("etp-ep-pp")
+        return self._g("etp-ep-pp")
 
     def get_expert_data_parallel_group(
         self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
     ) -> Any:
         self._dp_kind(False, partial_expert_data_parallel)
-        return self.group("edp")
+        return self._g("edp")
 
     def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
         self._dp_kind(False, partial_expert_data_parallel)
         return self.gloo_group("edp")
 
     def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
-        return self.size("edp")
+        return self._n("edp")
 
     def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
-        return self.rank_in("edp")
+        return self._r("edp")
 
     # ------------------------------------------------------------------ embeddings
 
@@ -733,10 +764,10 @@ class ParallelState:
         return "pos-embd" in self._ranks_of
 
     def get_embedding_group(self, check_initialized: bool = True) -> Any:
-        return self.group("embd")
+        return self._g("embd")
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
-        return self.group("pos-embd")
+        return self._g("pos-embd")
 
 
 #: Engine methods that :meth:`ParallelState.bind` runs inside the state's scope.

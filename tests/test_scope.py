@@ -365,7 +365,7 @@ def test_exit_in_another_task_raises_nesting_error():
     from scoped_parallel import _scope
 
     token, frame = act._entries.pop()
-    _scope._unregister(frame)
+    _scope._thread_stack().remove(frame)
 
 
 def _catch(fn):
