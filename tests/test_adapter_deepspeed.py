@@ -15,6 +15,7 @@ group each call used and then calls the real function.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import inspect
@@ -100,6 +101,28 @@ def _unpatched_run() -> Iterator[None]:
     finally:
         _restore_globals(snap)
         gc.collect()
+
+
+def _isolated(fn: Any) -> Any:
+    """Give a rank function DeepSpeed's module globals as it found them, even when it fails.
+
+    The world is shared by every test; without this a failing test would leave, e.g.,
+    ``groups.mpu`` set for the next one.
+    """
+
+    @functools.wraps(fn)
+    def run(rank: int, *args: Any, **kwargs: Any) -> Any:
+        _ds()
+        snap = _globals_snapshot()
+        try:
+            return fn(rank, *args, **kwargs)
+        finally:
+            if adapters.is_installed("deepspeed"):
+                adapters.uninstall(("deepspeed",))
+            _restore_globals(snap)
+            gc.collect()
+
+    return run
 
 
 def _ranks(group: Any) -> Any:
@@ -244,6 +267,7 @@ def _installed(strict: bool = False) -> Any:
 # ====================================================================== rank functions
 
 
+@_isolated
 def _rank_issue1_critic_without_mpu(rank: int) -> dict[str, Any]:
     _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
@@ -275,6 +299,7 @@ def _rank_issue1_critic_without_mpu(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_issue2_step_uses_own_group(rank: int) -> dict[str, Any]:
     _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
@@ -303,6 +328,7 @@ def _rank_issue2_step_uses_own_group(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_issue3_sequence_parallel(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as sp
@@ -371,6 +397,7 @@ def _autotp_engine(tp: int) -> Any:
     return _engine(_TPNet(), _autotp_config(tp))
 
 
+@_isolated
 def _rank_issue4_autotp(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.utils import groups
@@ -409,6 +436,7 @@ def _rank_issue4_autotp(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_autotp_size_mismatch(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.utils import groups
@@ -450,6 +478,7 @@ def _moe_engine(mpu: Any) -> Any:
     return _engine(_MoENet(ep_size=2), _config(), mpu=mpu)
 
 
+@_isolated
 def _rank_issue4_moe(rank: int) -> dict[str, Any]:
     _ds()
     first = _state(name="first", expert_model_parallel_size=2)
@@ -492,6 +521,7 @@ def _rank_issue4_moe(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_expert_creator_fallback(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.utils import groups
@@ -514,6 +544,7 @@ def _rank_expert_creator_fallback(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_interleaved_training(rank: int, stages: tuple[int, ...], steps: int) -> dict[str, Any]:
     _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
@@ -546,7 +577,7 @@ def _rank_interleaved_training(rank: int, stages: tuple[int, ...], steps: int) -
                     for name, state, seed, _ in specs:
                         with state.activate(), _observe_collectives() as log:
                             losses_together[name].append(_step(engines[name], _batch(rank, i, seed)))
-                        seen[name].update(r for _, _, r in log)
+                        seen[name].update((collective, r) for collective, _, r in log)
                 result = {}
                 for name, state, _, _ in specs:
                     with state.activate():
@@ -555,7 +586,7 @@ def _rank_interleaved_training(rank: int, stages: tuple[int, ...], steps: int) -
                         "losses_equal": all(map(torch.equal, alone[name][0], losses_together[name])),
                         "params_equal": all(map(torch.equal, alone[name][1], params)),
                         "params_moved": not all(map(torch.equal, _full_params_of_seed(name), params)),
-                        "groups": sorted(seen[name], key=repr),
+                        "collectives": sorted(seen[name], key=repr),
                     }
                 _drop(*engines.values())
                 out["stages"][stage] = result
@@ -582,6 +613,7 @@ def _legacy_reader() -> tuple[Any, Any, Any]:
     )
 
 
+@_isolated
 def _rank_legacy_code(rank: int) -> list[bool]:
     _ds()
     first = _state(name="tp2", tensor_model_parallel_size=2)
@@ -598,6 +630,7 @@ def _rank_legacy_code(rank: int) -> list[bool]:
     return answers
 
 
+@_isolated
 def _rank_module_attributes(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.utils import groups
@@ -628,6 +661,7 @@ def _rank_module_attributes(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_initialize_outside_scope(rank: int) -> dict[str, Any]:
     _ds()
     from deepspeed.utils import groups
@@ -652,6 +686,7 @@ def _rank_initialize_outside_scope(rank: int) -> dict[str, Any]:
     return out
 
 
+@_isolated
 def _rank_outside_scope_unchanged(rank: int, steps: int) -> dict[str, Any]:
     _ds()
 
@@ -764,7 +799,14 @@ def test_interleaved_training_is_bit_identical_to_training_alone(world):
                 where = f"rank {rank}, ZeRO-{stage}, {name}"
                 assert facts["losses_equal"], where
                 assert facts["params_equal"] and facts["params_moved"], where
-                assert facts["groups"] and set(facts["groups"]) <= allowed[name], (where, facts["groups"])
+                groups = {r for collective, r in facts["collectives"] if not _zero3_world_check(stage, collective, r)}
+                assert groups and groups <= allowed[name], (where, facts["collectives"])
+
+
+def _zero3_world_check(stage: int, collective: str, ranks: Any) -> bool:
+    # ZeRO-3's trace-order consistency check broadcasts over WORLD on every model
+    # (runtime/zero/partitioned_param_coordinator.py:260 -> runtime/zero/utils.py:89,108).
+    return stage == 3 and collective == "broadcast" and ranks == "WORLD"
 
 
 @pytest.mark.world

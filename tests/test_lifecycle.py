@@ -1,0 +1,59 @@
+"""Lifecycle: many states created and destroyed leave no process group and no memory growth."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rank_many_states(rank, count, share):
+    import gc
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from scoped_parallel import ParallelState, _groups
+
+    pg_map = dist.distributed_c10d._world.pg_map
+    layouts = [dict(tensor_model_parallel_size=2), dict(sequence_parallel_size=2), dict()]
+    t = timedelta(seconds=30)
+
+    def cycle(i):
+        s = ParallelState(name=f"s{i}", share_groups=share, timeout=t, **layouts[i % 3])
+        with s.activate():
+            s.get_data_parallel_group()
+        s.destroy()
+
+    for i in range(20):  # warm up allocator and caches
+        cycle(i)
+    gc.collect()
+    before_pg, before_rss = len(pg_map), _rss_mb()
+    made = _groups.creation_count()
+    for i in range(count):
+        cycle(i)
+    gc.collect()
+    return {
+        "pg_growth": len(pg_map) - before_pg,
+        "live": _groups.live_groups(),
+        "rss_growth_mb": _rss_mb() - before_rss,
+        "created": _groups.creation_count() - made,
+    }
+
+
+@pytest.mark.world
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+def test_200_states_leave_no_group_and_no_memory_growth(world, share):
+    """200 create/destroy cycles leave torch's group registry and RSS where they were."""
+    res = world.run(rank_many_states, 200, share, timeout=300)
+    for r in res:
+        assert r["pg_growth"] == 0 and r["live"] == 0, r
+        assert r["created"] >= 200, r  # groups really were created each cycle
+        assert r["rss_growth_mb"] < 20, r
