@@ -687,6 +687,23 @@ def _rank_initialize_outside_scope(rank: int) -> dict[str, Any]:
 
 
 @_isolated
+def _rank_initialize_in_scope_without_mpu(rank: int) -> dict[str, Any]:
+    actor = _state(name="actor", tensor_model_parallel_size=2)
+    out: dict[str, Any] = {}
+    try:
+        with _installed(), actor.activate():
+            engine = _engine(_model(1), _config())  # no mpu: the scope's state becomes the mpu
+            out["engine_mpu_is_state"] = engine.mpu is actor
+            out["mp_world_size"] = engine.mp_world_size
+            out["config_world_size"] = engine._config.world_size
+            out["dp_is_state"] = engine.data_parallel_group is actor.group("dp")
+            _drop(engine)
+    finally:
+        _destroy(actor)
+    return out
+
+
+@_isolated
 def _rank_outside_scope_unchanged(rank: int, steps: int) -> dict[str, Any]:
     _ds()
 
@@ -828,6 +845,13 @@ def test_initialize_outside_any_scope_with_a_state_mpu_runs_in_its_scope(world):
     """deepspeed.initialize(mpu=state) outside a scope records groups.mpu for that state and not in the module."""
     for out in world.run(_rank_initialize_outside_scope, timeout=WORLD_TIMEOUT):
         assert all(out.values()), out
+
+
+@pytest.mark.world
+def test_initialize_inside_a_scope_without_mpu_uses_the_state_as_mpu(world):
+    """deepspeed.initialize() without mpu inside a TP=2 scope builds an engine whose mpu is the state."""
+    for out in world.run(_rank_initialize_in_scope_without_mpu, timeout=WORLD_TIMEOUT):
+        assert out == {"engine_mpu_is_state": True, "mp_world_size": 2, "config_world_size": 2, "dp_is_state": True}
 
 
 @pytest.mark.world
