@@ -756,6 +756,8 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
     def scoped(*args: Any, **kwargs: Any) -> Any:
         state = active_state(what)
         if state is None:
+            if name == "_get_sequence_data_parallel_group":
+                return None
             return original(*args, **kwargs)
         return implementation(state, *args, **kwargs)
 
