@@ -100,7 +100,6 @@ __all__ = [
 
 OWNER = "deepspeed"
 _GROUPS_MODULE = "deepspeed.utils.groups"
-_SP_MODULE = "deepspeed.runtime.sequence_parallel.parallel_state_sp"
 
 _UNSET: Any = object()
 
@@ -130,7 +129,6 @@ class _Record:
         "tp_world_size",
         "tp_rank",
         "sp_size",
-        "__weakref__",
     )
 
     def __init__(self) -> None:
@@ -189,7 +187,9 @@ _SP_IMPL: dict[str, Callable[..., Any]] = {}
 _ORIGINALS: dict[str, Any] = {}
 
 
-def _impl(table: dict[str, Callable[..., Any]], *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _impl(
+    table: dict[str, Callable[..., Any]], *names: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         for name in names:
             table[name] = fn
@@ -496,7 +496,9 @@ _EXPERT_GLOBALS = (
 )
 
 
-def _run_creator_on_state_dicts(state: Any, rec: _Record, name: str, ep_size: int, args: Any, kwargs: Any) -> Any:
+def _run_creator_on_state_dicts(
+    state: Any, rec: _Record, name: str, ep_size: int, args: Any, kwargs: Any
+) -> Any:
     """Run DeepSpeed's creator with the module globals bound to the state's record."""
     if not _spans_world(state):
         raise LayoutError(
@@ -667,8 +669,11 @@ def _module_attribute(name: str) -> property:
         state = current_state_or_none()
         if state is None:
             vars(module)[name] = value
+        elif name == "mpu":
+            # The state itself is the default; not storing it keeps the weak record collectable.
+            _record(state).mpu = _UNSET if value is state else value
         else:
-            setattr(_record(state), "mpu" if name == "mpu" else "mesh_device", value)
+            _record(state).mesh_device = value
 
     def delete(module: types.ModuleType) -> None:
         state = current_state_or_none()
@@ -756,8 +761,6 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
     def scoped(*args: Any, **kwargs: Any) -> Any:
         state = active_state(what)
         if state is None:
-            if name == "_get_sequence_data_parallel_group":
-                return None
             return original(*args, **kwargs)
         return implementation(state, *args, **kwargs)
 
@@ -775,7 +778,9 @@ def _require(module: types.ModuleType, name: str) -> Any:
         ) from None
 
 
-def _binding_modules(originals: list[Any], skip: tuple[types.ModuleType, ...]) -> dict[int, list[types.ModuleType]]:
+def _binding_modules(
+    originals: list[Any], skip: tuple[types.ModuleType, ...]
+) -> dict[int, list[types.ModuleType]]:
     """For each original function, the other ``deepspeed`` modules binding it at top level."""
     wanted = {id(obj) for obj in originals}
     found: dict[int, list[types.ModuleType]] = {key: [] for key in wanted}

@@ -46,10 +46,8 @@ _GLOBAL_MODULES = (
 
 def _ds() -> Any:
     import deepspeed as ds
-    import deepspeed.moe.layer  # noqa: F401
-    import deepspeed.runtime.sequence_parallel.parallel_state_sp  # noqa: F401
 
-    for name in _GLOBAL_MODULES:
+    for name in _GLOBAL_MODULES + ("deepspeed.moe.layer",):
         importlib.import_module(name)
     ds.utils.logger.setLevel(logging.WARNING)
     ds.init_distributed(dist_backend="gloo")
@@ -269,7 +267,6 @@ def _installed(strict: bool = False) -> Any:
 
 @_isolated
 def _rank_issue1_critic_without_mpu(rank: int) -> dict[str, Any]:
-    _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
     critic = _state(name="critic")
     out: dict[str, Any] = {}
@@ -301,7 +298,6 @@ def _rank_issue1_critic_without_mpu(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_issue2_step_uses_own_group(rank: int) -> dict[str, Any]:
-    _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
     critic = _state(name="critic")
     config = _config(stage=0, clip=1.0)
@@ -322,6 +318,13 @@ def _rank_issue2_step_uses_own_group(rank: int) -> dict[str, Any]:
             with actor.activate(), _observe_collectives() as log:
                 _step(engine_a, _batch(rank, 0, 1))
             out["patched"] = [(n, k, r) for n, k, r in log if n == "all_reduce"]
+            actor.bind(engine_a)  # a bound engine steps in its scope without `with`
+            try:
+                with _observe_collectives() as log:
+                    _step(engine_a, _batch(rank, 1, 1))
+            finally:
+                actor.unbind(engine_a)
+            out["bound"] = [(n, k, r) for n, k, r in log if n == "all_reduce"]
             _drop(engine_a, engine_b)
     finally:
         _destroy(actor, critic)
@@ -330,7 +333,6 @@ def _rank_issue2_step_uses_own_group(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_issue3_sequence_parallel(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.runtime.sequence_parallel import parallel_state_sp as sp
 
     out: dict[str, Any] = {}
@@ -389,7 +391,8 @@ def _autotp_config(tp: int) -> dict[str, Any]:
         {"patterns": [".*up_proj.*"], "partition_type": "column"},
         {"patterns": [".*down_proj.*"], "partition_type": "row"},
     ]
-    return _config(tensor_parallel={"autotp_size": tp, "partition_config": {"use_default_specs": False, "layer_specs": specs}})
+    partition = {"use_default_specs": False, "layer_specs": specs}
+    return _config(tensor_parallel={"autotp_size": tp, "partition_config": partition})
 
 
 def _autotp_engine(tp: int) -> Any:
@@ -399,7 +402,6 @@ def _autotp_engine(tp: int) -> Any:
 
 @_isolated
 def _rank_issue4_autotp(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.utils import groups
 
     first = _state(name="first", tensor_model_parallel_size=2)
@@ -438,7 +440,6 @@ def _rank_issue4_autotp(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_autotp_size_mismatch(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.utils import groups
 
     state = _state(name="tp2", tensor_model_parallel_size=2)
@@ -465,7 +466,9 @@ class _MoENet(nn.Module):
         from deepspeed.moe.layer import MoE
 
         self.inp = nn.Linear(8, 8)
-        self.moe = MoE(hidden_size=8, expert=nn.Linear(8, 8), num_experts=4, ep_size=ep_size, k=1, min_capacity=8)
+        self.moe = MoE(
+            hidden_size=8, expert=nn.Linear(8, 8), num_experts=4, ep_size=ep_size, k=1, min_capacity=8
+        )
         self.out = nn.Linear(8, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,7 +483,6 @@ def _moe_engine(mpu: Any) -> Any:
 
 @_isolated
 def _rank_issue4_moe(rank: int) -> dict[str, Any]:
-    _ds()
     first = _state(name="first", expert_model_parallel_size=2)
     second = _state(name="second", expert_model_parallel_size=2, order="tp-cp-dp-ep-pp")
     out: dict[str, Any] = {"first_ep": first.ranks("ep"), "second_ep": second.ranks("ep")}
@@ -489,7 +491,8 @@ def _rank_issue4_moe(rank: int) -> dict[str, Any]:
             engine_1 = _moe_engine(first)
             engine_2 = _moe_engine(second)
             out["unpatched_second_ep"] = _ranks(engine_2.expert_parallel_group["ep_size_2"])
-            out["unpatched_shared"] = engine_2.expert_parallel_group["ep_size_2"] is engine_1.expert_parallel_group["ep_size_2"]
+            shared = engine_2.expert_parallel_group["ep_size_2"] is engine_1.expert_parallel_group["ep_size_2"]
+            out["unpatched_shared"] = shared
             _drop(engine_1, engine_2)
         with _installed():
             snap = _globals_snapshot()
@@ -523,7 +526,6 @@ def _rank_issue4_moe(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_expert_creator_fallback(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.utils import groups
 
     state = _state(name="ep2", expert_model_parallel_size=2)
@@ -539,6 +541,14 @@ def _rank_expert_creator_fallback(rank: int) -> dict[str, Any]:
                 out["in_dict"] = sorted(groups._get_expert_parallel_group_dict())
             out["globals_changed"] = _globals_changed(snap)
             out["outside_dict"] = sorted(groups._get_expert_parallel_group_dict())
+            with state.activate():
+                ep4 = groups._get_expert_parallel_group("ep_size_4")
+            deepspeed.comm.destroy_process_group(ep4)  # DeepSpeed's teardown hook must forget it too
+            with state.activate():
+                out["after_destroy"] = (
+                    sorted(groups._get_expert_parallel_group_dict()),
+                    sorted(groups._get_expert_data_parallel_group_dict()),
+                )
     finally:
         _destroy(state)
     return out
@@ -546,7 +556,6 @@ def _rank_expert_creator_fallback(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_interleaved_training(rank: int, stages: tuple[int, ...], steps: int) -> dict[str, Any]:
-    _ds()
     actor = _state(name="actor", tensor_model_parallel_size=2)
     critic = _state(name="critic")
     specs = (("actor", actor, 1, actor), ("critic", critic, 2, None))
@@ -615,7 +624,6 @@ def _legacy_reader() -> tuple[Any, Any, Any]:
 
 @_isolated
 def _rank_legacy_code(rank: int) -> list[bool]:
-    _ds()
     first = _state(name="tp2", tensor_model_parallel_size=2)
     second = _state(name="sp2", sequence_parallel_size=2)
     answers = []
@@ -624,15 +632,75 @@ def _rank_legacy_code(rank: int) -> list[bool]:
             for state in (first, second, first, second):
                 with state.activate():
                     dp, sp, tp = _legacy_reader()
-                answers.append(dp is state.group("dp") and sp is state.group("sp") and tp is state.group("tp"))
+                answers.append(
+                    dp is state.group("dp") and sp is state.group("sp") and tp is state.group("tp")
+                )
     finally:
         _destroy(first, second)
     return answers
 
 
+def _getter_expectations(state: Any) -> dict[str, tuple[Any, Any]]:
+    """groups getter name -> (expected answer inside ``state``'s scope, how to compare)."""
+    same, equal = "is", "=="
+    return {
+        "_get_data_parallel_group": (state.group("dp"), same),
+        "_get_data_parallel_world_size": (state.size("dp"), equal),
+        "_get_data_parallel_rank": (state.rank_in("dp"), equal),
+        "_get_data_parallel_group_ranks": (state.ranks("dp"), equal),
+        "_get_model_parallel_world_size": (state.size("tp-pp"), equal),
+        "_get_sequence_parallel_group": (state.group("sp"), same),
+        "_get_sequence_parallel_world_size": (state.size("sp"), equal),
+        "_get_sequence_parallel_rank": (state.rank_in("sp"), equal),
+        "_get_sequence_data_parallel_group": (state.group("sp-dp"), same),
+        "_get_sequence_data_parallel_world_size": (state.size("sp-dp"), equal),
+        "_get_sequence_data_parallel_rank": (state.rank_in("sp-dp"), equal),
+        "_get_broadcast_src_rank": (state.ranks("sp-dp")[0], equal),
+        "_get_expert_model_parallel_world_size": (1, equal),
+        "get_tensor_model_parallel_group": (state.group("tp"), same),
+        "get_tensor_model_parallel_world_size": (state.size("tp"), equal),
+        "get_tensor_model_parallel_rank": (state.rank_in("tp"), equal),
+        "get_tensor_model_parallel_src_rank": (state.ranks("tp")[0], equal),
+        "get_model_parallel_group": (state.group("tp"), same),
+        "get_model_parallel_world_size": (state.size("tp"), equal),
+        "get_model_parallel_rank": (state.rank_in("tp"), equal),
+        "get_data_parallel_group": (state.group("dp"), same),
+        "get_data_parallel_world_size": (state.size("dp"), equal),
+        "get_data_parallel_rank": (state.rank_in("dp"), equal),
+    }
+
+
+@_isolated
+def _rank_groups_getters(rank: int) -> dict[str, list[str]]:
+    import deepspeed.utils
+    from deepspeed.utils import groups
+
+    states = {
+        "tp2": _state(name="tp2", tensor_model_parallel_size=2),
+        "sp2": _state(name="sp2", sequence_parallel_size=2),
+    }
+    wrong: dict[str, list[str]] = {}
+    try:
+        with _installed():
+            for label, state in states.items():
+                with state.activate():
+                    for name, (expected, how) in _getter_expectations(state).items():
+                        for module in (groups, deepspeed.utils):
+                            if module is deepspeed.utils and name.startswith("_"):
+                                continue  # a star import skips private names
+                            got = getattr(module, name)()
+                            if isinstance(got, range):
+                                got = tuple(got)
+                            ok = got is expected if how == "is" else got == expected
+                            if not ok:
+                                wrong.setdefault(label, []).append(f"{module.__name__}.{name}")
+    finally:
+        _destroy(*states.values())
+    return wrong
+
+
 @_isolated
 def _rank_module_attributes(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.utils import groups
 
     first = _state(name="first", tensor_model_parallel_size=2)
@@ -663,7 +731,6 @@ def _rank_module_attributes(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_initialize_outside_scope(rank: int) -> dict[str, Any]:
-    _ds()
     from deepspeed.utils import groups
 
     actor = _state(name="actor", tensor_model_parallel_size=2)
@@ -705,7 +772,6 @@ def _rank_initialize_in_scope_without_mpu(rank: int) -> dict[str, Any]:
 
 @_isolated
 def _rank_outside_scope_unchanged(rank: int, steps: int) -> dict[str, Any]:
-    _ds()
 
     def train() -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
         engine = _engine(_model(5), _config(stage=0, clip=1.0))
@@ -734,7 +800,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.mark.world
 def test_issue1_critic_initialized_after_actor_captures_its_own_dp_group(world):
-    """A critic engine built without mpu after an actor (TP=2) crashes unpatched and gets the critic's DP group with adapters."""
+    """A critic engine built after a TP=2 actor crashes unpatched and gets the critic's DP group with adapters."""
     for rank, out in enumerate(world.run(_rank_issue1_critic_without_mpu, timeout=WORLD_TIMEOUT)):
         assert out["unpatched"].startswith("AttributeError") and "get_model_parallel_rank" in out["unpatched"]
         assert out["critic_dp"] == (0, 1, 2, 3) and out["critic_dp_world_size"] == 4
@@ -744,12 +810,13 @@ def test_issue1_critic_initialized_after_actor_captures_its_own_dp_group(world):
 
 @pytest.mark.world
 def test_issue2_step_of_first_engine_reduces_over_its_own_group(world):
-    """Stepping engine A after engine B all-reduces A's gradients over B's group unpatched and over A's with adapters."""
+    """Stepping engine A after B all-reduces A's gradients over B's group unpatched, over A's with adapters."""
     for out in world.run(_rank_issue2_step_uses_own_group, timeout=WORLD_TIMEOUT):
         grads_unpatched = {r for _, n, r in out["unpatched"] if n == _N_PARAMS}
         grads_patched = {r for _, n, r in out["patched"] if n == _N_PARAMS}
+        grads_bound = {r for _, n, r in out["bound"] if n == _N_PARAMS}
         assert grads_unpatched == {(0, 1, 2, 3)}  # the critic's group
-        assert grads_patched == {tuple(out["actor_sdp"])}
+        assert grads_patched == grads_bound == {tuple(out["actor_sdp"])}
         clip_patched = {r for _, n, r in out["patched"] if n == 1}
         assert clip_patched == {tuple(out["actor_sdp"]), tuple(out["actor_tp"])}
         assert (0, 1, 2, 3) in {r for _, n, r in out["unpatched"] if n == 1}
@@ -757,7 +824,7 @@ def test_issue2_step_of_first_engine_reduces_over_its_own_group(world):
 
 @pytest.mark.world
 def test_issue3_parallel_state_sp_is_per_state_and_idempotent(world):
-    """A second initialize_sequence_parallel asserts unpatched; with adapters each scope answers with its own SP groups."""
+    """A second initialize_sequence_parallel asserts unpatched; with adapters each scope gets its own SP groups."""
     for out in world.run(_rank_issue3_sequence_parallel, timeout=WORLD_TIMEOUT):
         assert out["unpatched"].startswith("AssertionError") and "already initialized" in out["unpatched"]
         assert out["per_state"] == [True, True, True]
@@ -767,7 +834,7 @@ def test_issue3_parallel_state_sp_is_per_state_and_idempotent(world):
 
 @pytest.mark.world
 def test_issue4_second_autotp_model_uses_its_own_tp_group(world):
-    """A second AutoTP model silently reuses the first model's TP group unpatched and gets its state's group with adapters."""
+    """A second AutoTP model reuses the first model's TP group unpatched and gets its state's with adapters."""
     for out in world.run(_rank_issue4_autotp, timeout=WORLD_TIMEOUT):
         assert out["unpatched_second_tp"] == out["first_tp"] and out["unpatched_second_rows"] == 8
         assert out["first_tp_group_is_state"] and out["second_tp_group_is_state"]
@@ -785,7 +852,7 @@ def test_autotp_size_other_than_the_states_raises_layout_error(world):
 
 @pytest.mark.world
 def test_issue4_second_moe_model_uses_its_own_expert_groups(world):
-    """A second MoE model with the same ep_size reuses the first's expert groups unpatched and its state's with adapters."""
+    """A second MoE model with the same ep_size reuses the first's expert groups unpatched, its state's patched."""
     for out in world.run(_rank_issue4_moe, timeout=WORLD_TIMEOUT):
         assert out["first_ep"] != out["second_ep"]
         assert out["unpatched_shared"] and out["unpatched_second_ep"] == out["first_ep"]
@@ -796,11 +863,12 @@ def test_issue4_second_moe_model_uses_its_own_expert_groups(world):
 
 @pytest.mark.world
 def test_expert_groups_of_another_size_are_built_by_deepspeed_per_state(world):
-    """An ep size other than the state's runs DeepSpeed's creator into the state's own dicts, not the module's."""
+    """Another ep size runs DeepSpeed's creator into the state's own dicts, which forget destroyed groups."""
     for out in world.run(_rank_expert_creator_fallback, timeout=WORLD_TIMEOUT):
         assert out["ep4"] == (0, 1, 2, 3) and out["ep4_size"] == 4
         assert out["max_name"] == "ep_size_4" and out["in_dict"] == ["ep_size_4"]
         assert out["outside_dict"] == [] and out["globals_changed"] == []
+        assert out["after_destroy"] == ([], ["ep_size_4"])
 
 
 @pytest.mark.world
@@ -816,7 +884,8 @@ def test_interleaved_training_is_bit_identical_to_training_alone(world):
                 where = f"rank {rank}, ZeRO-{stage}, {name}"
                 assert facts["losses_equal"], where
                 assert facts["params_equal"] and facts["params_moved"], where
-                groups = {r for collective, r in facts["collectives"] if not _zero3_world_check(stage, collective, r)}
+                collectives = facts["collectives"]
+                groups = {r for c, r in collectives if not _zero3_world_check(stage, c, r)}
                 assert groups and groups <= allowed[name], (where, facts["collectives"])
 
 
@@ -828,21 +897,28 @@ def _zero3_world_check(stage: int, collective: str, ranks: Any) -> bool:
 
 @pytest.mark.world
 def test_legacy_getters_answer_each_active_state_in_turn(world):
-    """Unchanged code calling groups, parallel_state_sp and deepspeed.utils getters gets each active state's groups."""
+    """Unchanged code calling groups, parallel_state_sp and deepspeed.utils gets each active state's groups."""
     for answers in world.run(_rank_legacy_code, timeout=WORLD_TIMEOUT):
         assert answers == [True, True, True, True]
 
 
 @pytest.mark.world
+def test_every_scoped_groups_getter_answers_from_the_active_state(world):
+    """Each re-pointed groups getter and its deepspeed.utils re-export answers from the active state."""
+    for wrong in world.run(_rank_groups_getters, timeout=WORLD_TIMEOUT):
+        assert wrong == {}
+
+
+@pytest.mark.world
 def test_groups_mpu_and_mesh_writes_inside_a_scope_stay_with_that_state(world):
-    """Writing groups.mpu / mesh_device inside a scope is seen only by that state; the module's own value is untouched."""
+    """groups.mpu / mesh_device written inside a scope are seen only by that state, not by the module."""
     for out in world.run(_rank_module_attributes, timeout=WORLD_TIMEOUT):
         assert all(out.values()), out
 
 
 @pytest.mark.world
 def test_initialize_outside_any_scope_with_a_state_mpu_runs_in_its_scope(world):
-    """deepspeed.initialize(mpu=state) outside a scope records groups.mpu for that state and not in the module."""
+    """deepspeed.initialize(mpu=state) outside a scope records groups.mpu for that state, not the module."""
     for out in world.run(_rank_initialize_outside_scope, timeout=WORLD_TIMEOUT):
         assert all(out.values()), out
 
@@ -851,12 +927,13 @@ def test_initialize_outside_any_scope_with_a_state_mpu_runs_in_its_scope(world):
 def test_initialize_inside_a_scope_without_mpu_uses_the_state_as_mpu(world):
     """deepspeed.initialize() without mpu inside a TP=2 scope builds an engine whose mpu is the state."""
     for out in world.run(_rank_initialize_in_scope_without_mpu, timeout=WORLD_TIMEOUT):
-        assert out == {"engine_mpu_is_state": True, "mp_world_size": 2, "config_world_size": 2, "dp_is_state": True}
+        expected = {"engine_mpu_is_state": True, "mp_world_size": 2, "config_world_size": 2, "dp_is_state": True}
+        assert out == expected
 
 
 @pytest.mark.world
 def test_outside_any_scope_deepspeed_trains_as_unpatched(world):
-    """With adapters installed but no scope, one engine trains bit-identically and with the same collectives."""
+    """With adapters installed but no scope, an engine trains bit-identically with the same collectives."""
     for out in world.run(_rank_outside_scope_unchanged, 3, timeout=WORLD_TIMEOUT):
         assert out["losses_equal"] and out["params_equal"] and out["collectives_equal"], out
         assert out["collectives"] > 0
@@ -919,7 +996,7 @@ def test_install_uninstall_round_trip_restores_every_object_by_identity():
 
 
 def test_missing_target_attribute_fails_with_adapter_error_and_rolls_back(monkeypatch):
-    """An attribute missing upstream makes install raise an AdapterError naming it, leaving nothing patched."""
+    """An attribute missing upstream makes install raise an AdapterError naming it and patch nothing."""
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
 
     monkeypatch.delattr(parallel_state_sp, "get_model_parallel_rank")
