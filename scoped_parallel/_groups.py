@@ -7,10 +7,12 @@ Each rank creates only the groups it belongs to. torch's public
 group after a hash of its ranks *and of how many groups the calling process has
 registered*; ranks that belong to different numbers of groups (an actor on
 ranks 0-3 and a reference on 0-7, say) then compute different names for the
-same group and wait for each other forever (``tests/test_gloo_world.py``
-reproduces it). So groups are named here, deterministically from their ranks,
-backend and how many groups of that rank set this process created before, and
-built with torch's group constructor under that name.
+same group and wait for each other forever (``tests/test_state_world.py`` shows
+the names diverge). So groups are named here from what every member agrees on
+(the group's ranks and backend, and the ``tag`` of the state construction that
+creates it, which the state's agreement check has compared between peers) and
+built with torch's group constructor under that name. Nothing in the name
+depends on a rank's history, so an earlier failure cannot desynchronise it.
 
 Ranks create their groups in one global order (sorted by group key), which
 rules out circular waits between overlapping groups.
@@ -44,6 +46,9 @@ class GroupRequest:
     options: Any = None
     timeout: timedelta | None = None
     desc: str = "scoped_parallel"
+    #: names the creation: the state construction's agreed tag and, within it, how many
+    #: earlier requests had the same ranks and backend (equal on every member)
+    tag: str = ""
 
     def order_key(self) -> tuple[Any, ...]:
         """A key every rank computes alike: the global creation order."""
@@ -61,7 +66,6 @@ class _Entry:
 _LOCK = threading.RLock()
 _SHARED: dict[tuple[Any, ...], _Entry] = {}
 _BY_GROUP: dict[Any, tuple[tuple[Any, ...] | None, _Entry]] = {}
-_NAME_ORDINALS: dict[str, int] = {}
 _CREATIONS = [0]
 
 
@@ -130,14 +134,11 @@ def users(group: Any) -> int:
         return 0 if found is None else found[1].users
 
 
-def _group_name(ranks: tuple[int, ...], backend: str) -> str:
+def _group_name(request: GroupRequest, backend: str) -> str:
     digest = hashlib.sha1(
-        (",".join(map(str, ranks)) + "|" + backend).encode(), usedforsecurity=False
+        (",".join(map(str, request.ranks)) + "|" + backend).encode(), usedforsecurity=False
     ).hexdigest()[:20]
-    base = f"scoped_parallel:{digest}"
-    ordinal = _NAME_ORDINALS.get(base, 0)
-    _NAME_ORDINALS[base] = ordinal + 1
-    return f"{base}:{ordinal}"
+    return f"scoped_parallel:{digest}:{request.tag}"
 
 
 def default_backend() -> str:
@@ -151,7 +152,7 @@ def _create(request: GroupRequest) -> Any:
     timeout = request.timeout or getattr(request.options, "_timeout", None) or c10d._get_default_timeout(backend)
     ranks = list(request.ranks)
     global_rank = dist.get_rank()
-    name = _group_name(request.ranks, str(backend))
+    name = _group_name(request, str(backend))
     group, _store = c10d._new_process_group_helper(
         len(ranks),
         ranks.index(global_rank),

@@ -20,6 +20,7 @@ getter                                       rank 5 sees
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -243,12 +244,13 @@ class ParallelState:
         never arrives within ``timeout``, raises :class:`StateMismatchError` here and on
         the peer, instead of a hang inside group creation.
         """
-        if self._fake:
-            return
         span = (self._layout.rank_offset, self._layout.world_size)
         seq = _CONSTRUCTIONS.get(span, 0)
         _CONSTRUCTIONS[span] = seq + 1
-        prefix = f"scoped_parallel/agree/{_EPOCH[0]}/{span[0]}+{span[1]}/{seq}/"
+        self._tag = f"{_EPOCH[0]}/{span[0]}+{span[1]}/{seq}"
+        if self._fake:
+            return
+        prefix = f"scoped_parallel/agree/{self._tag}/"
         store = dist.distributed_c10d._get_default_store()
         mine = self._fingerprint()
         store.set(prefix + str(self._rank), mine)
@@ -282,7 +284,7 @@ class ParallelState:
                 )
 
     def _requests(self) -> list[tuple[str, _groups.GroupRequest]]:
-        out = []
+        out: list[tuple[str, _groups.GroupRequest]] = []
         label = self._name or "state"
         for kind, ranks in self._ranks_of.items():
             out.append(
@@ -314,6 +316,11 @@ class ParallelState:
         requests = self._requests()
         # One global order shared by all ranks: no circular waits between overlapping groups.
         requests.sort(key=lambda item: item[1].order_key())
+        # Name each creation from what all its members agree on (see _groups).
+        seen: dict[tuple[int, ...], int] = {}
+        for i, (kind, request) in enumerate(requests):
+            n = seen[request.ranks] = seen.get(request.ranks, -1) + 1
+            requests[i] = (kind, dataclasses.replace(request, tag=f"{self._tag}/{n}"))
         acquired: list[Any] = []
         try:
             for kind, request in requests:
