@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scoped_parallel._scope import current_state_or_none
+from scoped_parallel._scope import _ACTIVE, _CURRENT, current_state_or_none
 from scoped_parallel.errors import NoActiveStateError
 
 __all__ = ["active_state", "set_strict", "is_strict"]
@@ -26,7 +26,10 @@ def active_state(what: str) -> Any:
     Outside any scope the patched getter behaves exactly as the original, unless
     ``install(strict=True)`` was used, in which case this raises.
     """
-    state = current_state_or_none()
+    frame = _CURRENT.get()  # the common case, inlined: patched getters are hot
+    if frame is not None:
+        return frame[0]
+    state = current_state_or_none() if _ACTIVE else None
     if state is None and _STRICT[0]:
         raise NoActiveStateError(
             f"{what} was called outside any scope while scoped_parallel adapters are installed "

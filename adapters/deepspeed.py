@@ -86,8 +86,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from scoped_parallel._scope import current_state_or_none
-from scoped_parallel.adapters._common import active_state
+from scoped_parallel._scope import _ACTIVE, _CURRENT, current_state_or_none
+from scoped_parallel.adapters._common import active_state, is_strict
 from scoped_parallel.errors import AdapterError, LayoutError
 
 __all__ = [
@@ -151,10 +151,18 @@ _CREATE_LOCK = threading.RLock()
 
 
 def _record(state: Any) -> _Record:
+    # Fast path: the record cached in the state's adapter slots (patched getters are hot).
+    slots = getattr(state, "_adapter_slots", None)
+    if slots is not None:
+        rec = slots.get(OWNER)
+        if rec is not None:
+            return rec  # type: ignore[no-any-return]
     with _RECORDS_LOCK:
         rec = _RECORDS.get(state)
         if rec is None:
             rec = _RECORDS[state] = _Record()
+        if slots is not None:
+            slots[OWNER] = rec
         return rec
 
 
@@ -170,7 +178,17 @@ def _label(state: Any) -> str:
 
 def _is_sp_only(mpu: Any) -> bool:
     # DeepSpeed treats an mpu with this attribute as parallel_state_sp (DP group = WORLD).
+    # A ParallelState never has it (and a failing hasattr is slow on a hot path).
+    if type(mpu) is _state_class():
+        return False
     return hasattr(mpu, "initialize_sequence_parallel")
+
+
+@functools.lru_cache(maxsize=None)
+def _state_class() -> type:
+    from scoped_parallel.state import ParallelState
+
+    return ParallelState
 
 
 def _spans_world(state: Any) -> bool:
@@ -200,8 +218,12 @@ def _impl(
 
 @_impl(_GROUPS_IMPL, "_get_data_parallel_group")
 def _dp_group(state: Any) -> Any:
-    rec = _record(state)
-    mpu = _mpu_of(state)
+    rec = state._adapter_slots.get(OWNER) if type(state) is _state_class() else None
+    if rec is None:
+        rec = _record(state)
+    if rec.mpu is _UNSET and rec.mesh_device is None:
+        return state.get_data_parallel_group()  # the common case: the state is the mpu
+    mpu = state if rec.mpu is _UNSET else rec.mpu
     if rec.mesh_device is not None:
         return rec.mesh_device.get_group(mesh_dim="data_parallel")
     if mpu is None:
@@ -759,7 +781,11 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
 
     @functools.wraps(original)
     def scoped(*args: Any, **kwargs: Any) -> Any:
-        state = active_state(what)
+        # active_state() inlined for its two common cases: patched getters are hot.
+        frame = _CURRENT.get()
+        if frame is not None:
+            return implementation(frame[0], *args, **kwargs)
+        state = active_state(what) if (_ACTIVE or is_strict()) else None
         if state is None:
             return original(*args, **kwargs)
         return implementation(state, *args, **kwargs)

@@ -62,29 +62,34 @@ def bench_getter(quick: bool) -> None:
     import torch.distributed as dist
 
     from scoped_parallel import ParallelState, adapters, current_state
-    from scoped_parallel._scope import _CURRENT
-    from scoped_parallel.testing import fake_world
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import deepspeed
         from deepspeed.utils import groups
     n, r = (20000, 5) if quick else (100000, 7)
-    with fake_world(8, 0):
-        state = ParallelState(name="bench", tensor_model_parallel_size=2)
+    # DeepSpeed's getters need deepspeed.comm up: a one-rank gloo world (not the fake backend).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join("/tmp", "scoped_parallel_torch_ext"))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    deepspeed.comm.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        state = ParallelState(name="bench")
         try:
-            saved = groups.__dict__.get("mpu")
-            groups.mpu = state  # unpatched DeepSpeed reading a set mpu
-            unpatched = groups._get_data_parallel_group
-            t_unpatched_inside = _pair(unpatched, unpatched, n, r)[0]
-            groups.mpu = saved
+            unpatched = groups._get_data_parallel_group  # the original function object
             with adapters.installed(targets=("deepspeed",)):
                 patched = groups._get_data_parallel_group
-                with state.activate():
-                    assert patched() is state.get_data_parallel_group()
-                    t_patched_scope = min(timeit.repeat(patched, number=n, repeat=r)) / n
+                assert patched is not unpatched
+                # outside any scope, no mpu: both take DeepSpeed's own path
                 t_patched_outside, t_unpatched_outside = _pair(patched, unpatched, n, r)
+                groups.mpu = state  # outside a scope this writes the module global, as unpatched
+                try:
+                    with state.activate():
+                        assert patched() is unpatched() is state.get_data_parallel_group()
+                        t_patched_scope, t_unpatched_mpu = _pair(patched, unpatched, n, r)
+                finally:
+                    groups.mpu = None
             record("getter", "patched _get_data_parallel_group() in scope vs unpatched with groups.mpu set",
-                   t_patched_scope, t_unpatched_inside, "<= 0.5")
+                   t_patched_scope, t_unpatched_mpu, "<= 0.5")
             record("getter", "patched _get_data_parallel_group() outside any scope vs unpatched",
                    t_patched_outside, t_unpatched_outside, "<= 1.2")
             var: contextvars.ContextVar[Any] = contextvars.ContextVar("bench", default=None)
@@ -94,7 +99,16 @@ def bench_getter(quick: bool) -> None:
             record("getter", "current_state() vs bare ContextVar.get()", t_cs, t_cv, "<= 3")
         finally:
             state.destroy()
-        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- 2. scope switch

@@ -73,6 +73,9 @@ class _Stack(list):  # type: ignore[type-arg]
 # Process-wide view for the fallback rule: every thread keeps its own stack (no lock on
 # the hot path); the registry holds them weakly so finished threads drop out.
 _LOCAL = threading.local()
+# One item per entered, not yet exited scope, anywhere in the process. list.append and
+# list.pop are atomic under the GIL, so the "no scope anywhere" check needs no lock.
+_ACTIVE: list[None] = []
 _STACKS: weakref.WeakValueDictionary[int, _Stack] = weakref.WeakValueDictionary()
 _REGISTRY_LOCK = threading.Lock()
 
@@ -136,6 +139,8 @@ def current_state_or_none() -> ParallelState | None:
     frame = _CURRENT.get()
     if frame is not None:
         return frame[0]
+    if not _ACTIVE:
+        return None
     states = active_states()
     if not states:
         return None
@@ -158,6 +163,9 @@ def current_state() -> ParallelState:
         with actor.activate():
             assert scoped_parallel.current_state() is actor
     """
+    frame = _CURRENT.get()
+    if frame is not None:
+        return frame[0]  # type: ignore[no-any-return]
     state = current_state_or_none()
     if state is None:
         raise NoActiveStateError(
@@ -197,6 +205,7 @@ class Activation:
         frame = _Frame((state, _CURRENT.get(), _owner()))
         token = _CURRENT.set(frame)
         _thread_stack().append(frame)
+        _ACTIVE.append(None)
         self._entries.append((token, frame))
         return state
 
@@ -230,6 +239,7 @@ class Activation:
                 "entered. The scope was left unchanged."
             ) from err
         self._entries.pop()
+        _ACTIVE.pop()
         stack = _thread_stack()
         if stack and stack[-1] is frame:
             stack.pop()

@@ -184,6 +184,8 @@ class ParallelState:
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
         self._destroyed = False
+        #: per-state data of the adapters (keyed by adapter name); opaque to the core
+        self._adapter_slots: dict[str, Any] = {}
         if not self._layout.contains(self._rank):
             return
         self._ranks_of = dict(self._layout.groups_of(self._rank))
@@ -635,7 +637,11 @@ class ParallelState:
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> Any:
         """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data."""
-        return self.group(self._dp_kind(with_context_parallel, partial_data_parallel))
+        if not (with_context_parallel or partial_data_parallel):
+            group = self._groups.get("dp")  # hot: DeepSpeed asks at every step
+            if group is not None:
+                return group
+        return self._g(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_group_gloo(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
@@ -645,21 +651,21 @@ class ParallelState:
     def get_data_parallel_world_size(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
-        return self.size(self._dp_kind(with_context_parallel, partial_data_parallel))
+        return self._n(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_rank(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
-        return self.rank_in(self._dp_kind(with_context_parallel, partial_data_parallel))
+        return self._r(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
-        return self.ranks(self._dp_kind(with_context_parallel))[0]
+        return self._k(self._dp_kind(with_context_parallel))[0]
 
     def get_data_parallel_group_ranks(self) -> tuple[int, ...]:
         return self._k("dp")
 
     def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
-        return self.ranks(self._dp_kind(with_context_parallel))
+        return self._k(self._dp_kind(with_context_parallel))
 
     def get_context_parallel_group(self, check_initialized: bool = True) -> Any:
         return self._g("cp")
@@ -674,13 +680,13 @@ class ParallelState:
         return self._k("cp")
 
     def get_tensor_and_data_parallel_group(self, with_context_parallel: bool = False) -> Any:
-        return self.group("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self._g("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
-        return self.size("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self._n("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
-        return self.rank_in("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self._r("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_context_parallel_group(self, check_initialized: bool = True) -> Any:
         return self._g("tp-cp")
@@ -704,7 +710,8 @@ class ParallelState:
 
     def get_sequence_data_parallel_group(self) -> Any:
         """SP x DP: the ranks that shard ZeRO state and all-reduce gradients together."""
-        return self._g("sp-dp")
+        group = self._groups.get("sp-dp")  # hot: DeepSpeed asks at every step
+        return group if group is not None else self._g("sp-dp")
 
     def get_sequence_data_parallel_world_size(self) -> int:
         return self._n("sp-dp")
