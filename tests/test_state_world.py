@@ -135,17 +135,21 @@ def rank_mismatched_layout(rank):
 def rank_missing_peer(rank):
     import time
 
-    from scoped_parallel import ParallelState, StateMismatchError
+    from scoped_parallel import ParallelState, StateMismatchError, _groups
 
-    if rank == 3:
-        time.sleep(0.5)
-        return ("skipped", 0.0)
-    start = time.monotonic()
+    first = ParallelState(name="first", tensor_model_parallel_size=2, timeout=T)
     try:
-        ParallelState(name="lonely", timeout=timedelta(seconds=2))
-    except StateMismatchError as err:
-        return (str(err), time.monotonic() - start)
-    return ("built", 0.0)
+        if rank == 3:
+            time.sleep(0.5)
+            return ("skipped", 0.0, 0)
+        start = time.monotonic()
+        try:
+            ParallelState(name="lonely", timeout=timedelta(seconds=2))
+        except StateMismatchError as err:
+            return (str(err), time.monotonic() - start, _groups.live_groups())
+        return ("built", 0.0, 0)
+    finally:
+        first.destroy()  # the survivors can still tear down what they built before
 
 
 def rank_different_order(rank):
@@ -249,6 +253,13 @@ def rank_deepspeed_mpu_surface(rank):
 # ----------------------------------------------------------------- tests
 
 
+def _layout_groups(tp):
+    from scoped_parallel import ParallelLayout
+
+    return ParallelLayout(4, tensor_model_parallel_size=tp).groups_of(0).values()
+
+
+
 @pytest.mark.world
 def test_groups_equal_layout_and_collectives_run_over_them(world):
     """Every group a rank holds has the layout's ranks, and an all-reduce over it sums them."""
@@ -300,9 +311,10 @@ def test_different_layouts_raise_instead_of_hanging(world):
 def test_missing_peer_fails_within_timeout_naming_it(world):
     """A rank that never constructs the state is named in the others' error within the timeout."""
     res = world.run(rank_missing_peer, timeout=60)
-    for msg, elapsed in res[:3]:
+    for msg, elapsed, live in res[:3]:
         assert "ranks [3]" in msg and "'lonely'" in msg
         assert 1.5 < elapsed < 10
+        assert live == len(set(_layout_groups(2)))  # only the first state's groups, none of lonely's
 
 
 @pytest.mark.world
