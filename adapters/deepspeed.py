@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import threading
 import types
@@ -692,6 +693,12 @@ def _module_attribute(name: str) -> property:
         if state is None:
             vars(module)[name] = value
         elif name == "mpu":
+            if value is not state and type(value) is _state_class():
+                raise AdapterError(
+                    f"groups.mpu = {_label(value)} inside the scope of {_label(state)}: another "
+                    "state's groups would answer this scope's DeepSpeed lookups. Assign it inside "
+                    f"`with {getattr(value, 'name', None) or 'that state'}.activate():` instead."
+                )
             # The state itself is the default; not storing it keeps the weak record collectable.
             _record(state).mpu = _UNSET if value is state else value
         else:
@@ -738,10 +745,12 @@ def _scoped_initialize(original: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         mpu = bound.arguments.get("mpu")
         state = current_state_or_none()
+        if isinstance(mpu, ParallelState) and mpu is not state:
+            # An engine belongs to the state it was given as mpu: run there, so its
+            # groups.mpu write and every group it captures are that state's.
+            with mpu.activate():
+                return original(*args, **kwargs)
         if state is None:
-            if isinstance(mpu, ParallelState):
-                with mpu.activate():
-                    return original(*args, **kwargs)
             return original(*args, **kwargs)
         if mpu is None and _state_may_be_mpu(bound.arguments):
             bound.arguments["mpu"] = state
@@ -756,6 +765,13 @@ def _state_may_be_mpu(arguments: Mapping[str, Any]) -> bool:
     config = arguments.get("config")
     if config is None:
         config = arguments.get("config_params")
+    if isinstance(config, (str, os.PathLike)):
+        from scoped_parallel._config import load_config
+
+        try:
+            config = load_config(config)
+        except (ValueError, TypeError):
+            return False  # let DeepSpeed report its own error about the config
     if not isinstance(config, Mapping) or arguments.get("mesh_param"):
         return False
     if "sequence_parallel_size" in config and "data_parallel_size" in config:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -60,7 +60,6 @@ class _Entry:
     group: Any
     request: GroupRequest
     users: int = 1
-    descs: list[str] = field(default_factory=list)
 
 
 _LOCK = threading.RLock()
@@ -77,7 +76,18 @@ def creation_count() -> int:
 def live_groups() -> int:
     """How many process groups created here are still alive."""
     with _LOCK:
+        _forget_dead()
         return len(_BY_GROUP)
+
+
+def _forget_dead() -> None:
+    """Drop entries whose group torch no longer knows (the world was torn down under them)."""
+    registered = c10d._world.pg_map
+    dead = [group for group in _BY_GROUP if group not in registered]
+    for group in dead:
+        key, _entry = _BY_GROUP.pop(group)
+        if key is not None and key in _SHARED and _SHARED[key].group is group:
+            del _SHARED[key]
 
 
 def _share_key(request: GroupRequest) -> tuple[Any, ...]:
@@ -95,15 +105,15 @@ def acquire(request: GroupRequest, *, share: bool) -> Any:
     The calling rank must be in ``request.ranks``.
     """
     with _LOCK:
+        _forget_dead()  # never hand out a group from a world that was destroyed
         key = _share_key(request)
         if share:
             entry = _SHARED.get(key)
             if entry is not None:
                 entry.users += 1
-                entry.descs.append(request.desc)
                 return entry.group
         group = _create(request)
-        entry = _Entry(group, request, descs=[request.desc])
+        entry = _Entry(group, request)
         _BY_GROUP[group] = (key if share else None, entry)
         if share:
             _SHARED[key] = entry
@@ -123,7 +133,7 @@ def release(group: Any) -> None:
         del _BY_GROUP[group]
         if key is not None and _SHARED.get(key) is entry:
             del _SHARED[key]
-    if dist.is_initialized():
+    if dist.is_initialized() and group in c10d._world.pg_map:
         dist.destroy_process_group(group)
 
 
@@ -139,10 +149,6 @@ def _group_name(request: GroupRequest, backend: str) -> str:
         (",".join(map(str, request.ranks)) + "|" + backend).encode(), usedforsecurity=False
     ).hexdigest()[:20]
     return f"scoped_parallel:{digest}:{request.tag}"
-
-
-def default_backend() -> str:
-    return str(dist.get_backend())
 
 
 def _create(request: GroupRequest) -> Any:

@@ -141,6 +141,11 @@ def current_state_or_none() -> ParallelState | None:
         return frame[0]
     if not _ACTIVE:
         return None
+    if getattr(_LOCAL, "stack", None):
+        # A scope is active in this very thread (another asyncio task of it, or a parent
+        # that awaits a child): this context simply has none of its own. The fallback is
+        # for threads where no scope is active at all.
+        return None
     states = active_states()
     if not states:
         return None
@@ -218,10 +223,15 @@ class Activation:
         if not self._entries:
             raise ScopeNestingError(
                 f"exit of the scope of {_describe(self._state)} that was not entered "
-                "(exited twice?)"
+                "(exited twice?); use each `with state.activate():` block once per entry"
             )
-        token, frame = self._entries[-1]
         current = _CURRENT.get()
+        # One activation object may be entered by several tasks or threads at once (a
+        # shared decorator-less object): exit the entry that this context entered.
+        index = len(self._entries) - 1
+        while index >= 0 and self._entries[index][1] is not current:
+            index -= 1
+        token, frame = self._entries[index if index >= 0 else -1]
         if current is not frame:
             found = "no scope" if current is None else f"the scope of {_describe(current.state)}"
             raise ScopeNestingError(
@@ -238,7 +248,7 @@ class Activation:
                 "(thread or asyncio task) than the one exiting it; exit it where it was "
                 "entered. The scope was left unchanged."
             ) from err
-        self._entries.pop()
+        del self._entries[index]
         _ACTIVE.pop()
         stack = _thread_stack()
         if stack and stack[-1] is frame:

@@ -754,6 +754,32 @@ def _rank_initialize_outside_scope(rank: int) -> dict[str, Any]:
 
 
 @_isolated
+def _rank_initialize_with_another_states_mpu(rank: int) -> dict[str, Any]:
+    from deepspeed.utils import groups
+
+    from scoped_parallel.errors import AdapterError
+
+    actor = _state(name="actor", tensor_model_parallel_size=2)
+    critic = _state(name="critic")
+    out: dict[str, Any] = {}
+    try:
+        with _installed(), critic.activate():
+            engine = _engine(_model(1), _config(), mpu=actor)  # inside critic's scope, actor's mpu
+            out["engine_groups_are_actor"] = engine.data_parallel_group is actor.group("dp")
+            out["critic_scope_keeps_critic_dp"] = groups._get_data_parallel_group() is critic.group("dp")
+            with actor.activate():
+                out["actor_scope_has_actor_mpu"] = groups.mpu is actor
+            try:
+                groups.mpu = actor
+            except AdapterError as err:
+                out["foreign_mpu_write_refused"] = "'actor'" in str(err) and "'critic'" in str(err)
+            _drop(engine)
+    finally:
+        _destroy(actor, critic)
+    return out
+
+
+@_isolated
 def _rank_initialize_in_scope_without_mpu(rank: int) -> dict[str, Any]:
     actor = _state(name="actor", tensor_model_parallel_size=2)
     out: dict[str, Any] = {}
@@ -921,6 +947,18 @@ def test_initialize_outside_any_scope_with_a_state_mpu_runs_in_its_scope(world):
     """deepspeed.initialize(mpu=state) outside a scope records groups.mpu for that state, not the module."""
     for out in world.run(_rank_initialize_outside_scope, timeout=WORLD_TIMEOUT):
         assert all(out.values()), out
+
+
+@pytest.mark.world
+def test_initialize_with_another_states_mpu_runs_in_that_state(world):
+    """deepspeed.initialize(mpu=actor) inside critic's scope builds an actor engine and leaves critic intact."""
+    for out in world.run(_rank_initialize_with_another_states_mpu, timeout=WORLD_TIMEOUT):
+        assert out == {
+            "engine_groups_are_actor": True,
+            "critic_scope_keeps_critic_dp": True,
+            "actor_scope_has_actor_mpu": True,
+            "foreign_mpu_write_refused": True,
+        }, out
 
 
 @pytest.mark.world

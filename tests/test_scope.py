@@ -373,3 +373,45 @@ def _catch(fn):
         return fn()
     except Exception as err:  # noqa: BLE001 - returned to the asserting thread
         return err
+
+
+def test_parent_task_without_scope_does_not_see_its_childs_scope():
+    """A coroutine with no scope never sees the scope its child task entered (no fallback there)."""
+
+    async def child(ready: asyncio.Event, go: asyncio.Event) -> None:
+        with actor.activate():
+            ready.set()
+            await go.wait()
+
+    async def main() -> object:
+        ready, go = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(child(ready, go))
+        await ready.wait()
+        seen = current_state_or_none()
+        go.set()
+        await task
+        return seen
+
+    assert asyncio.run(main()) is None
+
+
+def test_one_activation_shared_by_interleaved_tasks_exits_cleanly():
+    """The same activation object entered by two tasks exits each task's own entry."""
+    act = actor.activate()
+
+    async def use(first: asyncio.Event, second: asyncio.Event, wait_first: bool) -> None:
+        with act:
+            if wait_first:
+                first.set()
+                await second.wait()
+            else:
+                await first.wait()
+                second.set()
+                await asyncio.sleep(0)
+
+    async def main() -> None:
+        a, b = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(use(a, b, True), use(a, b, False))
+
+    asyncio.run(main())
+    assert active_states() == () and act._entries == []

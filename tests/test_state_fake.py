@@ -107,3 +107,18 @@ def test_megatron_creates_every_group_on_every_rank():
         state.destroy()
     assert ours == len(state.kinds())
     assert len(calls) > 5 * ours, (len(calls), ours)
+
+
+def test_state_from_a_destroyed_world_never_shares_into_a_new_one():
+    """After the world is torn down without destroy(), a new state gets fresh groups, not dead ones."""
+    with fake_world(8, 1):
+        old = ParallelState(tensor_model_parallel_size=2)
+        old_dp = old.get_data_parallel_group()
+    assert _groups.live_groups() == 0  # torch dropped them with the world; so do we
+    with fake_world(8, 1):
+        new = ParallelState(tensor_model_parallel_size=2)
+        try:
+            assert new.get_data_parallel_group() is not old_dp
+        finally:
+            new.destroy()
+    old.destroy()  # harmless afterwards
