@@ -30,36 +30,41 @@ from scoped_parallel.adapters._ledger import LEDGER
 
 __all__ = ["TARGETS", "install", "installed", "is_installed", "uninstall", "available"]
 
-#: adapter module -> the distribution it adapts
-TARGETS: dict[str, str] = {"deepspeed": "deepspeed", "ulysses": "deepspeed", "megatron": "megatron.core"}
+#: adapter module -> the top-level packages it needs
+TARGETS: dict[str, tuple[str, ...]] = {
+    "deepspeed": ("deepspeed",),
+    "ulysses": ("deepspeed", "transformers"),
+    "megatron": ("megatron",),
+}
 
 
 def available() -> tuple[str, ...]:
-    """The adapters whose target library is importable here."""
-    out = []
-    for name, package in TARGETS.items():
-        root = package.split(".")[0]
-        if importlib.util.find_spec(root) is not None:
-            out.append(name)
-    return tuple(out)
+    """The adapters whose target libraries are all importable here."""
+    return tuple(
+        name
+        for name, packages in TARGETS.items()
+        if all(importlib.util.find_spec(p) is not None for p in packages)
+    )
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]
     return importlib.import_module(f"scoped_parallel.adapters.{name}")
 
 
-def install(strict: bool = False, targets: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def install(strict: bool | None = None, targets: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Patch every available target (or ``targets``); return the adapters now installed.
 
     Idempotent: an installed adapter is left as it is. ``strict=True`` makes a
     patched getter called outside any scope raise instead of falling back to the
-    library's own globals.
+    library's own globals; ``None`` keeps the current setting (off at first).
     """
-    set_strict(strict)
     names = available() if targets is None else tuple(targets)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; choose from {sorted(TARGETS)}")
+    if strict is not None:
+        set_strict(strict)
     for name in names:
-        if name not in TARGETS:
-            raise ValueError(f"unknown adapter {name!r}; choose from {sorted(TARGETS)}")
         if LEDGER.is_patched(name):
             continue
         module = _module(name)
@@ -89,7 +94,7 @@ def is_installed(target: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def installed(strict: bool = False, targets: tuple[str, ...] | None = None) -> Iterator[tuple[str, ...]]:
+def installed(strict: bool | None = None, targets: tuple[str, ...] | None = None) -> Iterator[tuple[str, ...]]:
     """``with adapters.installed(): ...`` installs for the block and restores afterwards.
 
     Adapters that were installed before the block stay installed after it.

@@ -8,6 +8,7 @@ upstream rename fails loudly instead of leaving a getter unpatched).
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -105,7 +106,7 @@ class Ledger:
             undo: list[_Record] = []
             for record in self._records:
                 (undo if owner is None or record.owner == owner else keep).append(record)
-            conflicts = []
+            conflicts: list[str] = []
             for record in reversed(undo):
                 if record.name == "__class__":
                     current: Any = type(record.target)
@@ -115,11 +116,27 @@ class Ledger:
                     conflicts.append(f"{_where(record.target)}.{record.name}")
                 setattr(record.target, record.name, record.original)
             self._records = keep
+            _sweep_copies({id(r.replacement): r for r in undo if r.name != "__class__"})
         if conflicts:
             raise AdapterError(
                 "restored the originals, but these attributes had been replaced again by someone "
                 f"else after scoped_parallel patched them: {', '.join(conflicts)}"
             )
+
+
+def _sweep_copies(by_id: dict[int, _Record]) -> None:
+    """Restore copies of replacements made after install (``from m import getter`` in a
+    module imported while the adapters were installed)."""
+    if not by_id:
+        return
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            record = by_id.get(id(value))
+            if record is not None and value is record.replacement:
+                namespace[name] = record.original
 
 
 LEDGER = Ledger()

@@ -11,9 +11,12 @@ get_...`` in modules already imported are patched too (the ledger walks every
 loaded ``megatron.*`` module); modules imported later pick up the patched
 function.
 
-Not re-pointed (they fall through to Megatron's globals): virtual pipeline
-rank/size, the hierarchical/hybrid context-parallel groups, partial data
-parallel groups, memory buffers, and ``set_*`` overrides of sizes and ranks.
+Groups a state does not build (:data:`UNSUPPORTED`: FP8 amax reduction, the
+distributed-optimizer instance groups, hierarchical/hybrid context parallel,
+...) raise :class:`~scoped_parallel.errors.GroupNotAvailableError` inside a scope
+instead of silently answering from Megatron's globals (another layout). Still
+falling through: virtual pipeline rank/size (no virtual pipeline in a state),
+memory buffers, and ``set_*`` overrides of sizes and ranks.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import sys
 from typing import Any, Callable
 
 from scoped_parallel.adapters._common import active_state
+from scoped_parallel.errors import GroupNotAvailableError
 
-__all__ = ["GETTERS", "install"]
+__all__ = ["GETTERS", "UNSUPPORTED", "install"]
 
 OWNER = "megatron"
 
@@ -81,6 +85,36 @@ GETTERS: tuple[str, ...] = (
 )
 
 
+#: Megatron getters of groups a state does not build: an error inside a scope.
+UNSUPPORTED: tuple[str, ...] = (
+    "get_all_ranks",
+    "get_amax_reduction_group",
+    "get_data_modulo_expert_parallel_group",
+    "get_expert_model_parallel_src_rank",
+    "get_hierarchical_context_parallel_groups",
+    "get_hybrid_data_context_parallel_groups",
+    "get_inter_distributed_optimizer_instance_group",
+    "get_intra_distributed_optimizer_instance_group",
+)
+
+
+def _refused(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    what = f"megatron.core.parallel_state.{name}()"
+
+    @functools.wraps(original)
+    def getter(*args: Any, **kwargs: Any) -> Any:
+        state = active_state(what)
+        if state is None:
+            return original(*args, **kwargs)
+        raise GroupNotAvailableError(
+            f"{what} inside the scope of {state!r}: scoped_parallel does not build this group, "
+            "and Megatron's global one belongs to another layout. Build it yourself from "
+            "state.layout, or call this outside any scope if the global layout is meant."
+        )
+
+    return getter
+
+
 def _scoped(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     what = f"megatron.core.parallel_state.{name}()"
 
@@ -102,9 +136,10 @@ def install(ledger: Any) -> None:
         warnings.simplefilter("ignore")  # megatron warns about Apex/TE on CPU
         from megatron.core import parallel_state as ps
 
-    for name in GETTERS:
+    for name in GETTERS + UNSUPPORTED:
         original = vars(ps).get(name)
-        replacement = _scoped(name, original) if original is not None else None
+        wrap = _scoped if name in GETTERS else _refused
+        replacement = wrap(name, original) if original is not None else None
         ledger.patch(OWNER, ps, name, replacement)  # refuses (loudly) a name that is gone
         others = [
             m

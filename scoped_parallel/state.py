@@ -634,13 +634,22 @@ class ParallelState:
         return "dp-cp" if with_context_parallel else "dp"
 
     def get_data_parallel_group(
-        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+        self,
+        with_context_parallel: bool = False,
+        partial_data_parallel: bool = False,
+        independent_all_gather: bool = False,
     ) -> Any:
         """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data."""
         if not (with_context_parallel or partial_data_parallel):
             group = self._groups.get("dp")  # hot: DeepSpeed asks at every step
             if group is not None:
                 return group
+        if with_context_parallel and independent_all_gather and not partial_data_parallel:
+            raise GroupNotAvailableError(
+                "the separate all-gather twin of the dp-cp group (Megatron's "
+                "independent_all_gather=True) is not built by scoped_parallel; call with "
+                "independent_all_gather=False"
+            )
         return self._g(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_group_gloo(
@@ -679,7 +688,9 @@ class ParallelState:
     def get_context_parallel_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
         return self._k("cp")
 
-    def get_tensor_and_data_parallel_group(self, with_context_parallel: bool = False) -> Any:
+    def get_tensor_and_data_parallel_group(
+        self, check_initialized: bool = True, with_context_parallel: bool = False
+    ) -> Any:
         return self._g("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
@@ -762,9 +773,11 @@ class ParallelState:
         return self.gloo_group("edp")
 
     def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+        self._dp_kind(False, partial_expert_data_parallel)
         return self._n("edp")
 
     def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+        self._dp_kind(False, partial_expert_data_parallel)
         return self._r("edp")
 
     # ------------------------------------------------------------------ embeddings

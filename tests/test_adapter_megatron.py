@@ -57,6 +57,10 @@ def rank_legacy_code_follows_scope(rank):
                 with critic.activate():
                     out["critic"] = legacy_megatron_step(rank)
                 out["actor_again"] = legacy_megatron_step(rank)
+                try:
+                    ps.get_amax_reduction_group()
+                except Exception as err:  # noqa: BLE001
+                    out["unsupported"] = type(err).__name__
             try:
                 ps.get_tensor_model_parallel_group()
             except AssertionError as err:  # Megatron's own "not initialized"
@@ -81,6 +85,7 @@ def test_legacy_megatron_code_uses_each_active_state(world):
     assert r1["critic"] == (1, 4, 1, 6, True)
     assert r1["actor_again"] == r1["actor"]
     assert r1["alias"] is True
+    assert r1["unsupported"] == "GroupNotAvailableError"
     assert r1["outside"].startswith("megatron:")
     assert "strict" in r1["strict"] and "activate()" in r1["strict"]
 
@@ -94,15 +99,17 @@ def test_install_uninstall_restores_every_getter_by_identity():
     import sys
 
     cross_entropy = sys.modules["megatron.core.tensor_parallel.cross_entropy"]
-    before = {n: vars(ps)[n] for n in GETTERS}
+    from scoped_parallel.adapters.megatron import UNSUPPORTED
+
+    before = {n: vars(ps)[n] for n in GETTERS + UNSUPPORTED}
     alias_before = cross_entropy.get_tensor_model_parallel_group
     for _ in range(2):
         adapters.install(targets=("megatron",))
         adapters.install(targets=("megatron",))  # idempotent
-        assert all(vars(ps)[n] is not before[n] for n in GETTERS)
+        assert all(vars(ps)[n] is not before[n] for n in before)
         assert cross_entropy.get_tensor_model_parallel_group is ps.get_tensor_model_parallel_group
         adapters.uninstall()
-        assert all(vars(ps)[n] is before[n] for n in GETTERS)
+        assert all(vars(ps)[n] is before[n] for n in before)
         assert cross_entropy.get_tensor_model_parallel_group is alias_before
     assert not adapters.is_installed()
 
@@ -119,3 +126,37 @@ def test_missing_upstream_getter_fails_loudly(monkeypatch):
         adapters.install(targets=("megatron",))
     assert not adapters.is_installed("megatron")
     assert ps.get_context_parallel_rank is original
+
+
+def test_state_getters_have_megatrons_signatures():
+    """Every re-pointed getter takes Megatron's parameters in Megatron's order (positional calls stay right)."""
+    import inspect
+
+    from scoped_parallel import ParallelState
+    from scoped_parallel.adapters.megatron import GETTERS
+
+    ps = _ps()
+    for name in GETTERS:
+        theirs = list(inspect.signature(getattr(ps, name)).parameters)
+        ours = list(inspect.signature(getattr(ParallelState, name)).parameters)[1:]
+        assert ours == theirs, name
+
+
+def test_uninstall_restores_copies_made_while_installed():
+    """A `from parallel_state import getter` done while installed is restored by uninstall()."""
+    import sys
+    import types
+
+    from scoped_parallel import adapters
+
+    ps = _ps()
+    original = ps.get_tensor_model_parallel_group
+    late = types.ModuleType("late_importer")
+    sys.modules["late_importer"] = late
+    try:
+        with adapters.installed(targets=("megatron",)):
+            exec("from megatron.core.parallel_state import get_tensor_model_parallel_group", late.__dict__)
+            assert late.get_tensor_model_parallel_group is not original
+        assert late.get_tensor_model_parallel_group is original
+    finally:
+        del sys.modules["late_importer"]
