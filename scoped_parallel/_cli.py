@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from scoped_parallel.errors import LayoutError
 from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
@@ -25,11 +25,21 @@ from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
 __all__ = ["main"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_natural_int = _int_at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--ep", type=_positive_int, default=1, help="expert model parallel size")
     lay.add_argument("--etp", type=_positive_int, default=None, help="expert tensor parallel size")
     lay.add_argument("--order", default="tp-cp-ep-dp-pp")
-    lay.add_argument("--rank-offset", type=_positive_int, default=0)
-    lay.add_argument("--rank", type=_positive_int, default=None, help="show one rank's groups")
+    lay.add_argument("--rank-offset", type=_natural_int, default=0)
+    lay.add_argument("--rank", type=_natural_int, default=None, help="show one rank's groups")
     lay.add_argument("--json", action="store_true", help="machine-readable output")
     lay.add_argument(
         "--state",

@@ -101,8 +101,8 @@ def sizes_from_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -
         found: list[tuple[str, Any]] = []
         for path in (f"{_SECTION}.{size}", size) + _ALIASES.get(size, ()):
             value = _lookup(config, path)
-            if value is None:
-                continue
+            if value is None or value == "auto" or (path == "tensor_parallel.autotp_size" and value == 0):
+                continue  # DeepSpeed's own "decide for me" / "off" values
             if isinstance(value, bool) or not isinstance(value, int):
                 raise LayoutError(
                     f"config key {path!r} must be an integer, got {value!r} ({type(value).__name__})"

@@ -39,7 +39,7 @@ def parse_state_spec(spec: str, world_size: int) -> tuple[str, ParallelLayout]:
     name, sep, body = spec.partition(":")
     if not sep or not name:
         raise LayoutError(f"--state {spec!r}: expected NAME:key=value,... e.g. actor:tp=2,dp=2")
-    kwargs: dict[str, object] = {"world_size": world_size}
+    kwargs: dict[str, object] = {"world_size": None}
     for item in filter(None, body.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in _SPEC_KEYS:
@@ -55,6 +55,8 @@ def parse_state_spec(spec: str, world_size: int) -> tuple[str, ParallelLayout]:
             raise LayoutError(f"--state {spec!r}: {key}={value!r} is not an integer") from None
     dp = kwargs.pop("dp", None)
     ws = kwargs.pop("world_size")
+    if ws is None:  # like ParallelState: the rest of the world after the offset
+        ws = world_size - int(kwargs.get("rank_offset", 0))  # type: ignore[call-overload]
     layout = ParallelLayout(ws, **kwargs)  # type: ignore[arg-type]
     if dp is not None and dp != layout.data_parallel_size:
         raise LayoutError(

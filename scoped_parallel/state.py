@@ -39,11 +39,23 @@ from scoped_parallel.errors import (
     StateMismatchError,
     UnsupportedSetupError,
 )
-from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout, canonical_kind
+from scoped_parallel.layout import ParallelLayout, _as_int, canonical_kind
 
 __all__ = ["ParallelState"]
 
 _GLOO_TWIN_KINDS = ("dp", "dp-cp", "edp")
+_LAYOUT_KEYS = frozenset(
+    (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "sequence_parallel_size",
+        "expert_model_parallel_size",
+        "expert_tensor_parallel_size",
+        "order",
+        "rank_offset",
+    )
+)
 _KIND_ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
 # Per (rank_offset, world_size): how many states this process constructed over that range,
 # so that the fingerprint exchange of the k-th state meets the k-th state of its peers.
@@ -150,17 +162,16 @@ class ParallelState:
                 "Initialize the default group without device_id (NCCL then creates communicators "
                 "lazily, per group)."
             )
-        if isinstance(rank_offset, int) and not isinstance(rank_offset, bool):
-            if world_size is None:
-                world_size = world - rank_offset
-            if rank_offset + (world_size if isinstance(world_size, int) else 0) > world or rank_offset >= world:
-                raise LayoutError(
-                    f"ParallelState {name!r} spans ranks {rank_offset}..{rank_offset + world_size - 1} "
-                    f"(rank_offset={rank_offset}, world_size={world_size}) but the process world has "
-                    f"{world} ranks (0..{world - 1}); lower world_size or rank_offset."
-                )
+        rank_offset = _as_int("rank_offset", rank_offset)
+        world_size = world - rank_offset if world_size is None else _as_int("world_size", world_size)
+        if rank_offset >= world or rank_offset + world_size > world:
+            raise LayoutError(
+                f"ParallelState {name!r} spans ranks {rank_offset}..{rank_offset + world_size - 1} "
+                f"(rank_offset={rank_offset}, world_size={world_size}) but the process world has "
+                f"{world} ranks (0..{world - 1}); lower world_size or rank_offset."
+            )
         self._layout = ParallelLayout(
-            world_size,  # type: ignore[arg-type]
+            world_size,
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
@@ -214,16 +225,19 @@ class ParallelState:
 
         kwargs = sizes_from_config(load_config(config), overrides)
         expected_dp = kwargs.pop("_data_parallel_size", None)
-        state = cls(**kwargs)
-        if expected_dp is not None and expected_dp != state.layout.data_parallel_size:
-            derived = state.layout.data_parallel_size
-            state.destroy()
-            raise LayoutError(
-                f"config key 'data_parallel_size' is {expected_dp!r} but the layout "
-                f"{state.layout!r} derives data parallel size {derived}; remove the key or fix "
-                "the other sizes"
+        if expected_dp is not None and dist.is_available() and dist.is_initialized():
+            offset = kwargs.get("rank_offset", 0)
+            layout = ParallelLayout(
+                kwargs.get("world_size") or dist.get_world_size() - offset,
+                **{k: v for k, v in kwargs.items() if k in _LAYOUT_KEYS},
             )
-        return state
+            if expected_dp != layout.data_parallel_size:
+                raise LayoutError(
+                    f"config key 'data_parallel_size' is {expected_dp!r} but the layout {layout!r} "
+                    f"derives data parallel size {layout.data_parallel_size}; remove the key or fix "
+                    "the other sizes"
+                )
+        return cls(**kwargs)
 
     # ------------------------------------------------------------------ construction
 
@@ -232,10 +246,18 @@ class ParallelState:
         return str(dist.get_backend()) == "fake"
 
     def _fingerprint(self) -> str:
+        """Everything that decides which groups this rank creates or shares, as text."""
         backends = ",".join(f"{k}={v}" for k, v in sorted(self._backends.items()))
+        # Options objects differ per process; what must agree is their type and which kinds
+        # share one object (that decides sharing).
+        first: dict[int, str] = {}
+        options = ",".join(
+            f"{k}={type(v).__name__}@{first.setdefault(id(v), k)}" for k, v in sorted(self._options.items())
+        )
         return (
             f"name={self._name!r};{self._layout.fingerprint()};backend={self._backend};"
-            f"backends={backends};gloo_twins={self._gloo_twins};share={self._share}"
+            f"backends={backends};options={options};timeout={self._timeout};"
+            f"gloo_twins={self._gloo_twins};share={self._share}"
         )
 
     def _agree_with_peers(self) -> None:
@@ -395,7 +417,10 @@ class ParallelState:
         asyncio task (see the README's scope rules).
         """
         if self._destroyed:
-            raise ScopedParallelError(f"{self._label()} was destroyed and cannot be activated")
+            raise ScopedParallelError(
+                f"{self._label()} was destroyed and cannot be activated; build a new ParallelState "
+                "(with the same arguments on every rank) if you need its layout again"
+            )
         return Activation(self)
 
     def bind(self, engine: Any) -> Any:
@@ -463,7 +488,10 @@ class ParallelState:
 
     def _require(self, kind: str) -> str:
         if self._destroyed:
-            raise GroupNotAvailableError(f"{self._label()} was destroyed; its groups are gone")
+            raise GroupNotAvailableError(
+                f"{self._label()} was destroyed; its groups are gone. Build a new ParallelState "
+                "to use this layout again"
+            )
         if not self.is_member:
             lo = self._layout.rank_offset
             raise RankNotInLayoutError(
@@ -808,6 +836,7 @@ BOUND_METHODS = (
     "load_checkpoint",
 )
 _BOUND_ATTR = "_scoped_parallel_bound_state"
+_SAVED_ATTR = "_scoped_parallel_saved_methods"
 _SCOPED_CLASSES: dict[type, type] = {}
 
 
@@ -840,7 +869,10 @@ def _bind(state: ParallelState, engine: Any) -> Any:
         method = getattr(engine, name, None)
         if callable(method):
             wrapped[name] = state.activate()(method)
+    # Instance attributes of those names that existed before (patched methods) come back on unbind.
+    saved = {name: engine.__dict__[name] for name in wrapped if name in engine.__dict__}
     object.__setattr__(engine, _BOUND_ATTR, state)
+    object.__setattr__(engine, _SAVED_ATTR, saved)
     for name, fn in wrapped.items():
         object.__setattr__(engine, name, fn)
     if callable(engine):
@@ -854,10 +886,12 @@ def _unbind(state: ParallelState, engine: Any) -> Any:
         return engine
     if holder is not state:
         raise ScopedParallelError(
-            f"{type(engine).__name__} is bound to {holder._label()}, not to {state._label()}"
+            f"{type(engine).__name__} is bound to {holder._label()}, not to {state._label()}; "
+            f"call {holder._label()}.unbind(engine) instead"
         )
     for name in BOUND_METHODS:
         engine.__dict__.pop(name, None)
+    engine.__dict__.update(engine.__dict__.pop(_SAVED_ATTR, {}))
     del engine.__dict__[_BOUND_ATTR]
     if type(engine) in _SCOPED_CLASSES.values():
         object.__setattr__(engine, "__class__", type(engine).__mro__[1])
@@ -867,4 +901,3 @@ def _unbind(state: ParallelState, engine: Any) -> Any:
 # DeepSpeed treats an mpu that has `initialize_sequence_parallel` as its SP-only module
 # (data-parallel group -> WORLD). A state is a full mpu, so it must never grow one.
 assert not hasattr(ParallelState, "initialize_sequence_parallel")
-_ALL_KINDS = DENSE_KINDS + EXPERT_KINDS

@@ -83,3 +83,15 @@ def test_bound_engine_inside_another_scope_uses_its_own_state(states):
         engine(torch.ones(2))
         assert current_state_or_none() is b
     assert engine.seen == [("forward", a)]
+
+
+def test_unbind_restores_instance_methods_patched_before_bind(states):
+    """A method patched onto the instance before bind() is back after unbind()."""
+    a, _ = states
+    engine = Engine()
+    custom = lambda loss: "custom"  # noqa: E731
+    engine.backward = custom
+    a.bind(engine)
+    assert engine.backward(None) == "custom"  # still the instance's method, now scoped
+    a.unbind(engine)
+    assert engine.backward is custom
