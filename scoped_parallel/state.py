@@ -267,6 +267,10 @@ class ParallelState:
         ranks it shares a group with (not the whole world). A peer that disagrees, or
         never arrives within ``timeout``, raises :class:`StateMismatchError` here and on
         the peer, instead of a hang inside group creation.
+
+        Each key carries how many peers will read it; every reader counts itself in the
+        store and the last one deletes the key, so successful constructions leave nothing
+        in the store.
         """
         span = (self._layout.rank_offset, self._layout.world_size)
         seq = _CONSTRUCTIONS.get(span, 0)
@@ -277,8 +281,9 @@ class ParallelState:
         prefix = f"scoped_parallel/agree/{self._tag}/"
         store = dist.distributed_c10d._get_default_store()
         mine = self._fingerprint()
-        store.set(prefix + str(self._rank), mine)
         peers = sorted({r for ranks in self._ranks_of.values() for r in ranks} - {self._rank})
+        if peers:
+            store.set(prefix + str(self._rank), f"{len(peers)}\n{mine}")
         timeout = self._timeout or dist.distributed_c10d._get_default_timeout(
             dist.distributed_c10d.Backend(dist.get_backend())
         )
@@ -298,7 +303,8 @@ class ParallelState:
                 )
             time.sleep(0.002)
         for peer in peers:
-            theirs = store.get(prefix + str(peer)).decode()
+            key = prefix + str(peer)
+            readers, _, theirs = store.get(key).decode().partition("\n")
             if theirs != mine:
                 raise StateMismatchError(
                     f"{self._label()}: rank {self._rank} and rank {peer} built different states "
@@ -306,6 +312,9 @@ class ParallelState:
                     f"  rank {self._rank}: {mine}\n  rank {peer}: {theirs}\n"
                     "Every rank must pass the same arguments and build states in the same order."
                 )
+            if store.add(key + "/read", 1) == int(readers):  # the last reader cleans up
+                store.delete_key(key)
+                store.delete_key(key + "/read")
 
     def _requests(self) -> list[tuple[str, _groups.GroupRequest]]:
         out: list[tuple[str, _groups.GroupRequest]] = []

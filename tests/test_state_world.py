@@ -93,6 +93,20 @@ def rank_torch_hashed_names_diverge(rank):
     return name
 
 
+def rank_agreement_leaves_no_store_keys(rank):
+    import torch.distributed as dist
+
+    from scoped_parallel import ParallelState
+
+    store = dist.distributed_c10d._get_default_store()
+    s = ParallelState(name="tidy", tensor_model_parallel_size=2, timeout=T)
+    tag = s._tag
+    s.destroy()
+    dist.barrier()  # every rank has finished reading its peers' keys
+    prefix = f"scoped_parallel/agree/{tag}/"
+    return [store.check([prefix + str(r)]) or store.check([prefix + str(r) + "/read"]) for r in range(4)]
+
+
 def rank_sharing(rank):
     from scoped_parallel import ParallelState, _groups
 
@@ -286,6 +300,12 @@ def test_torch_hashed_group_names_depend_on_group_count(world):
     """Why we name groups ourselves: torch's local-sync names differ between ranks holding different group counts."""
     names = world.run(rank_torch_hashed_names_diverge)
     assert names[0] != names[1] and names[1] == names[2] == names[3]
+
+
+@pytest.mark.world
+def test_successful_agreement_leaves_no_keys_in_the_store(world):
+    """The last reader of each agreement key deletes it, so the store does not grow per state."""
+    assert world.run(rank_agreement_leaves_no_store_keys) == [[False] * 4] * 4
 
 
 @pytest.mark.world
