@@ -68,6 +68,11 @@ mpu itself (AutoTP ``autotp_size > 1``, ``tp_model_init``, a mesh, a pipeline mo
 or the config is not a dict; a state with TP > 1 would otherwise crash the engine
 (``engine.mpu`` is ``None`` but the model-parallel size is > 1).
 
+ZeRO-3 with a state of SP > 1 as mpu: ``DeepSpeedZeRoOffload._convert_to_zero_parameters``
+partitions parameters over the mpu's data-parallel group while gradients are reduced over
+SP x DP; the patch gives it the state's SP x DP group there (plain DeepSpeed gets WORLD from
+``parallel_state_sp``, which is SP x DP when the model spans the world).
+
 Not re-pointed: the hpZ group (``_ZERO_PARAM_INTRA_PARALLEL_GROUP``), the cloned WORLD
 and all-to-all caches (shared by every model), activation checkpointing, pipeline
 ``p2p`` and Domino globals, and the step-time paths themselves: run each engine's
@@ -866,6 +871,39 @@ def _patch_module(
     return originals
 
 
+# ---------------------------------------------------------------------- ZeRO-3 partition group
+
+
+class _ZeroPartitionView:
+    """A state seen by ZeRO-3's parameter conversion: its data-parallel group is SP x DP.
+
+    ``DeepSpeedZeRoOffload._convert_to_zero_parameters`` partitions parameters over
+    ``mpu.get_data_parallel_group()`` while the engine reduces their gradients over the
+    sequence-data-parallel group. For a state with SP > 1 those differ (DP excludes the
+    SP ranks, for DeepSpeed's batch math), which silently corrupts gradients. Everything
+    else, batch math included, is the state's own answer.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+
+    def get_data_parallel_group(self) -> Any:
+        return self._state.get_sequence_data_parallel_group()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
+def _scoped_convert_to_zero_parameters(original: Any) -> Any:
+    @functools.wraps(original)
+    def convert(self: Any, ds_config: Any, module: Any, mpu: Any) -> Any:
+        if type(mpu) is _state_class() and mpu.get_sequence_parallel_world_size() > 1:
+            mpu = _ZeroPartitionView(mpu)
+        return original(self, ds_config, module, mpu)
+
+    return convert
+
+
 def install(ledger: Any) -> None:
     """Re-point DeepSpeed's global parallel state at the active scope (see the module doc)."""
     import deepspeed
@@ -885,6 +923,12 @@ def install(ledger: Any) -> None:
     for name in ("mpu", "mesh_device"):
         _require(groups, name)
     ledger.swap_module_class(OWNER, groups, _scoped_module_class(type(groups)))
+
+    import deepspeed.runtime.zero.parameter_offload as parameter_offload
+
+    offload = _require(parameter_offload, "DeepSpeedZeRoOffload")
+    convert = _require(offload, "_convert_to_zero_parameters")
+    ledger.patch(OWNER, offload, "_convert_to_zero_parameters", _scoped_convert_to_zero_parameters(convert))
 
     initialize = _require(deepspeed, "initialize")
     replacement = _scoped_initialize(initialize)

@@ -605,6 +605,23 @@ def _rank_interleaved_training(rank: int, stages: tuple[int, ...], steps: int) -
     return out
 
 
+@_isolated
+def _rank_zero3_partitions_over_sp_dp(rank: int) -> dict[str, Any]:
+    ref = _state(name="ref", sequence_parallel_size=2)
+    out: dict[str, Any] = {}
+    try:
+        with _installed(), ref.activate():
+            engine = _engine(_model(3), _config(stage=3), mpu=ref)
+            groups_used = {_ranks(p.ds_process_group) for p in engine.module.parameters()}
+            out["partition_groups"] = sorted(groups_used)
+            out["sp_dp"] = ref.ranks("sp-dp")
+            out["reduce_group"] = _ranks(engine.seq_data_parallel_group)
+            _drop(engine)
+    finally:
+        _destroy(ref)
+    return out
+
+
 def _full_params_of_seed(name: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in _model(1 if name == "actor" else 2).parameters()]
 
@@ -947,6 +964,13 @@ def test_initialize_outside_any_scope_with_a_state_mpu_runs_in_its_scope(world):
     """deepspeed.initialize(mpu=state) outside a scope records groups.mpu for that state, not the module."""
     for out in world.run(_rank_initialize_outside_scope, timeout=WORLD_TIMEOUT):
         assert all(out.values()), out
+
+
+@pytest.mark.world
+def test_zero3_partitions_parameters_over_the_group_that_reduces_their_gradients(world):
+    """With an SP=2 state as mpu, ZeRO-3 partitions over SP x DP, the group its gradients are reduced over."""
+    for out in world.run(_rank_zero3_partitions_over_sp_dp, timeout=WORLD_TIMEOUT):
+        assert out["partition_groups"] == [out["sp_dp"]] == [out["reduce_group"]], out
 
 
 @pytest.mark.world
