@@ -5,11 +5,11 @@ Run (4 CPU ranks over gloo; NCCL, one GPU per rank, when CUDA GPUs are present):
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 examples/rl_ppo.py
         [--steps 20] [--verify] [--bench [--bench-json benchmarks/e2e.json]]
 
-The world size must be a multiple of 4 (the reference uses SP=4). The default run takes
-about a minute on 2 CPU cores; ``--verify`` and ``--bench`` each add about as much
-again (they build fresh engines and replay every step), so ``make demo`` leaves them out.
-DeepSpeed JIT-builds a small communication extension the first time (about a minute),
-cached in ``$TORCH_EXTENSIONS_DIR`` (default: ``<tmp>/scoped_parallel_torch_ext``).
+The world size must be a multiple of 4 (the reference uses SP=4). On 2 shared CPU cores
+the default run takes about 20-30 s, ``--verify`` adds under 10 s (cheap enough to be on
+by default in a demo) and ``--bench`` about 30 s (3 rounds). DeepSpeed JIT-builds a small
+communication extension the first time (about a minute), cached in ``$TORCH_EXTENSIONS_DIR``
+(default: ``<tmp>/scoped_parallel_torch_ext``, shared with the test suite).
 
 The models are tiny Llamas built from a ``LlamaConfig`` (nothing is downloaded), each
 with a ``ParallelState`` built from its DeepSpeed config and its engine built inside that
@@ -49,7 +49,10 @@ and final parameters are bit-identical; exits non-zero if not.
 
 ``--bench``: the same models' step work timed with scopes and adapters (the interleaved
 run) and on plain DeepSpeed without adapters, one model at a time (a single model needs
-no scope; DeepSpeed's globals are reset between models); the ratio goes to ``--bench-json``.
+no scope; DeepSpeed's globals are reset between models), in alternating rounds; also
+checks that plain DeepSpeed reproduces the scoped results bit for bit. The ratio goes to
+``--bench-json``. On a busy 2-core machine run-to-run noise is several percent, more than
+the overhead being measured: read a single ratio with that in mind.
 """
 
 from __future__ import annotations
@@ -114,6 +117,9 @@ class Spec:
     seed: int
 
 
+# The actor is ZeRO-2, not ZeRO-3: with SP > 1 and a ParallelState as mpu, DeepSpeed 0.19.8's ZeRO-3
+# partitions parameters over mpu.get_data_parallel_group() (DP, without the SP ranks) but reduces
+# gradients over SP x DP (runtime/zero/parameter_offload.py:267), which gives wrong gradients.
 SPECS = {
     "actor": Spec("actor", sp=2, zero_stage=2, lr=1e-2, seed=1),
     "critic": Spec("critic", sp=1, zero_stage=1, lr=1e-2, seed=2),
@@ -216,7 +222,7 @@ def dp_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def dp_mean(x: torch.Tensor) -> torch.Tensor:
-    """Sum over SP x DP, divided by DP: DeepSpeed's own gradient averaging rule.
+    """Sum over SP x DP, divided by DP: how DeepSpeed (ZeRO 0-2) averages gradients with SP.
 
     A loss computed per SP shard is summed over the shards and averaged over data parallel
     replicas, exactly as DeepSpeed treats its gradients (so reported losses match them).
@@ -262,7 +268,7 @@ def device() -> torch.device:
 
 def ds_config(spec: Spec) -> dict[str, Any]:
     return {
-        "train_micro_batch_size_per_gpu": ROLLOUTS_PER_RANK * spec.sp,  # the batch over DP ranks
+        "train_micro_batch_size_per_gpu": ROLLOUTS_PER_RANK * spec.sp,  # the step's batch / DP
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": spec.zero_stage},
@@ -314,6 +320,7 @@ def free(models: dict[str, Model]) -> None:
 
 
 def parameters(model: Model) -> list[torch.Tensor]:
+    """Copies of the model's parameters (whole on every rank below ZeRO-3)."""
     return [p.detach().clone() for p in model.engine.module.parameters()]
 
 
@@ -461,7 +468,14 @@ def ppo_step(models: dict[str, Model], step: int, batch: int) -> tuple[Batch, St
     return data, stats
 
 
-def train(models: dict[str, Model], steps: int, batch: int, show: bool) -> tuple[list[Batch], list[StepStats]]:
+def interleaved_run(
+    states: dict[str, ParallelState], steps: int, batch: int, show: bool
+) -> tuple[list[Batch], list[StepStats], dict[str, list[torch.Tensor]]]:
+    """Build the three engines in their scopes, train ``steps`` PPO steps, free the engines.
+
+    Returns every step's batch and stats, and the trained models' final parameters.
+    """
+    models = {name: build_model(spec, states[name]) for name, spec in SPECS.items()}
     batches, stats = [], []
     for step in range(steps):
         data, st = ppo_step(models, step, batch)
@@ -469,7 +483,9 @@ def train(models: dict[str, Model], steps: int, batch: int, show: bool) -> tuple
         stats.append(st)
         if show:
             progress(step + 1, steps, st)
-    return batches, stats
+    final = {name: parameters(models[name]) for name in ("actor", "critic")}
+    free(models)
+    return batches, stats, final
 
 
 # ---------------------------------------------------------------------- alone: --verify and --bench
@@ -561,46 +577,63 @@ def plain_deepspeed() -> Any:
         groups.mpu = None
 
 
-def _median(seconds: list[float]) -> float:
-    """Median seconds per step, the first (warm-up) step left out when there are others."""
-    return statistics.median(seconds[1:] or seconds)
+def _steady(seconds: list[float]) -> list[float]:
+    """Seconds of the steps after the first (warm-up) one, or of the only step."""
+    return seconds[1:] or seconds
 
 
-def _fastest(seconds: list[float]) -> float:
-    """Fastest step after the first: the least disturbed by other processes on a shared machine."""
-    return min(seconds[1:] or seconds)
-
-
-def _totals(runs: dict[str, list[float]]) -> dict[str, float]:
-    return {"fastest": sum(map(_fastest, runs.values())), "median": sum(map(_median, runs.values()))}
-
-
-def bench(batches: list[Batch], stats: list[StepStats], path: str, show: bool) -> None:
-    """Model time per step with scopes + adapters (interleaved) vs plain DeepSpeed, one model at a time."""
-    adapters.uninstall()
-    scoped = {name: [s.model_seconds[name] for s in stats] for name in SPECS}
-    plain, same = {}, {}
+def plain_run(batches: list[Batch], stats: list[StepStats]) -> dict[str, tuple[list[float], bool]]:
+    """Each model alone on plain DeepSpeed (adapters uninstalled): its seconds per step, and
+    whether it reproduced the interleaved run's outputs and losses bit for bit."""
+    out = {}
     for name, spec in SPECS.items():
         with plain_deepspeed():
             model = build_model(spec, None)
             alone = replay(model, batches)
             free({name: model})
-        plain[name] = alone["seconds"]
-        same[name] = _world_all(alone["outputs_identical"] and alone["losses"] == _losses(stats, name))
-    # rank 0's clock; the collectives inside every call keep the ranks in step
-    total = {"scoped": _totals(scoped), "plain": _totals(plain)}
-    ratio = total["scoped"]["fastest"] / total["plain"]["fastest"]
+        out[name] = (alone["seconds"], alone["outputs_identical"] and alone["losses"] == _losses(stats, name))
+    return out
+
+
+def bench(states: dict[str, ParallelState], batches: list[Batch], stats: list[StepStats],
+          rounds: int, path: str, show: bool) -> None:
+    """Model time per step: scopes + adapters (interleaved) vs plain DeepSpeed (one model at a time).
+
+    Rounds alternate the two (the interleaved training run is the first scoped round), so a
+    busy shared machine slows both alike; each model's fastest step after the first of each
+    round is compared (the least disturbed), medians are reported too. Rank 0's clock: the
+    collectives inside every call keep the ranks in step.
+    """
+    scoped: dict[str, list[float]] = {name: [] for name in SPECS}
+    plain: dict[str, list[float]] = {name: [] for name in SPECS}
+    same = dict.fromkeys(SPECS, True)
+    for round_ in range(rounds):
+        if round_:
+            adapters.install()
+            _, stats, _ = interleaved_run(states, len(batches), len(batches[0].tokens), show=False)
+        adapters.uninstall()
+        for name, (seconds, identical) in plain_run(batches, stats).items():
+            scoped[name] += _steady([s.model_seconds[name] for s in stats])
+            plain[name] += _steady(seconds)
+            same[name] = same[name] and _world_all(identical)
+    runs = {"scoped": scoped, "plain": plain}
+    fastest = {kind: sum(map(min, per_model.values())) for kind, per_model in runs.items()}
+    median = {kind: sum(map(statistics.median, per_model.values())) for kind, per_model in runs.items()}
+    ratio = fastest["scoped"] / fastest["plain"]
     result = {
-        "what": "seconds per PPO step spent in each model's calls; fastest and median step, first step left out",
-        "steps": len(stats),
+        "what": "seconds per PPO step in each model's calls, scoped + adapters (interleaved) vs plain "
+                "DeepSpeed (alone); fastest and median over steps 2..N of every round",
+        "steps": len(batches),
+        "rounds": rounds,
         "world_size": dist.get_world_size(),
         "backend": str(dist.get_backend()),
         "device": str(device()),
-        "scoped_interleaved": {n: {"fastest": _fastest(x), "median": _median(x)} for n, x in scoped.items()},
-        "plain_deepspeed_one_model_at_a_time": {n: {"fastest": _fastest(x), "median": _median(x)} for n, x in plain.items()},
-        "total": total,
+        "scoped": {name: {"fastest": min(x), "median": statistics.median(x)} for name, x in scoped.items()},
+        "plain": {name: {"fastest": min(x), "median": statistics.median(x)} for name, x in plain.items()},
+        "fastest_total": fastest,
+        "median_total": median,
         "ratio": ratio,
-        "ratio_of_medians": total["scoped"]["median"] / total["plain"]["median"],
+        "ratio_of_medians": median["scoped"] / median["plain"],
         "overhead_percent": 100 * (ratio - 1),
         "goal_percent": 2.0,
         "plain_reproduces_scoped_bit_for_bit": same,
@@ -610,15 +643,16 @@ def bench(batches: list[Batch], stats: list[StepStats], path: str, show: bool) -
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
             fh.write("\n")
-        print("bench: ms per step in each model's calls, fastest (median) of steps 2..N\n"
-              "           scoped + adapters, interleaved   plain DeepSpeed, alone")
+        print(f"bench: ms per step in each model's calls, fastest (median) of {rounds} rounds x steps 2..N\n"
+              "            scoped + adapters, interleaved   plain DeepSpeed, one model alone")
         for name in SPECS:
-            print(f"  {name:<9} {_fastest(scoped[name]) * 1e3:9.1f} ({_median(scoped[name]) * 1e3:7.1f})"
-                  f"          {_fastest(plain[name]) * 1e3:9.1f} ({_median(plain[name]) * 1e3:7.1f})"
-                  f"   {'bit-identical' if same[name] else 'DIFFERENT results'}")
-        print(f"  total     {total['scoped']['fastest'] * 1e3:9.1f} ({total['scoped']['median'] * 1e3:7.1f})"
-              f"          {total['plain']['fastest'] * 1e3:9.1f} ({total['plain']['median'] * 1e3:7.1f})\n"
-              f"  ratio {ratio:.4f} ({100 * (ratio - 1):+.2f}%, goal <= +2%) -> {path}", flush=True)
+            print(f"  {name:<9} {min(scoped[name]) * 1e3:9.1f} ({statistics.median(scoped[name]) * 1e3:7.1f})"
+                  f"          {min(plain[name]) * 1e3:9.1f} ({statistics.median(plain[name]) * 1e3:7.1f})"
+                  f"       {'bit-identical results' if same[name] else 'DIFFERENT results'}")
+        print(f"  total     {fastest['scoped'] * 1e3:9.1f} ({median['scoped'] * 1e3:7.1f})"
+              f"          {fastest['plain'] * 1e3:9.1f} ({median['plain'] * 1e3:7.1f})\n"
+              f"  ratio {ratio:.4f} ({100 * (ratio - 1):+.2f}%, goal <= +2%; medians: "
+              f"{median['scoped'] / median['plain']:.4f}) -> {path}", flush=True)
 
 
 # ---------------------------------------------------------------------- output (rank 0)
@@ -659,7 +693,7 @@ def summary_table(stats: list[StepStats]) -> str:
     first, last = stats[0], stats[-1]
     lines.append(f"reward {first.reward:.3f} -> {last.reward:.3f}; actor loss {first.actor_loss:+.4f} -> "
                  f"{last.actor_loss:+.4f}; critic loss {first.critic_loss:.4f} -> {last.critic_loss:.4f}; "
-                 f"{_median([s.seconds for s in stats]):.2f} s/step (median, after the first)")
+                 f"{statistics.median(_steady([s.seconds for s in stats])):.2f} s/step (median, after the first)")
     return "\n".join(lines)
 
 
@@ -671,10 +705,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="PPO steps (default 20)")
     parser.add_argument("--verify", action="store_true", help="check each model alone is bit-identical")
     parser.add_argument("--bench", action="store_true", help="time scoped vs plain DeepSpeed")
+    parser.add_argument("--bench-rounds", type=int, default=3, help="alternating rounds of --bench (default 3)")
     parser.add_argument("--bench-json", default=BENCH_JSON, help="where --bench writes its result")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    if args.steps < 1 or args.bench_rounds < 1:
+        parser.error("--steps and --bench-rounds must be at least 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) % 4:
+        parser.error("launch with torchrun and a multiple of 4 ranks (the reference uses SP=4), "
+                     "e.g. torchrun --standalone --nproc-per-node 4 examples/rl_ppo.py")
     return args
 
 
@@ -693,25 +731,20 @@ def main() -> int:
     backend = init_distributed()
     deepspeed.utils.logger.setLevel(logging.WARNING)
     world, show = dist.get_world_size(), dist.get_rank() == 0
-    if world % 4:
-        raise SystemExit(f"rl_ppo.py needs a world size that is a multiple of 4 (the reference uses SP=4), got {world}")
     states = {
         name: ParallelState.from_config(ds_config(spec), name=name, timeout=TIMEOUT)
         for name, spec in SPECS.items()
     }
     if show:
         print(layout_summary(states, backend), flush=True)
-    models = {name: build_model(spec, states[name]) for name, spec in SPECS.items()}
-    batches, stats = train(models, args.steps, ROLLOUTS_PER_RANK * world, show)
+    batches, stats, final = interleaved_run(states, args.steps, ROLLOUTS_PER_RANK * world, show)
     if show:
         print(summary_table(stats), flush=True)
-    final = {name: parameters(models[name]) for name in ("actor", "critic")}
-    free(models)
     ok = verify(states, batches, stats, final, show) if args.verify else True
+    if args.bench:
+        bench(states, batches, stats, args.bench_rounds, args.bench_json, show)
     for state in states.values():
         state.destroy()
-    if args.bench:
-        bench(batches, stats, args.bench_json, show)
     dist.destroy_process_group()
     return 0 if ok else 1
 
