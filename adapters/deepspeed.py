@@ -93,7 +93,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from scoped_parallel._scope import _ACTIVE, _CURRENT, current_state_or_none
-from scoped_parallel.adapters._common import active_state, is_strict
+from scoped_parallel.adapters._common import _STRICT, active_state
 from scoped_parallel.errors import AdapterError, LayoutError
 
 __all__ = [
@@ -125,8 +125,9 @@ class _Record:
     """What DeepSpeed would keep in module globals, kept for one state."""
 
     __slots__ = (
-        "mpu",
-        "mesh_device",
+        "_mpu",
+        "_mesh_device",
+        "answers",
         "ep",
         "ep_ranks",
         "edp",
@@ -138,8 +139,11 @@ class _Record:
     )
 
     def __init__(self) -> None:
-        self.mpu: Any = _UNSET  # _UNSET: the state itself is the mpu
-        self.mesh_device: Any = None
+        #: answers of the argument-free mpu/mesh readers (_CACHEABLE), valid while the
+        #: record's mpu and mesh stay as they are (their setters clear it)
+        self.answers: dict[str, Any] = {}
+        self._mpu: Any = _UNSET  # _UNSET: the state itself is the mpu
+        self._mesh_device: Any = None
         self.ep: dict[str, Any] = {}
         self.ep_ranks: dict[str, Any] = {}
         self.edp: dict[str, Any] = {}
@@ -148,6 +152,24 @@ class _Record:
         self.tp_world_size: int | None = None  # set_tensor_model_parallel_world_size
         self.tp_rank: int | None = None  # set_tensor_model_parallel_rank
         self.sp_size: int | None = None  # initialize_sequence_parallel
+
+    @property
+    def mpu(self) -> Any:
+        return self._mpu
+
+    @mpu.setter
+    def mpu(self, value: Any) -> None:
+        self._mpu = value
+        self.answers = {}
+
+    @property
+    def mesh_device(self) -> Any:
+        return self._mesh_device
+
+    @mesh_device.setter
+    def mesh_device(self, value: Any) -> None:
+        self._mesh_device = value
+        self.answers = {}
 
 
 _RECORDS: "weakref.WeakKeyDictionary[Any, _Record]" = weakref.WeakKeyDictionary()
@@ -167,6 +189,8 @@ def _record(state: Any) -> _Record:
         rec = _RECORDS.get(state)
         if rec is None:
             rec = _RECORDS[state] = _Record()
+        else:
+            rec.answers = {}  # the slot was cleared (state destroyed): nothing cached survives
         if slots is not None:
             slots[OWNER] = rec
         return rec
@@ -797,21 +821,73 @@ def _state_may_be_mpu(arguments: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------- install / uninstall
 
 
+#: mpu/mesh readers without arguments whose answer is fixed for a state while its
+#: record's mpu and mesh are unchanged: answered from the record's cache after the first call.
+_CACHEABLE = frozenset(
+    (
+        "_get_data_parallel_group",
+        "_get_data_parallel_world_size",
+        "_get_data_parallel_rank",
+        "_get_model_parallel_world_size",
+        "_get_sequence_parallel_group",
+        "_get_sequence_parallel_world_size",
+        "_get_sequence_parallel_rank",
+        "_get_sequence_data_parallel_group",
+        "_get_sequence_data_parallel_world_size",
+        "_get_sequence_data_parallel_rank",
+    )
+)
+_MISS = object()
+
+
 def _scoped(label: str, name: str, original: Any, implementation: Callable[..., Any]) -> Any:
     what = f"{label}.{name}"
+    cacheable = (
+        label.endswith("groups")
+        and name in _CACHEABLE
+        and not inspect.signature(original).parameters  # an upstream change disables caching
+    )
 
     @functools.wraps(original)
     def scoped(*args: Any, **kwargs: Any) -> Any:
         # active_state() inlined for its two common cases: patched getters are hot.
         frame = _CURRENT.get()
         if frame is not None:
-            return implementation(frame[0], *args, **kwargs)
-        state = active_state(what) if (_ACTIVE or is_strict()) else None
+            state = frame[0]
+            if cacheable and not args and not kwargs:
+                rec = _record(state)
+                answer = rec.answers.get(name, _MISS)
+                if answer is _MISS:
+                    answer = rec.answers[name] = implementation(state)
+                return answer
+            return implementation(state, *args, **kwargs)
+        state = active_state(what) if (_ACTIVE or _STRICT[0]) else None
         if state is None:
             return original(*args, **kwargs)
         return implementation(state, *args, **kwargs)
 
-    return scoped
+    if not cacheable:
+        return scoped
+
+    @functools.wraps(original)
+    def scoped_reader() -> Any:
+        # The same, for the argument-free hot readers (no argument packing, cached answer).
+        frame = _CURRENT.get()
+        if frame is None:
+            if _ACTIVE or _STRICT[0]:
+                return scoped()
+            return original()
+        state = frame[0]
+        slots = getattr(state, "_adapter_slots", None)
+        rec = slots.get(OWNER) if slots is not None else None
+        if rec is None:
+            rec = _record(state)
+        answer = rec.answers.get(name, _MISS)
+        if answer is _MISS:
+            answer = rec.answers[name] = implementation(state)
+        return answer
+
+    return scoped_reader
 
 
 def _require(module: types.ModuleType, name: str) -> Any:

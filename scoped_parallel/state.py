@@ -377,6 +377,7 @@ class ParallelState:
         self._destroyed = True
         self._live_ranks = {}
         self._my_index = {}
+        self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         held = list(self._groups.values()) + list(self._gloo.values())
         self._groups.clear()
         self._gloo.clear()

@@ -739,6 +739,17 @@ def _rank_module_attributes(rank: int) -> dict[str, Any]:
                 del groups.mpu
                 del groups.mesh_device
                 out["deleted_back_to_state"] = groups.mpu is first and groups.mesh_device is None
+                # answers are cached per state; a write of groups.mpu must invalidate them
+                out["cached_before"] = groups._get_data_parallel_world_size() == 2
+
+                class OtherMpu:
+                    def get_data_parallel_world_size(self) -> int:
+                        return 99
+
+                groups.mpu = OtherMpu()
+                out["cache_follows_mpu_write"] = groups._get_data_parallel_world_size() == 99
+                del groups.mpu
+                out["cache_follows_mpu_delete"] = groups._get_data_parallel_world_size() == 2
             out["module_dict_untouched"] = (vars(groups)["mpu"], vars(groups)["mesh_device"]) == before
             out["outside_reads_module_dict"] = groups.mpu is before[0]
     finally:
