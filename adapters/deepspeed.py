@@ -870,13 +870,16 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
         return scoped
 
     @functools.wraps(original)
-    def scoped_reader() -> Any:
-        # The same, for the argument-free hot readers (no argument packing, cached answer).
-        frame = _CURRENT.get()
+    def scoped_reader(
+        *, _get: Any = _CURRENT.get, _active: Any = _ACTIVE, _strict: Any = _STRICT, _original: Any = original
+    ) -> Any:
+        # The same, for the argument-free hot readers: no argument packing, names bound as
+        # defaults (local lookups), and the answer cached per state.
+        frame = _get()
         if frame is None:
-            if _ACTIVE or _STRICT[0]:
+            if _active or _strict[0]:
                 return scoped()
-            return original()
+            return _original()
         state = frame[0]
         slots = getattr(state, "_adapter_slots", None)
         rec = slots.get(OWNER) if slots is not None else None
