@@ -127,6 +127,16 @@ def active_states() -> tuple[Any, ...]:
     return tuple(dict.fromkeys(f[0] for f in innermost.values()))
 
 
+def _forget_all_scopes() -> None:
+    """Drop every scope record (for test guards that found a leak): not for production use."""
+    _CURRENT.set(None)
+    with _REGISTRY_LOCK:
+        stacks = list(_STACKS.values())
+    for stack in stacks:
+        stack.clear()
+    _ACTIVE.clear()
+
+
 def current_state_or_none() -> ParallelState | None:
     """The active state, or ``None`` when no scope applies.
 

@@ -65,10 +65,19 @@ try:  # the fixture is only defined when pytest is importable
 
     @pytest.fixture
     def scoped_parallel_guard() -> Iterator[None]:
-        """Fail the test if it leaves an active scope or a live process group behind."""
+        """Fail the test if it leaves an active scope or a live process group behind.
+
+        A leaked scope is reported once and then forgotten, so later tests start clean.
+        """
         assert_clean()
         yield
-        assert_clean()
+        try:
+            assert_clean()
+        except AssertionError:
+            from scoped_parallel._scope import _forget_all_scopes
+
+            _forget_all_scopes()
+            raise
 
 except ImportError:  # pragma: no cover
     pass

@@ -25,6 +25,8 @@ def _no_leaked_scope_or_group():
     yield
     leaked_scope = _scope.active_states()
     leaked_groups = _live_groups() - before
+    if leaked_scope:
+        _scope._forget_all_scopes()  # report once; later tests start clean
     assert not leaked_scope, f"the test left scopes active: {leaked_scope}"
     assert leaked_groups == 0, f"the test left {leaked_groups} process group(s) alive"
 
