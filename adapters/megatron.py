@@ -98,7 +98,8 @@ UNSUPPORTED: tuple[str, ...] = (
 )
 
 
-def _refused(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap(name: str, original: Callable[..., Any], supported: bool) -> Callable[..., Any]:
+    """Megatron's getter outside any scope; inside one, the state's answer (or a refusal)."""
     what = f"megatron.core.parallel_state.{name}()"
 
     @functools.wraps(original)
@@ -106,26 +107,14 @@ def _refused(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         state = active_state(what)
         if state is None:
             return original(*args, **kwargs)
+        if supported:
+            return getattr(state, name)(*args, **kwargs)
         raise GroupNotAvailableError(
             f"{what} inside the scope of {state!r}: scoped_parallel does not build this group, "
             "and Megatron's global one belongs to another layout. Build it yourself from "
             "state.layout, or call this outside any scope if the global layout is meant."
         )
 
-    return getter
-
-
-def _scoped(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    what = f"megatron.core.parallel_state.{name}()"
-
-    @functools.wraps(original)
-    def getter(*args: Any, **kwargs: Any) -> Any:
-        state = active_state(what)
-        if state is None:
-            return original(*args, **kwargs)
-        return getattr(state, name)(*args, **kwargs)
-
-    getter.__scoped_parallel_original__ = original  # type: ignore[attr-defined]
     return getter
 
 
@@ -138,8 +127,7 @@ def install(ledger: Any) -> None:
 
     for name in GETTERS + UNSUPPORTED:
         original = vars(ps).get(name)
-        wrap = _scoped if name in GETTERS else _refused
-        replacement = wrap(name, original) if original is not None else None
+        replacement = _wrap(name, original, name in GETTERS) if original is not None else None
         ledger.patch(OWNER, ps, name, replacement)  # refuses (loudly) a name that is gone
         others = [
             m

@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 
 from scoped_parallel import _groups
+from scoped_parallel._config import SIZE_KEYS
 from scoped_parallel._scope import Activation
 from scoped_parallel.errors import (
     DistributedNotInitializedError,
@@ -44,18 +45,7 @@ from scoped_parallel.layout import ParallelLayout, _as_int, canonical_kind
 __all__ = ["ParallelState"]
 
 _GLOO_TWIN_KINDS = ("dp", "dp-cp", "edp")
-_LAYOUT_KEYS = frozenset(
-    (
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "context_parallel_size",
-        "sequence_parallel_size",
-        "expert_model_parallel_size",
-        "expert_tensor_parallel_size",
-        "order",
-        "rank_offset",
-    )
-)
+_LAYOUT_KEYS = frozenset(SIZE_KEYS + ("order", "rank_offset"))  # ParallelLayout's keywords
 _KIND_ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
 # Per (rank_offset, world_size): how many states this process constructed over that range,
 # so that the fingerprint exchange of the k-th state meets the k-th state of its peers.
