@@ -21,7 +21,6 @@ getter                                       rank 5 sees
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch.distributed as dist
 
 from scoped_parallel import _groups
+from scoped_parallel._agree import agree
 from scoped_parallel._config import SIZE_KEYS
 from scoped_parallel._scope import Activation
 from scoped_parallel.errors import (
@@ -253,14 +253,10 @@ class ParallelState:
     def _agree_with_peers(self) -> None:
         """Check, before any group is created, that every peer built the same state.
 
-        Each rank publishes its fingerprint in the default store and reads those of the
-        ranks it shares a group with (not the whole world). A peer that disagrees, or
-        never arrives within ``timeout``, raises :class:`StateMismatchError` here and on
-        the peer, instead of a hang inside group creation.
-
-        Each key carries how many peers will read it; every reader counts itself in the
-        store and the last one deletes the key, so successful constructions leave nothing
-        in the store.
+        Runs :func:`scoped_parallel._agree.agree` over the default store: one leader per
+        group reads its members' fingerprints and publishes a verdict. A rank that
+        disagrees, or never arrives within ``timeout``, makes the members of its groups
+        raise :class:`StateMismatchError` instead of hanging inside group creation.
         """
         span = (self._layout.rank_offset, self._layout.world_size)
         seq = _CONSTRUCTIONS.get(span, 0)
@@ -268,43 +264,19 @@ class ParallelState:
         self._tag = f"{_EPOCH[0]}/{span[0]}+{span[1]}/{seq}"
         if self._fake:
             return
-        prefix = f"scoped_parallel/agree/{self._tag}/"
-        store = dist.distributed_c10d._get_default_store()
-        mine = self._fingerprint()
-        peers = sorted({r for ranks in self._ranks_of.values() for r in ranks} - {self._rank})
-        if peers:
-            store.set(prefix + str(self._rank), f"{len(peers)}\n{mine}")
         timeout = self._timeout or dist.distributed_c10d._get_default_timeout(
             dist.distributed_c10d.Backend(dist.get_backend())
         )
-        deadline = time.monotonic() + timeout.total_seconds()
-        pending = list(peers)
-        while pending:
-            pending = [p for p in pending if not store.check([prefix + str(p)])]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise StateMismatchError(
-                    f"{self._label()}: ranks {pending} did not construct this state within "
-                    f"{timeout} (this is construction #{seq} over ranks "
-                    f"{span[0]}..{span[0] + span[1] - 1} on rank {self._rank}). Every rank of a "
-                    "state must construct it, and states over the same ranks must be built in "
-                    "the same order on every rank."
-                )
-            time.sleep(0.002)
-        for peer in peers:
-            key = prefix + str(peer)
-            readers, _, theirs = store.get(key).decode().partition("\n")
-            if theirs != mine:
-                raise StateMismatchError(
-                    f"{self._label()}: rank {self._rank} and rank {peer} built different states "
-                    f"as construction #{seq} over ranks {span[0]}..{span[0] + span[1] - 1}:\n"
-                    f"  rank {self._rank}: {mine}\n  rank {peer}: {theirs}\n"
-                    "Every rank must pass the same arguments and build states in the same order."
-                )
-            if store.add(key + "/read", 1) == int(readers):  # the last reader cleans up
-                store.delete_key(key)
-                store.delete_key(key + "/read")
+        where = f"construction #{seq} over ranks {span[0]}..{span[0] + span[1] - 1}"
+        agree(
+            dist.distributed_c10d._get_default_store(),
+            f"scoped_parallel/agree/{self._tag}/",
+            self._rank,
+            self._ranks_of.values(),
+            self._fingerprint(),
+            timeout.total_seconds(),
+            lambda: f"{self._label()} ({where})",
+        )
 
     def _requests(self) -> list[tuple[str, _groups.GroupRequest]]:
         out: list[tuple[str, _groups.GroupRequest]] = []
