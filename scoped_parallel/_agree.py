@@ -1,19 +1,24 @@
-"""The agreement check run before a state creates any group: one leader per group.
+"""The agreement check run before a state creates any group.
 
-Every rank publishes a fingerprint of the state it is building. For each group
-it belongs to, the group's *leader* (its lowest rank) reads the fingerprints of
-all members and writes a verdict; the other members read the leader's
-fingerprint (to notice a disagreement at once) and then the verdict. So each
-rank reads about two keys per group it is in, and only leaders read whole
-groups: the store traffic grows with the sizes of the groups, not with the
-square of the world. A rank that disagrees, or never arrives, makes every member
-of every group it is in raise :class:`StateMismatchError` (the leader names it in
-the verdict), instead of a hang in group creation.
+Every rank of a state publishes a fingerprint of the state it is building. For
+each group, its *leader* (lowest rank) reads every member's fingerprint, and
+every other member reads the leader's, so a disagreement is seen at once by the
+ranks involved. The outcome is then decided once for the whole state: the first
+rank that finds a problem writes it to a single *decision* key, and the rank
+whose success completes the count of the state's ranks writes "ok" there (first
+writer wins, with ``compare_set``). Every rank waits for that decision, so either
+all ranks of the state go on to create groups, or all raise
+:class:`StateMismatchError` with the same message; no rank can succeed while a
+member of one of its groups failed (which would leave it waiting in group
+creation).
 
-Keys are counted as they are read; the last reader deletes them, so a successful
-agreement leaves nothing in the store. Works on any torch ``Store``
-(``set/get/check/add/delete_key``), so it is unit-tested on a ``HashStore`` with
-threads standing in for ranks.
+Costs: a non-leader reads about one key per distinct leader; a leader reads its
+groups' members; every rank does O(1) counter and decision operations. Reads
+never block (``compare_set`` with an impossible expected value reads without
+waiting), and every wait also watches the decision, so a failure anywhere ends
+all waits. On success the last reader of each key deletes it: nothing stays in
+the store. Works on any torch ``Store``, so it is unit-tested on a ``HashStore``
+with threads standing in for ranks.
 """
 
 from __future__ import annotations
@@ -28,179 +33,171 @@ __all__ = ["agree"]
 _POLL_S = 0.002
 _POLL_MAX_S = 0.05
 _ABSENT = b"\x00scoped_parallel:absent\x00"
+_OK = "ok"
 
 
-class _Reader:
-    """Reads keys of one agreement round, once each, counting reads for cleanup."""
+class _Round:
+    """One agreement round of one rank: key access under a prefix, with a deadline."""
 
     def __init__(self, store: Any, prefix: str, deadline: float) -> None:
         self.store = store
         self.prefix = prefix
         self.deadline = deadline
 
-    def wait(
-        self,
-        keys: Iterable[str],
-        deadline: float | None = None,
-        poll: Callable[[], None] | None = None,
-    ) -> list[str]:
-        """Wait until every key exists; return the ones still missing at the deadline.
+    def peek(self, key: str) -> str | None:
+        """The value of ``key``, or None if it does not exist (never blocks)."""
+        raw = self.store.compare_set(self.prefix + key, _ABSENT, _ABSENT)
+        return None if raw == _ABSENT else raw.decode()
 
-        ``poll`` runs between checks; it may raise to abandon the wait (a bad verdict
-        published meanwhile).
+    def decided(self) -> str | None:
+        return self.peek("decision")
+
+    def decide(self, verdict: str) -> str:
+        """Propose ``verdict``; return the decision that stands (the first one written)."""
+        raw = self.store.compare_set(self.prefix + "decision", "", verdict)
+        return raw.decode()
+
+    def fail_if_decided(self) -> None:
+        verdict = self.decided()
+        if verdict is not None and verdict != _OK:
+            raise StateMismatchError(verdict)
+
+    def wait(self, keys: Iterable[str]) -> list[str]:
+        """Wait until every key exists; return those still missing at the deadline.
+
+        Raises at once if a failure has been decided meanwhile.
         """
-        pending = [self.prefix + k for k in keys]
-        limit = self.deadline if deadline is None else deadline
+        pending = list(keys)
         pause = _POLL_S
         while pending:
-            pending = [k for k in pending if not self.store.check([k])]
-            if not pending or time.monotonic() > limit:
+            pending = [k for k in pending if not self.store.check([self.prefix + k])]
+            if not pending or time.monotonic() > self.deadline:
                 break
-            if poll is not None:
-                poll()
+            self.fail_if_decided()
             time.sleep(pause)
             pause = min(pause * 1.5, _POLL_MAX_S)  # back off: many ranks poll one store
-        return [k[len(self.prefix):] for k in pending]
+        return pending
 
     def take(self, key: str, agreeing: str) -> str | None:
-        """Read ``key``; if it holds ``agreeing``, count the read and let the last reader delete it.
+        """Read a fingerprint key; if it equals ``agreeing``, count the read.
 
-        Only agreeing reads count: a rank that agrees with the key's writer has the same
-        layout, hence is one of the readers the writer expected, so the count can only
-        reach the expected number once all of them have read. A disagreeing rank (which
-        the writer may not expect at all) never deletes anything.
-
-        Returns None when the key vanished after it was seen: its expected readers have
-        all read it, so this rank is not one of them (it built another layout). The read
-        never blocks (``compare_set`` with an impossible expected value returns the
-        current value, or that value itself when the key is gone), since a blocking
-        ``get`` on a deleted key would hang until the store's own timeout.
+        The last counted reader deletes the key. Only agreeing reads count: a rank that
+        agrees with the writer has its layout, hence is one of the readers the writer
+        expected. None means the key vanished (its expected readers are done, so this
+        rank is not one of them: it built another layout).
         """
-        full = self.prefix + key
-        raw = self.store.compare_set(full, _ABSENT, _ABSENT)
-        if raw == _ABSENT:
+        value = self.peek(key)
+        if value is None:
             return None
-        readers, _, value = raw.decode().partition("\n")
-        if value == agreeing and self.store.add(full + "/n", 1) == int(readers):
+        readers, _, fingerprint = value.partition("\n")
+        full = self.prefix + key
+        if fingerprint == agreeing and self.store.add(full + "/n", 1) == int(readers):
             self.store.delete_key(full)
             self.store.delete_key(full + "/n")
-        return value
+        return fingerprint
 
 
 def agree(
     store: Any,
     prefix: str,
     rank: int,
+    span_size: int,
     groups: Iterable[Sequence[int]],
     fingerprint: str,
     timeout_s: float,
     describe: Callable[[], str],
 ) -> None:
-    """Raise StateMismatchError unless every member of every group built ``fingerprint``.
+    """Return if every rank of the state built ``fingerprint``; raise StateMismatchError otherwise.
 
-    ``groups`` are this rank's groups (any kind); ``describe()`` names the state and
-    the construction for messages. Must be called by every member of those groups.
+    Called by each of the ``span_size`` ranks of the state with its own ``groups``;
+    ``describe()`` names the state and the construction for messages.
     """
-    mine = sorted({tuple(g) for g in groups if len(g) > 1})
-    if not mine:
+    if span_size <= 1:
         return
+    mine = sorted({tuple(g) for g in groups if len(g) > 1})
     led = [g for g in mine if min(g) == rank]
     leaders = sorted({min(g) for g in mine} - {rank})
-    # Who reads my fingerprint: the leaders of my groups, and the members of groups I lead.
-    readers = set(leaders) | {m for g in led for m in g}
-    readers.discard(rank)
-    store.set(prefix + f"fp/{rank}", f"{len(readers)}\n{fingerprint}")
+    # Who reads my key: the leaders of my groups, and the members of the groups I lead.
+    readers = (set(leaders) | {m for g in led for m in g}) - {rank}
+    if readers:
+        store.set(prefix + f"fp/{rank}", f"{len(readers)}\n{fingerprint}")
     start = time.monotonic()
-    io = _Reader(store, prefix, start + timeout_s)
-
-    read: dict[int, str] = {}  # fingerprints taken so far (each key is taken once per rank)
-
-    # 1. Members: compare with each leader at once (a disagreeing rank fails fast).
-    for leader in leaders:
-        missing = io.wait([f"fp/{leader}"])
-        if missing:
-            raise StateMismatchError(
-                f"{describe()}: rank {leader} did not construct this state within "
-                f"{timeout_s:g} s (rank {rank} waited for it). Every rank of a state must "
-                "construct it, and states over the same ranks must be built in the same order."
-            )
-        theirs = read[leader] = io.take(f"fp/{leader}", fingerprint) or _not_a_member(leader)
-        if theirs != fingerprint:
-            raise StateMismatchError(_differ(describe(), rank, fingerprint, leader, theirs))
-
-    # Verdicts of the groups this rank is a member of (not leader), taken once each.
-    verdicts: dict[tuple[int, ...], str] = {}
-    followed = [g for g in mine if g not in led]
-
-    def poll_verdicts() -> None:
-        for group in followed:
-            key = f"verdict/{_gid(group)}"
-            if group not in verdicts and store.check([prefix + key]):
-                verdicts[group] = io.take(key, "ok") or f"{describe()}: rank {min(group)} does not count rank {rank} in group {group}"
-                if verdicts[group] != "ok":
-                    raise StateMismatchError(verdicts[group])
-
-    # 2. Leaders: read every member, then publish a verdict for the group. While waiting,
-    #    watch the verdicts of other groups: a bad one ends the wait at once.
-    pending_verdicts = list(led)
+    io = _Round(store, prefix, start + timeout_s)
     try:
-        for group in led:
-            members = [m for m in group if m != rank]
-            missing = [
-                int(k.split("/")[1])
-                for k in io.wait((f"fp/{m}" for m in members if m not in read), poll=poll_verdicts)
-            ]
-            verdict = "ok"
-            if missing:
-                verdict = (
-                    f"{describe()}: ranks {missing} did not construct this state within {timeout_s:g} s "
-                    f"(reported by rank {rank}, first rank of group {group}). Every rank of a state "
-                    "must construct it, and states over the same ranks must be built in the same order."
-                )
-            else:
-                for m in members:
-                    if m not in read:
-                        read[m] = io.take(f"fp/{m}", fingerprint) or _not_a_member(m)
-                    if read[m] != fingerprint:
-                        verdict = _differ(describe(), rank, fingerprint, m, read[m])
-                        break
-            _publish(store, prefix, group, verdict)
-            pending_verdicts.remove(group)
-            if verdict != "ok":
-                raise StateMismatchError(verdict)
+        _check(io, rank, mine, led, leaders, fingerprint, timeout_s, describe)
     except StateMismatchError as err:
-        for group in pending_verdicts:  # members of the groups this rank leads learn it too
-            _publish(store, prefix, group, str(err))
-        raise
-
-    # 3. Members: wait for each group's verdict (a little longer than the leader waits).
-    limit = start + timeout_s * 1.5 + 1.0
+        verdict = io.decide(str(err))  # an earlier failure elsewhere may already stand
+        _finish(io, rank, span_size, readers)
+        raise StateMismatchError(verdict) from None
+    # Everything this rank can see agrees: count it; the rank completing the count decides ok.
+    if store.add(prefix + "agreed", 1) == span_size:
+        io.decide(_OK)
+    io.deadline = start + timeout_s * 1.5 + 1.0  # outlast the leaders' own waits
     pause = _POLL_S
-    while True:
-        poll_verdicts()  # takes each published verdict once (and raises on a bad one)
-        waiting = [g for g in followed if g not in verdicts]
-        if not waiting:
-            return
-        if time.monotonic() > limit:
-            raise StateMismatchError(
-                f"{describe()}: no agreement verdict from rank {min(waiting[0])} for group "
-                f"{waiting[0]} within {timeout_s * 1.5 + 1.0:g} s; that rank is stuck or built "
-                "another state."
+    while (verdict := io.decided()) is None or verdict == "":
+        if time.monotonic() > io.deadline:
+            verdict = io.decide(
+                f"{describe()}: no decision within {timeout_s * 1.5 + 1.0:g} s; some rank of the "
+                "state never constructed it, or built a state over another span "
+                "(world_size/rank_offset)."
             )
+            break
         time.sleep(pause)
         pause = min(pause * 1.5, _POLL_MAX_S)
+    _finish(io, rank, span_size, readers)
+    if verdict != _OK:
+        raise StateMismatchError(verdict)
 
 
-def _publish(store: Any, prefix: str, group: tuple[int, ...], verdict: str) -> None:
-    store.set(prefix + f"verdict/{_gid(group)}", f"{len(group) - 1}\n{verdict}")
+def _check(
+    io: _Round,
+    rank: int,
+    mine: list[tuple[int, ...]],
+    led: list[tuple[int, ...]],
+    leaders: list[int],
+    fingerprint: str,
+    timeout_s: float,
+    describe: Callable[[], str],
+) -> None:
+    """This rank's comparisons: its leaders' fingerprints, then its led groups' members."""
+    read: dict[int, str] = {}
+    for leader in leaders:
+        if io.wait([f"fp/{leader}"]):
+            raise StateMismatchError(_missing(describe(), [leader], rank, timeout_s))
+        read[leader] = io.take(f"fp/{leader}", fingerprint) or _not_a_member(leader)
+        if read[leader] != fingerprint:
+            raise StateMismatchError(_differ(describe(), rank, fingerprint, leader, read[leader]))
+    for group in led:
+        members = [m for m in group if m != rank and m not in read]
+        missing = [int(k.split("/")[1]) for k in io.wait(f"fp/{m}" for m in members)]
+        if missing:
+            raise StateMismatchError(_missing(describe(), missing, rank, timeout_s))
+        for m in members:
+            read[m] = io.take(f"fp/{m}", fingerprint) or _not_a_member(m)
+            if read[m] != fingerprint:
+                raise StateMismatchError(_differ(describe(), rank, fingerprint, m, read[m]))
+
+
+def _finish(io: _Round, rank: int, span_size: int, readers: set[int]) -> None:
+    """After the decision: the last rank to learn it removes the round's shared keys."""
+    if io.decided() != _OK and readers:
+        io.store.delete_key(io.prefix + f"fp/{rank}")  # a failed round: drop my own key
+        io.store.delete_key(io.prefix + f"fp/{rank}/n")
+    if io.store.add(io.prefix + "done", 1) == span_size:
+        for key in ("decision", "agreed", "done"):
+            io.store.delete_key(io.prefix + key)
+
+
+def _missing(what: str, ranks: list[int], rank: int, timeout_s: float) -> str:
+    return (
+        f"{what}: ranks {ranks} did not construct this state within {timeout_s:g} s (rank {rank} "
+        "waited for them). Every rank of a state must construct it, over the same "
+        "world_size/rank_offset, and states over the same ranks in the same order."
+    )
 
 
 def _not_a_member(other: int) -> str:
     return f"(a state in which rank {other}'s groups do not include this rank: another layout)"
-
-
-def _gid(group: Sequence[int]) -> str:
-    return ",".join(map(str, group))
 
 
 def _differ(what: str, rank: int, mine: str, other: int, theirs: str) -> str:

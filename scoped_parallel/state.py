@@ -254,9 +254,9 @@ class ParallelState:
         """Check, before any group is created, that every peer built the same state.
 
         Runs :func:`scoped_parallel._agree.agree` over the default store: one leader per
-        group reads its members' fingerprints and publishes a verdict. A rank that
-        disagrees, or never arrives within ``timeout``, makes the members of its groups
-        raise :class:`StateMismatchError` instead of hanging inside group creation.
+        group reads its members' fingerprints, and one decision covers the whole state. A
+        rank that disagrees, or never arrives within ``timeout``, makes every rank of the
+        state raise :class:`StateMismatchError` instead of hanging inside group creation.
         """
         span = (self._layout.rank_offset, self._layout.world_size)
         seq = _CONSTRUCTIONS.get(span, 0)
@@ -272,6 +272,7 @@ class ParallelState:
             dist.distributed_c10d._get_default_store(),
             f"scoped_parallel/agree/{self._tag}/",
             self._rank,
+            self._layout.world_size,
             self._ranks_of.values(),
             self._fingerprint(),
             timeout.total_seconds(),

@@ -104,10 +104,7 @@ def rank_agreement_leaves_no_store_keys(rank):
     s.destroy()
     dist.barrier()  # every rank has finished reading its peers' keys
     prefix = f"scoped_parallel/agree/{tag}/"
-    from scoped_parallel import ParallelLayout
-
-    groups = {g for g in ParallelLayout(4, tensor_model_parallel_size=2).groups_of(rank).values() if len(g) > 1}
-    keys = [f"fp/{r}" for r in range(4)] + [f"verdict/{','.join(map(str, g))}" for g in groups]
+    keys = [f"fp/{r}" for r in range(4)] + ["decision", "agreed", "done"]
     return [store.check([prefix + k]) or store.check([prefix + k + "/n"]) for k in keys]
 
 
