@@ -248,11 +248,7 @@ def _impl(
 
 @_impl(_GROUPS_IMPL, "_get_data_parallel_group")
 def _dp_group(state: Any) -> Any:
-    rec = state._adapter_slots.get(OWNER) if type(state) is _state_class() else None
-    if rec is None:
-        rec = _record(state)
-    if rec.mpu is _UNSET and rec.mesh_device is None:
-        return state.get_data_parallel_group()  # the common case: the state is the mpu
+    rec = _record(state)
     mpu = state if rec.mpu is _UNSET else rec.mpu
     if rec.mesh_device is not None:
         return rec.mesh_device.get_group(mesh_dim="data_parallel")
@@ -853,14 +849,7 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
         # active_state() inlined for its two common cases: patched getters are hot.
         frame = _CURRENT.get()
         if frame is not None:
-            state = frame[0]
-            if cacheable and not args and not kwargs:
-                rec = _record(state)
-                answer = rec.answers.get(name, _MISS)
-                if answer is _MISS:
-                    answer = rec.answers[name] = implementation(state)
-                return answer
-            return implementation(state, *args, **kwargs)
+            return implementation(frame[0], *args, **kwargs)
         state = active_state(what) if (_ACTIVE or _STRICT[0]) else None
         if state is None:
             return original(*args, **kwargs)
@@ -881,6 +870,7 @@ def _scoped(label: str, name: str, original: Any, implementation: Callable[..., 
                 return scoped()
             return _original()
         state = frame[0]
+        # _record()'s fast path, inlined: saves a call on the hottest path (0.6x -> 0.5x).
         slots = getattr(state, "_adapter_slots", None)
         rec = slots.get(OWNER) if slots is not None else None
         if rec is None:
