@@ -42,7 +42,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Frame(tuple):  # type: ignore[type-arg]
-    """One entered scope: ``(state, parent frame, owner)``. Immutable; compared by identity."""
+    """One entered scope: ``(state, owner)``. Immutable; compared by identity."""
 
     __slots__ = ()
 
@@ -51,12 +51,8 @@ class _Frame(tuple):  # type: ignore[type-arg]
         return self[0]
 
     @property
-    def parent(self) -> _Frame | None:
-        return self[1]  # type: ignore[no-any-return]
-
-    @property
     def owner(self) -> tuple[int, int]:
-        return self[2]  # type: ignore[no-any-return]
+        return self[1]  # type: ignore[no-any-return]
 
 
 _CURRENT: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar(
@@ -123,7 +119,7 @@ def active_states() -> tuple[Any, ...]:
     """
     innermost: dict[tuple[int, int], _Frame] = {}
     for frame in _all_frames():
-        innermost[frame[2]] = frame  # later entries of the same owner are nested deeper
+        innermost[frame[1]] = frame  # later entries of the same owner are nested deeper
     return tuple(dict.fromkeys(f[0] for f in innermost.values()))
 
 
@@ -217,7 +213,7 @@ class Activation:
 
     def __enter__(self) -> Any:
         state = self._state
-        frame = _Frame((state, _CURRENT.get(), _owner()))
+        frame = _Frame((state, _owner()))
         token = _CURRENT.set(frame)
         _thread_stack().append(frame)
         _ACTIVE.append(None)
