@@ -1,7 +1,7 @@
 """The active-state scope: one private ContextVar and the functions around it.
 
 Only this module reads or writes the variable. It holds an immutable
-:class:`_Frame` (the state, the enclosing frame, and the thread/task that
+:class:`_Frame` (the state and the thread/task that
 entered it), so copying a context (``asyncio.create_task``,
 ``contextvars.copy_context``) shares frames safely and a child's changes never
 reach its parent.
