@@ -13,6 +13,10 @@ of every place that has one, that state is the answer; if two different states
 are innermost in different threads or tasks, it raises
 :class:`~scoped_parallel.errors.AmbiguousStateError`.
 
+Adapters never touch the variable either: they build their patched callables
+with :func:`dispatching` (and ask :func:`resolve` on cold paths), so the
+resolution rule and its fast path live here only.
+
 This module imports only the standard library.
 """
 
@@ -36,7 +40,17 @@ from scoped_parallel.errors import (
 if TYPE_CHECKING:  # pragma: no cover
     from scoped_parallel.state import ParallelState
 
-__all__ = ["Activation", "current_state", "current_state_or_none", "propagate"]
+__all__ = [
+    "Activation",
+    "current_state",
+    "current_state_or_none",
+    "dispatching",
+    "forget_memo",
+    "is_strict",
+    "propagate",
+    "resolve",
+    "set_strict",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,19 +100,33 @@ def _thread_stack() -> _Stack:
 
 
 _get_ident = threading.get_ident
-_ASYNCIO: list[Any] = []  # [_get_running_loop, current_task] once asyncio is imported
+
+
+class _AsyncioProbe:
+    """asyncio's running-loop and current-task functions, looked up once asyncio is imported."""
+
+    __slots__ = ("running_loop", "current_task")
+
+    def __init__(self) -> None:
+        self.running_loop: Callable[[], Any] | None = None
+        self.current_task: Callable[[], Any] | None = None
+
+
+_ASYNCIO = _AsyncioProbe()
 
 
 def _owner() -> tuple[int, int]:
     """The (thread, asyncio task) that is running, as identities."""
-    if not _ASYNCIO:
+    probe = _ASYNCIO
+    if probe.running_loop is None:
         asyncio = sys.modules.get("asyncio")
         if asyncio is None:
             return (_get_ident(), 0)
-        _ASYNCIO[:] = [asyncio._get_running_loop, asyncio.current_task]
-    if _ASYNCIO[0]() is None:
+        probe.current_task = asyncio.current_task
+        probe.running_loop = asyncio._get_running_loop
+    if probe.running_loop() is None:
         return (_get_ident(), 0)
-    task = _ASYNCIO[1]()
+    task = probe.current_task()  # type: ignore[misc]
     return (_get_ident(), 0 if task is None else id(task))
 
 
@@ -309,3 +337,128 @@ def propagate(fn: Callable[..., Any]) -> Callable[..., Any]:
         return ctx.copy().run(fn, *args, **kwargs)
 
     return run_in_captured_scope
+
+
+# ---------------------------------------------------------------------- dispatch for adapters
+#
+# Patched library functions answer from the active state. Their wrappers are built
+# here, from one template, so that the resolution rule above and its fast path exist
+# once: adapters say what to call inside a scope and what outside, nothing else.
+
+
+class _Strict:
+    """Whether a patched function with no state to answer from raises (True) or falls through."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+_STRICT = _Strict()
+
+
+def set_strict(strict: bool) -> None:
+    """Make patched functions called where no state resolves raise (``True``) or fall through."""
+    _STRICT.on = bool(strict)
+
+
+def is_strict() -> bool:
+    """Whether patched functions raise where no state resolves (see :func:`set_strict`)."""
+    return _STRICT.on
+
+
+def resolve(what: str) -> ParallelState | None:
+    """The state a patched function named ``what`` answers from, or ``None`` to fall through.
+
+    The full rule (innermost scope, then the fallback of :func:`current_state_or_none`),
+    plus strict mode: with ``set_strict(True)`` no state raises
+    :class:`NoActiveStateError` naming ``what``. Hot paths use :func:`dispatching`,
+    which inlines the common cases of this function.
+    """
+    frame = _CURRENT.get()
+    if frame is not None:
+        return frame[0]  # type: ignore[no-any-return]
+    state = current_state_or_none() if _ACTIVE else None
+    if state is None and _STRICT.on:
+        raise NoActiveStateError(
+            f"{what} was called outside any scope while scoped_parallel adapters are installed "
+            "in strict mode. Call it inside `with state.activate():` (or on an engine bound with "
+            "state.bind(engine)), or install the adapters with strict=False to fall back to the "
+            "library's own global state."
+        )
+    return state
+
+
+def forget_memo(state: Any) -> None:
+    """Drop the answers :func:`dispatching` memoized for ``state`` (its inputs changed)."""
+    memo = getattr(state, "_memo", None)
+    if memo is not None:
+        memo.clear()
+
+
+def dispatching(
+    original: Callable[..., Any],
+    inside: Callable[..., Any],
+    what: str,
+    *,
+    memoize: bool = False,
+) -> Callable[..., Any]:
+    """A replacement for ``original`` that answers ``inside(state, *args)`` in a scope.
+
+    Where :func:`resolve` finds no state, the replacement calls ``original(*args)``
+    (or raises in strict mode). With ``memoize=True`` the function must take no
+    arguments and its answer is kept per state in the state's ``_memo`` dict until
+    :func:`forget_memo` (the state clears it on ``destroy()``); use it for readers whose
+    answer depends only on the state and on inputs that call ``forget_memo`` when they
+    change.
+
+    Worked example (what the DeepSpeed adapter does for a getter)::
+
+        groups._get_data_parallel_group = dispatching(
+            original, lambda state: state.get_data_parallel_group(),
+            "deepspeed.utils.groups._get_data_parallel_group", memoize=True)
+    """
+    if not memoize:
+
+        @functools.wraps(original)
+        def scoped(*args: Any, **kwargs: Any) -> Any:
+            frame = _CURRENT.get()
+            if frame is not None:
+                return inside(frame[0], *args, **kwargs)
+            state = resolve(what) if (_ACTIVE or _STRICT.on) else None
+            if state is None:
+                return original(*args, **kwargs)
+            return inside(state, *args, **kwargs)
+
+        return scoped
+
+    key = (what, inside)
+
+    @functools.wraps(original)
+    def scoped_reader(
+        *,
+        _get: Any = _CURRENT.get,
+        _active: Any = _ACTIVE,
+        _strict: Any = _STRICT,
+        _original: Any = original,
+        _inside: Any = inside,
+        _key: Any = key,
+    ) -> Any:
+        # The same rule for argument-free hot readers, with every name bound as a default
+        # (a local lookup) and the answer memoized per state.
+        frame = _get()
+        if frame is None:
+            state = resolve(what) if (_active or _strict.on) else None
+            if state is None:
+                return _original()
+        else:
+            state = frame[0]
+        memo = state._memo
+        try:
+            return memo[_key]
+        except KeyError:
+            answer = memo[_key] = _inside(state)
+            return answer
+
+    return scoped_reader

@@ -187,6 +187,8 @@ class ParallelState:
         self._destroyed = False
         #: per-state data of the adapters (keyed by adapter name); opaque to the core
         self._adapter_slots: dict[str, Any] = {}
+        #: answers memoized by scoped_parallel._scope.dispatching(memoize=True)
+        self._memo: dict[Any, Any] = {}
         if not self._layout.contains(self._rank):
             return
         self._ranks_of = dict(self._layout.groups_of(self._rank))
@@ -341,6 +343,7 @@ class ParallelState:
         self._live_ranks = {}
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
+        self._memo.clear()
         held = list(self._groups.values()) + list(self._gloo.values())
         self._groups.clear()
         self._gloo.clear()
