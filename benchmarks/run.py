@@ -23,6 +23,7 @@ import argparse
 import contextvars
 import decimal
 import json
+import operator
 import os
 import platform
 import sys
@@ -45,9 +46,35 @@ def _pair(a: Callable[[], Any], b: Callable[[], Any], number: int, repeat: int) 
     return min(ta), min(tb)
 
 
+# A goal is "<op> <number>", e.g. "<= 0.5"; the ratio is the left operand.
+_GOAL_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    "<": operator.lt,
+    ">=": operator.ge,
+    ">": operator.gt,
+    "==": operator.eq,
+    "=": operator.eq,
+}
+
+
+def goal_met(ratio: float, goal: str) -> bool:
+    """Whether ``ratio`` satisfies ``goal`` ("<op> <number>"); ValueError for any other goal."""
+    parts = goal.split()
+    if len(parts) == 1:  # also accept "<=0.5"
+        op_len = 2 if parts[0][:2] in _GOAL_OPS else 1
+        parts = [parts[0][:op_len], parts[0][op_len:]]
+    if len(parts) != 2 or parts[0] not in _GOAL_OPS:
+        raise ValueError(f"goal {goal!r} is not '<op> <number>' with op one of {sorted(_GOAL_OPS)}")
+    try:
+        bound = float(parts[1])
+    except ValueError:
+        raise ValueError(f"goal {goal!r}: {parts[1]!r} is not a number") from None
+    return bool(_GOAL_OPS[parts[0]](ratio, bound))
+
+
 def record(section: str, what: str, ours: float, baseline: float, goal: str, unit: str = "s") -> None:
     ratio = ours / baseline if baseline else float("inf")
-    ok = eval(f"{ratio} {goal}")  # goal like "<= 0.5"
+    ok = goal_met(ratio, goal)
     RESULTS.append(
         dict(section=section, what=what, ours=ours, baseline=baseline, unit=unit, ratio=ratio, goal=goal, met=ok)
     )
