@@ -1,4 +1,14 @@
-"""Tier 4: ParallelState on a real 4-rank gloo world (one world shared by all tests)."""
+"""Tier 4 (gloo world): ParallelState on a real 4-rank gloo world, one world shared by all tests.
+
+Proves: every group a rank holds has the layout's ranks and all-reduces over them;
+states on rank subsets coexist with a world-spanning one; why groups are named by the
+library (torch's local-sync names diverge); agreement leaves no store keys; identical
+rank sets share one refcounted group; mismatched layouts, a missing peer and a
+different construction order raise instead of hanging; per-kind backends and options
+reach group creation; scopes switch the getters and destroy() releases everything; a
+state is a complete DeepSpeed mpu. Rank-side functions return values; the tests
+compare them with what is expected and name the rank in every message.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +38,14 @@ def rank_groups_match_layout(rank):
 
     s = ParallelState(name="m", tensor_model_parallel_size=2, timeout=T)
     try:
-        out = {}
+        out = {"groups": {}}
         for kind, ranks in s.layout.groups_of(rank).items():
             group = s.group(kind)
-            assert tuple(dist.get_process_group_ranks(group)) == ranks, kind
-            assert _sum_over(group, rank) == sum(ranks), kind
-            out[kind] = ranks
+            out["groups"][kind] = {
+                "layout": ranks,
+                "torch": tuple(dist.get_process_group_ranks(group)),
+                "sum": _sum_over(group, rank),
+            }
         out["getters"] = (
             s.get_tensor_model_parallel_world_size(),
             s.get_tensor_model_parallel_rank(),
@@ -105,7 +117,8 @@ def rank_agreement_leaves_no_store_keys(rank):
     dist.barrier()  # every rank has finished reading its peers' keys
     prefix = f"scoped_parallel/agree/{tag}/"
     keys = [f"fp/{r}" for r in range(4)] + ["decision", "agreed", "done"]
-    return [store.check([prefix + k]) or store.check([prefix + k + "/n"]) for k in keys]
+    left = [k for k in keys if store.check([prefix + k]) or store.check([prefix + k + "/n"])]
+    return keys, left
 
 
 def rank_sharing(rank):
@@ -115,25 +128,44 @@ def rank_sharing(rank):
     b = ParallelState(name="b", tensor_model_parallel_size=2, timeout=T)
     c = ParallelState(name="c", tensor_model_parallel_size=2, timeout=T, share_groups=False)
     d = ParallelState(name="d", sequence_parallel_size=2, timeout=T)
+    tp_ranks = a.ranks("tp")
+
+    def kinds_on_tp_ranks(*states):
+        """How many of the states' kinds have exactly a's tp ranks on this rank."""
+        return sum(list(st.layout.groups_of(rank).values()).count(tp_ranks) for st in states)
+
     try:
-        return {
-            "a_b_same_tp": a.get_tensor_model_parallel_group() is b.get_tensor_model_parallel_group(),
-            "a_c_same_tp": a.get_tensor_model_parallel_group() is c.get_tensor_model_parallel_group(),
-            "tp_is_sp_of_d": a.get_tensor_model_parallel_group() is d.get_sequence_parallel_group(),
+        seen: list = []
+        out = {
+            "tp_object": {  # the distinct group objects, numbered by first appearance (a's is 0)
+                label: _index_of(group, seen)
+                for label, group in (
+                    ("a tp", a.get_tensor_model_parallel_group()),
+                    ("b tp", b.get_tensor_model_parallel_group()),
+                    ("c tp", c.get_tensor_model_parallel_group()),
+                    ("d sp", d.get_sequence_parallel_group()),
+                )
+            },
             "users": _groups.users(a.get_tensor_model_parallel_group()),
-            "expected_users": sum(
-                list(st.layout.groups_of(rank).values()).count(a.ranks("tp")) for st in (a, b, d)
-            ),
-            "c_tp_works": _sum_over(c.get_tensor_model_parallel_group(), rank),
-            "live": _groups.live_groups(),
+            "expected_users": kinds_on_tp_ranks(a, b, d),
+            "c_tp_sum": _sum_over(c.get_tensor_model_parallel_group(), rank),
         }
-    finally:
         a.destroy()
-        tp_b = b.get_tensor_model_parallel_group()
-        after_a = _groups.users(tp_b)
-        for s in (b, c, d):
-            s.destroy()
-        assert after_a == 7, after_a  # b (6 kinds) and d (sp) still hold it
+        out["users_after_a"] = _groups.users(b.get_tensor_model_parallel_group())
+        out["expected_users_after_a"] = kinds_on_tp_ranks(b, d)
+        return out
+    finally:
+        for s in (a, b, c, d):
+            s.destroy()  # idempotent for a
+
+
+def _index_of(obj, seen):
+    """The position of ``obj`` (by identity) in ``seen``, appending it if new."""
+    for i, known in enumerate(seen):
+        if known is obj:
+            return i
+    seen.append(obj)
+    return len(seen) - 1
 
 
 def rank_mismatched_layout(rank):
@@ -279,88 +311,129 @@ def _layout_groups(tp):
 def test_groups_equal_layout_and_collectives_run_over_them(world):
     """Every group a rank holds has the layout's ranks, and an all-reduce over it sums them."""
     res = world.run(rank_groups_match_layout)
-    assert res[0]["tp"] == (0, 1) and res[3]["dp"] == (1, 3)
-    assert res[1]["getters"] == (2, 1, 2, 0, 2, 0, (1, 3), True, True)
+    for r, out in enumerate(res):
+        for kind, g in out["groups"].items():
+            assert g["torch"] == g["layout"], f"rank {r} {kind}: torch's group has ranks {g['torch']}, layout {g['layout']}"
+            want = sum(g["layout"])
+            assert g["sum"] == want, f"rank {r} {kind}: all-reduce of the ranks gave {g['sum']}, expected {want}"
+    tp0, dp3 = res[0]["groups"]["tp"]["layout"], res[3]["groups"]["dp"]["layout"]
+    assert tp0 == (0, 1), f"rank 0: tp ranks {tp0}, expected (0, 1)"
+    assert dp3 == (1, 3), f"rank 3: dp ranks {dp3}, expected (1, 3)"
+    # tp size, tp rank, dp size, dp rank, mp size, tp src rank, dp ranks, first stage, last stage
+    want_getters = (2, 1, 2, 0, 2, 0, (1, 3), True, True)
+    assert res[1]["getters"] == want_getters, f"rank 1: getters returned {res[1]['getters']}, expected {want_getters}"
 
 
 @pytest.mark.world
 def test_subset_states_and_a_world_spanning_state_coexist(world):
     """States on ranks 0-1, 2-3 and 0-3 build without hangs and a non-member gets a clear error."""
     res = world.run(rank_subset_states_with_different_group_counts, timeout=90)
-    assert [r["actor_member"] for r in res] == [True, True, False, False]
-    assert [r["ref_sp"] for r in res] == [1, 1, 5, 5]
-    assert [r["ref_sdp"] for r in res] == [6] * 4
-    assert [r["own_dp"] for r in res] == [0, 1, 2, 3]  # both have data parallel size 1
-    assert [r["own_mp"] for r in res] == [1, 1, 5, 5]  # actor tp (0,1), critic pp (2,3)
+
+    def by_rank(key):
+        return [r[key] for r in res]
+
+    assert by_rank("actor_member") == [True, True, False, False], f"actor membership by rank: {by_rank('actor_member')}"
+    assert by_rank("critic_member") == [False, False, True, True], f"critic membership by rank: {by_rank('critic_member')}"
+    # the sums of the member ranks: ref sp groups (0,1) and (2,3); sdp spans all four
+    assert by_rank("ref_sp") == [1, 1, 5, 5], f"ref sp all-reduce sums by rank: {by_rank('ref_sp')}"
+    assert by_rank("ref_sdp") == [6] * 4, f"ref sdp all-reduce sums by rank: {by_rank('ref_sdp')}"
+    # both subset states have data parallel size 1: each rank's dp group is itself
+    assert by_rank("own_dp") == [0, 1, 2, 3], f"own dp all-reduce sums by rank: {by_rank('own_dp')}"
+    # actor's model parallel group is tp (0,1), critic's is pp (2,3)
+    assert by_rank("own_mp") == [1, 1, 5, 5], f"own mp all-reduce sums by rank: {by_rank('own_mp')}"
     kind, msg = res[0]["outsider"]
-    assert kind == "RankNotInLayoutError" and "rank 0" in msg and "2..3" in msg
+    assert kind == "RankNotInLayoutError", f"rank 0 asking the critic for a group raised {kind}: {msg}"
+    assert "rank 0" in msg and "2..3" in msg, f"the error should name rank 0 and the critic's ranks 2..3: {msg}"
 
 
 @pytest.mark.world
 def test_torch_hashed_group_names_depend_on_group_count(world):
     """Why we name groups ourselves: torch's local-sync names differ between ranks holding different group counts."""
     names = world.run(rank_torch_hashed_names_diverge)
-    assert names[0] != names[1] and names[1] == names[2] == names[3]
+    assert names[1] == names[2] == names[3], f"ranks 1-3 hold equally many groups but got names {names[1:]}"
+    assert names[0] != names[1], f"rank 0 holds one more group yet computed the same name {names[0]!r}"
 
 
 @pytest.mark.world
 def test_successful_agreement_leaves_no_keys_in_the_store(world):
     """The last reader of each agreement key deletes it, so the store does not grow per state."""
-    for leftovers in world.run(rank_agreement_leaves_no_store_keys):
-        assert len(leftovers) > 4 and not any(leftovers), leftovers
+    for r, (checked, left) in enumerate(world.run(rank_agreement_leaves_no_store_keys)):
+        assert len(checked) == 4 + 3, f"rank {r}: checked {checked}, expected 4 fingerprints and 3 protocol keys"
+        assert left == [], f"rank {r}: agreement keys still in the store: {left}"
 
 
 @pytest.mark.world
 def test_identical_rank_sets_share_one_group(world):
     """States asking for the same ranks share one refcounted group unless share_groups=False."""
     res = world.run(rank_sharing)
-    for r in res:
-        assert r["a_b_same_tp"] and not r["a_c_same_tp"] and r["tp_is_sp_of_d"]
-        assert r["users"] == r["expected_users"] == 13  # a, b: tp, tp-pp, tp-cp, etp...; d: sp
-    assert [r["c_tp_works"] for r in res] == [1, 1, 5, 5]
+    # a and b share, d's sp has the same ranks and shares too; c (share_groups=False) has its own
+    want_objects = {"a tp": 0, "b tp": 0, "c tp": 1, "d sp": 0}
+    # on this layout 6 kinds of a and of b have the tp ranks (tp, tp-pp, tp-cp, etp, ...), and d's sp
+    kinds_per_state, sp_of_d = 6, 1
+    for r, out in enumerate(res):
+        assert out["tp_object"] == want_objects, (
+            f"rank {r}: group objects (numbered by first appearance) {out['tp_object']}, expected {want_objects}"
+        )
+        want = 2 * kinds_per_state + sp_of_d
+        assert out["expected_users"] == want, f"rank {r}: {out['expected_users']} kinds on the tp ranks, expected {want}"
+        assert out["users"] == want, f"rank {r}: the shared tp group has {out['users']} users, expected {want}"
+        want = kinds_per_state + sp_of_d  # b and d still hold it after a.destroy()
+        assert out["expected_users_after_a"] == want, f"rank {r}: {out['expected_users_after_a']} kinds, expected {want}"
+        assert out["users_after_a"] == want, f"rank {r}: {out['users_after_a']} users after a.destroy(), expected {want}"
+    sums = [out["c_tp_sum"] for out in res]
+    assert sums == [1, 1, 5, 5], f"all-reduce over c's own tp groups (0,1) and (2,3) by rank: {sums}, expected [1, 1, 5, 5]"
 
 
 @pytest.mark.world
 def test_different_layouts_raise_instead_of_hanging(world):
     """A rank that builds another layout makes its peers and itself fail, with no group left."""
     res = world.run(rank_mismatched_layout, timeout=60)
-    assert all(kind == "error" for kind, _, _ in res), res
-    assert all(live == 0 for _, _, live in res)
-    assert "tp=2" in res[0][1] or "tp=1" in res[0][1]
+    for r, (kind, msg, live) in enumerate(res):
+        assert kind == "error", f"rank {r}: the state was {kind} instead of raising StateMismatchError"
+        assert live == 0, f"rank {r}: {live} process groups alive after the failed construction, expected 0"
+    assert "tp=2" in res[0][1] or "tp=1" in res[0][1], f"rank 0's error should name a tp size: {res[0][1]}"
 
 
 @pytest.mark.world
 def test_missing_peer_fails_within_timeout_naming_it(world):
     """A rank that never constructs the state is named in the others' error within the timeout."""
     res = world.run(rank_missing_peer, timeout=60)
-    for msg, elapsed, live in res[:3]:
-        assert "ranks [3]" in msg and "'lonely'" in msg
-        assert 1.5 < elapsed < 10
-        assert live == len(set(_layout_groups(2)))  # only the first state's groups, none of lonely's
+    first_state_groups = len(set(_layout_groups(2)))  # only the first state's groups, none of lonely's
+    for r, (msg, elapsed, live) in enumerate(res[:3]):
+        assert "ranks [3]" in msg and "'lonely'" in msg, f"rank {r}: error should name ranks [3] and 'lonely': {msg}"
+        assert 1.5 < elapsed < 10, f"rank {r}: raised after {elapsed:.1f} s, expected about the 2 s timeout"
+        assert live == first_state_groups, f"rank {r}: {live} live groups, expected {first_state_groups}"
 
 
 @pytest.mark.world
 def test_states_built_in_different_order_raise(world):
     """Ranks building states in a different order get an error naming both states."""
     res = world.run(rank_different_order, timeout=60)
-    assert all("'x'" in m and "'y'" in m for m in res), res
+    for r, msg in enumerate(res):
+        assert "'x'" in msg and "'y'" in msg, f"rank {r}: expected an error naming 'x' and 'y', got {msg!r}"
 
 
 @pytest.mark.world
 def test_per_kind_backend_and_options_reach_group_creation(world):
     """pg_options, backends and gloo twins reach the groups that are created."""
     res = world.run(rank_per_kind_backend_and_options)
-    for r in res:
-        assert r["tp_options_reached"] and r["tp_timeout"] == 42.0
-        assert r["dp_backend"] == "gloo" and r["gloo_dp_backend"] == "gloo"
-    assert res[0]["gloo_dp_ranks"] == (0, 2)
+    for r, out in enumerate(res):
+        assert out["tp_options_reached"], f"rank {r}: the tp group was created without the pg_options object"
+        assert out["tp_timeout"] == 42.0, f"rank {r}: tp group timeout {out['tp_timeout']} s, expected 42 s"
+        for key in ("dp_backend", "gloo_dp_backend"):
+            assert out[key] == "gloo", f"rank {r}: {key} is {out[key]!r}, expected 'gloo'"
+    assert res[0]["gloo_dp_ranks"] == (0, 2), f"rank 0: gloo dp ranks {res[0]['gloo_dp_ranks']}, expected (0, 2)"
 
 
 @pytest.mark.world
 def test_scope_switches_and_destroy_releases_everything(world):
     """Getters follow the scope; destroy() frees every group and blocks later use."""
     res = world.run(rank_scope_and_destroy)
-    assert res[0] == [2, 4, 2, "gone", "ScopedParallelError", 0]
+    # dp size in actor, in critic nested, in actor again; then the getter after destroy(),
+    # activating a destroyed state, and torch's group count growth
+    want = [2, 4, 2, "gone", "ScopedParallelError", 0]
+    for r, seen in enumerate(res):
+        assert seen == want, f"rank {r}: saw {seen}, expected {want}"
 
 
 @pytest.mark.world
@@ -368,6 +441,9 @@ def test_state_is_a_complete_deepspeed_mpu(world):
     """A state has every method DeepSpeed calls on an mpu and no SP-only marker."""
     res = world.run(rank_deepspeed_mpu_surface)
     missing, marker, values = res[1]
-    assert missing == [] and marker is False
-    assert values["get_model_parallel_world_size"] == 2
-    assert values["get_data_parallel_group_ranks"] == (1, 3)
+    assert missing == [], f"mpu methods missing from the state: {missing}"
+    assert marker is False, "the state has initialize_sequence_parallel, which marks an SP-only mpu for DeepSpeed"
+    got = values["get_model_parallel_world_size"]
+    assert got == 2, f"rank 1: model parallel world size {got}, expected 2"
+    got = values["get_data_parallel_group_ranks"]
+    assert got == (1, 3), f"rank 1: data parallel ranks {got}, expected (1, 3)"
