@@ -1,11 +1,11 @@
 # The README's two set-up commands are `make demo` and `make test`; both create
-# .venv and install what they need on a fresh machine.
+# .venv and install what they need on a fresh machine (so does `make docs`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -27,5 +27,19 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/run.py
 
+# API reference from the docstrings, into docs/_build/html. Warnings are errors
+# (-W, all reported before failing: --keep-going), unresolved references inside
+# the project too (-n); docs/_ext/public_docstrings.py makes a public name without a
+# docstring a warning. -E: every page is re-read, so that check sees all of them.
+DOCS_BUILD := docs/_build
+
+$(VENV)/.installed-docs: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs $(DOCS_BUILD)/html
+	@echo "docs: $(DOCS_BUILD)/html/index.html"
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis docs/_build
