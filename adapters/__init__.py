@@ -11,6 +11,10 @@ lazily and skipped when the target is not installed:
 ``megatron``       ``megatron.core.parallel_state`` getters
 =================  ====================================================================
 
+Every change to another library goes through one :class:`~._ledger.Ledger`
+(``_ledger.py``), and every patched function finds its state with the scope's
+``dispatching``/``resolve`` (``scoped_parallel._scope``).
+
 Usage::
 
     from scoped_parallel import adapters
@@ -27,6 +31,7 @@ from typing import Iterator
 
 from scoped_parallel.adapters._common import is_strict, set_strict
 from scoped_parallel.adapters._ledger import LEDGER
+from scoped_parallel.errors import AdapterError
 
 __all__ = ["TARGETS", "install", "installed", "is_installed", "uninstall", "available"]
 
@@ -77,16 +82,30 @@ def install(strict: bool | None = None, targets: tuple[str, ...] | None = None) 
 
 
 def uninstall(targets: tuple[str, ...] | None = None) -> None:
-    """Restore every original object (by identity) patched by the adapters."""
+    """Restore every original object (by identity) patched by the adapters.
+
+    Every adapter is undone even when one of them finds a conflict (a patched object
+    replaced again by someone else); the AdapterErrors are raised afterwards, together.
+    """
     names = LEDGER.owners() if targets is None else tuple(targets)
+    conflicts: list[AdapterError] = []
     for name in reversed(names):
         module = _module(name)
         hook = getattr(module, "uninstall", None)
-        if hook is not None:
-            hook()
-        LEDGER.undo(name)
+        try:
+            if hook is not None:
+                hook()
+        finally:
+            try:
+                LEDGER.undo(name)
+            except AdapterError as err:
+                conflicts.append(err)
     if not LEDGER.owners():
         set_strict(False)
+    if len(conflicts) == 1:
+        raise conflicts[0]
+    if conflicts:
+        raise AdapterError("; ".join(str(err) for err in conflicts))
 
 
 def is_installed(target: str | None = None) -> bool:
@@ -106,6 +125,8 @@ def installed(strict: bool | None = None, targets: tuple[str, ...] | None = None
         yield names
     finally:
         added = tuple(n for n in LEDGER.owners() if n not in before)
-        if added:
-            uninstall(added)
-        set_strict(previous_strict)
+        try:
+            if added:
+                uninstall(added)
+        finally:
+            set_strict(previous_strict)

@@ -7,7 +7,8 @@ own function, unchanged (or raises, with ``install(strict=True)``).
 Megatron code usually imports the module (``from megatron.core import
 parallel_state`` / ``mpu``) and reads attributes at call time, which the module
 patch covers. Copies made with ``from megatron.core.parallel_state import
-get_...`` in modules already imported are patched too (the ledger walks every
+get_...`` in modules already imported are patched too
+(:meth:`~scoped_parallel.adapters._ledger.Ledger.patch_everywhere` walks every
 loaded ``megatron.*`` module); modules imported later pick up the patched
 function.
 
@@ -21,11 +22,10 @@ memory buffers, and ``set_*`` overrides of sizes and ranks.
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Any, Callable
 
-from scoped_parallel.adapters._common import active_state
+from scoped_parallel._scope import dispatching
+from scoped_parallel.adapters._ledger import require
 from scoped_parallel.errors import GroupNotAvailableError
 
 __all__ = ["GETTERS", "UNSUPPORTED", "install"]
@@ -98,40 +98,38 @@ UNSUPPORTED: tuple[str, ...] = (
 )
 
 
-def _wrap(name: str, original: Callable[..., Any], supported: bool) -> Callable[..., Any]:
-    """Megatron's getter outside any scope; inside one, the state's answer (or a refusal)."""
-    what = f"megatron.core.parallel_state.{name}()"
+def _inside(name: str, supported: bool) -> Callable[..., Any]:
+    """What the getter ``name`` does inside a scope: the state's answer, or a refusal."""
+    if supported:
 
-    @functools.wraps(original)
-    def getter(*args: Any, **kwargs: Any) -> Any:
-        state = active_state(what)
-        if state is None:
-            return original(*args, **kwargs)
-        if supported:
+        def answer(state: Any, *args: Any, **kwargs: Any) -> Any:
             return getattr(state, name)(*args, **kwargs)
+
+        return answer
+
+    def refuse(state: Any, *args: Any, **kwargs: Any) -> Any:
         raise GroupNotAvailableError(
-            f"{what} inside the scope of {state!r}: scoped_parallel does not build this group, "
-            "and Megatron's global one belongs to another layout. Build it yourself from "
-            "state.layout, or call this outside any scope if the global layout is meant."
+            f"megatron.core.parallel_state.{name}() inside the scope of {state!r}: scoped_parallel "
+            "does not build this group, and Megatron's global one belongs to another layout. Build "
+            "it yourself from state.layout, or call this outside any scope if the global layout is "
+            "meant."
         )
 
-    return getter
+    return refuse
 
 
 def install(ledger: Any) -> None:
+    """Patch every getter of :data:`GETTERS` and :data:`UNSUPPORTED`, and their copies in ``megatron.*``."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about Apex/TE on CPU
         from megatron.core import parallel_state as ps
 
+    replacements = {}
     for name in GETTERS + UNSUPPORTED:
-        original = vars(ps).get(name)
-        replacement = _wrap(name, original, name in GETTERS) if original is not None else None
-        ledger.patch(OWNER, ps, name, replacement)  # refuses (loudly) a name that is gone
-        others = [
-            m
-            for key, m in list(sys.modules.items())
-            if m is not None and m is not ps and key.startswith("megatron.")
-        ]
-        ledger.patch_aliases(OWNER, original, replacement, others)
+        original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
+        replacements[name] = dispatching(
+            original, _inside(name, name in GETTERS), f"megatron.core.parallel_state.{name}()"
+        )
+    ledger.patch_everywhere(OWNER, ps, replacements, package="megatron")

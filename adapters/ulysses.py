@@ -24,6 +24,8 @@ DeepSpeed's original code. In strict mode (``adapters.install(strict=True)``) bo
 the registration and the dispatch of a module registered nowhere raise instead of
 falling back when no scope is active.
 
+Every ``ALL_ATTENTION_FUNCTIONS`` entry a dispatcher replaces is recorded in the
+adapters' ledger (``Ledger.setitem``), which restores it on uninstall.
 deepspeed and transformers are imported only by :func:`install` and by the
 patched calls; per-state data lives here, keyed weakly, so the core stays
 DeepSpeed-agnostic.
@@ -32,22 +34,14 @@ DeepSpeed-agnostic.
 from __future__ import annotations
 
 import inspect
-import re
 import threading
-import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from scoped_parallel.adapters._common import active_state
-from scoped_parallel.errors import (
-    AdapterError,
-    DistributedNotInitializedError,
-    LayoutError,
-    ScopedParallelError,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from scoped_parallel.adapters._ledger import Ledger
+from scoped_parallel._scope import resolve
+from scoped_parallel.adapters._ledger import Ledger
+from scoped_parallel.adapters._ulysses_build import build_instance, check_core, model_config
+from scoped_parallel.errors import AdapterError, LayoutError, ScopedParallelError
 
 __all__ = ["install", "uninstall", "instance_for"]
 
@@ -65,13 +59,15 @@ _PARAMETERS = (
     "disable_in_eval",
     "max_length",
 )
-# Attention implementations DeepSpeed refuses: they need a full 4D mask.
-_UNSUPPORTED = ("eager", "paged|eager")
-# "org/name", optionally "@revision" and ":function": a hub kernel name.
-_HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
 
 _LOCK = threading.RLock()
-_ORIGINAL_REGISTER: list[Any] = []  # [the classmethod object found in the class __dict__]
+
+
+class _Installed:
+    """What install() found: the ledger, and the classmethod in the class ``__dict__``."""
+
+    ledger: Ledger | None = None
+    register: Any = None
 
 
 class _StateRecord:
@@ -110,16 +106,13 @@ class _Binding:
 
 
 class _Dispatch:
-    """The single wrapper installed for one core implementation, and how to undo it."""
+    """The single wrapper installed for one core implementation, and the function it wraps."""
 
-    __slots__ = ("mapping", "core", "original", "wrapper", "was_local")
+    __slots__ = ("original", "wrapper")
 
-    def __init__(self, mapping: Any, core: str, original: Callable[..., Any], wrapper: Any, was_local: bool) -> None:
-        self.mapping = mapping
-        self.core = core
+    def __init__(self, original: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
         self.original = original
         self.wrapper = wrapper
-        self.was_local = was_local
 
 
 _STATES: weakref.WeakKeyDictionary[Any, _StateRecord] = weakref.WeakKeyDictionary()
@@ -150,35 +143,20 @@ def install(ledger: Ledger) -> None:
             f"{_PARAMETERS} (DeepSpeed 0.19.8); pin a supported DeepSpeed or install without this adapter."
         )
     _reset()
-    _ORIGINAL_REGISTER.append(ledger.patch(OWNER, UlyssesSPAttentionHF, _METHOD, classmethod(_register)))
+    _Installed.ledger = ledger
+    _Installed.register = ledger.patch(OWNER, UlyssesSPAttentionHF, _METHOD, classmethod(_register))
 
 
 def uninstall() -> None:
-    """Put every replaced ``ALL_ATTENTION_FUNCTIONS`` entry back (by identity) and forget registrations.
+    """Forget every registration.
 
-    The ledger restores ``register_with_transformers`` afterwards. An entry that someone
-    replaced after the dispatcher went in is still restored, with a warning.
+    The ledger then restores ``register_with_transformers`` and every
+    ``ALL_ATTENTION_FUNCTIONS`` entry a dispatcher replaced (by identity; an entry that
+    did not exist before is removed). An entry that someone replaced after the
+    dispatcher went in is restored anyway, and the ledger raises an AdapterError
+    naming it.
     """
-    with _LOCK:
-        replaced = []
-        for dispatch in reversed(list(_DISPATCH.values())):
-            mapping, core = dispatch.mapping, dispatch.core
-            if mapping.get(core) is not dispatch.wrapper:
-                replaced.append(core)
-            local = getattr(mapping, "_local_mapping", None)
-            if not dispatch.was_local and isinstance(local, dict) and core in local:
-                del local[core]  # the original lives in the class-wide mapping again
-            if mapping.get(core) is not dispatch.original:
-                mapping[core] = dispatch.original
-        _reset()
-    if replaced:
-        warnings.warn(
-            f"{OWNER}: ALL_ATTENTION_FUNCTIONS entries {replaced} had been replaced by someone else "
-            "after scoped_parallel installed its dispatcher (register_with_transformers called "
-            "outside any scope?); the original core functions were restored anyway.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _reset()
 
 
 def _reset() -> None:
@@ -187,7 +165,7 @@ def _reset() -> None:
         _STATES.clear()
         _MODULES.clear()
         _CONFIGS.clear()
-        _ORIGINAL_REGISTER.clear()
+        _Installed.ledger = _Installed.register = None
 
 
 # ---------------------------------------------------------------------- lookup
@@ -214,7 +192,7 @@ def _resolve(core: str, module: Any) -> Any:
     binding = _binding_of(module)
     if binding is not None:
         return binding.resolve(core)
-    state = active_state(f"the {core!r} attention dispatcher (a model not registered with Ulysses)")
+    state = resolve(f"the {core!r} attention dispatcher (a model not registered with Ulysses)")
     if state is None:
         return None
     record = _STATES.get(state)
@@ -272,15 +250,20 @@ def _core_function(core: str) -> Callable[..., Any]:
 
 
 def _install_dispatcher(core: str, original: Callable[..., Any]) -> None:
-    """Put the dispatcher for ``core`` (wrapping ``original``) in place, once."""
+    """Put the dispatcher for ``core`` (wrapping ``original``) in place, once, through the ledger."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as mapping
 
     if core in _DISPATCH:
         return
+    ledger = _Installed.ledger
+    if ledger is None:
+        raise AdapterError(f"{OWNER}: register_with_transformers ran after the adapter was uninstalled")
+    # transformers' AttentionInterface writes items into its per-instance dict (the
+    # class-wide registry stays untouched); patch that dict so undo removes our entry.
     local = getattr(mapping, "_local_mapping", None)
-    was_local = not isinstance(local, dict) or core in local
-    dispatch = _Dispatch(mapping, core, original, _make_dispatcher(core, original), was_local)
-    mapping[core] = dispatch.wrapper
+    target = local if isinstance(local, dict) else mapping
+    dispatch = _Dispatch(original, _make_dispatcher(core, original))
+    ledger.setitem(OWNER, target, core, dispatch.wrapper, label="ALL_ATTENTION_FUNCTIONS")
     _DISPATCH[core] = dispatch
 
 
@@ -313,9 +296,9 @@ def _register(
     max_length: int | None = None,
 ) -> Any:
     """Scope-aware ``register_with_transformers``: returns the active state (see module docstring)."""
-    state = active_state("UlyssesSPAttentionHF.register_with_transformers")
+    state = resolve("UlyssesSPAttentionHF.register_with_transformers")
     if state is None:
-        return _ORIGINAL_REGISTER[0].__func__(
+        return _Installed.register.__func__(
             cls,
             model_name_or_path,
             core_attn_implementation,
@@ -346,8 +329,8 @@ def _register(
             "register_with_transformers: set seq_length (the fixed global sequence length) or "
             "seq_length_is_variable=True."
         )
-    model_config, is_model = _model_config(model_name_or_path, core)
-    _check_core(core)
+    config, is_model = model_config(model_name_or_path, core)
+    check_core(core)
 
     with _LOCK:
         original = _core_function(core)
@@ -356,103 +339,12 @@ def _register(
             record = _STATES[state] = _StateRecord()
         instance = None
         if sp_size > 1:
-            instance = _instance(
-                cls, record, state, core, original, model_config, micro_batch_size,
+            instance = build_instance(
+                cls, record.instances, state, core, original, config, micro_batch_size,
                 seq_length, seq_length_is_variable, disable_in_eval,
             )  # fmt: skip
         _install_dispatcher(core, original)
         record.default[core] = instance
         if is_model:
-            _bind(model_name_or_path, model_config, _Binding(state, core, instance))
+            _bind(model_name_or_path, config, _Binding(state, core, instance))
     return state
-
-
-def _model_config(model_name_or_path: Any, core: str) -> tuple[Any, bool]:
-    from transformers import AutoConfig, PreTrainedModel
-
-    is_model = hasattr(model_name_or_path, "config") or isinstance(model_name_or_path, PreTrainedModel)
-    if not is_model:
-        return AutoConfig.from_pretrained(model_name_or_path), False
-    config = model_name_or_path.config
-    # Only a loaded model's config holds the implementation resolved at load time.
-    resolved = getattr(config, "_attn_implementation", None)
-    if resolved is not None and resolved != core:
-        raise ValueError(
-            f"register_with_transformers: core_attn_implementation={core!r} but the model was "
-            f"loaded with attn_implementation={resolved!r}; use the same value for both so the "
-            "sequence-parallel dispatcher sits on the attention path the model calls."
-        )
-    return config, True
-
-
-def _check_core(core: str) -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if core in _UNSUPPORTED:
-        raise ValueError(
-            f"register_with_transformers: {core!r} attention needs a 4D attention mask (O(n^2) "
-            "memory), which Ulysses sequence parallelism cannot use; choose 'sdpa', "
-            "'flex_attention', a flash attention variant or a hub kernel."
-        )
-    if isinstance(core, str) and _HUB_KERNEL.search(core) is not None:
-        from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
-
-        lazy_import_flash_attention(core)  # hub kernels register themselves lazily
-    if core not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(
-            f"register_with_transformers: {core!r} is not a registered attention implementation; "
-            f"valid ones: {ALL_ATTENTION_FUNCTIONS.valid_keys()}"
-        )
-
-
-def _instance(
-    cls: Any,
-    record: _StateRecord,
-    state: Any,
-    core: str,
-    original: Callable[..., Any],
-    model_config: Any,
-    micro_batch_size: int,
-    seq_length: int | None,
-    seq_length_is_variable: bool,
-    disable_in_eval: bool,
-) -> Any:
-    """The state's instance for this model shape, built on first use."""
-    import deepspeed.comm
-
-    arch = model_config.get_text_config()
-    heads = arch.num_attention_heads
-    head_size = getattr(arch, "head_dim", None) or arch.hidden_size // heads
-    sp_size = state.get_sequence_parallel_world_size()
-    local = glob = None
-    if not seq_length_is_variable:
-        local, glob = seq_length // sp_size, seq_length
-    key = (
-        cls, core, heads, head_size, arch.num_key_value_heads, arch.num_hidden_layers,
-        micro_batch_size, seq_length_is_variable, local, glob, disable_in_eval,
-    )  # fmt: skip
-    instance = record.instances.get(key)
-    if instance is not None:
-        return instance
-    if not deepspeed.comm.is_initialized():
-        raise DistributedNotInitializedError(
-            "UlyssesSPAttentionHF runs its collectives through deepspeed.comm, which is not "
-            "initialized in this process: call deepspeed.init_distributed() (it reuses an "
-            "initialized torch.distributed) before register_with_transformers."
-        )
-    instance = cls(
-        attn=original,
-        batch_size=micro_batch_size,
-        attn_head_count=heads,
-        attn_head_size=head_size,
-        kv_head_count=arch.num_key_value_heads,
-        num_hidden_layers=arch.num_hidden_layers,
-        process_group=state.get_sequence_parallel_group(),
-        seq_length_is_variable=seq_length_is_variable,
-        local_seq_length=local,
-        global_seq_length=glob,
-        disable_in_eval=disable_in_eval,
-    )
-    instance.core_attn_implementation = core
-    record.instances[key] = instance
-    return instance

@@ -1,0 +1,79 @@
+"""What the DeepSpeed adapter's modules share: DeepSpeed's modules, the patch tables, helpers.
+
+Each area module (``readers``, ``autotp``, ``experts``, ``sequence``) registers its
+in-scope implementations in :data:`GROUPS_IMPL` (``deepspeed.utils.groups``) or
+:data:`SP_IMPL` (``parallel_state_sp``) with :func:`impl`. An implementation takes
+the active state first, then the caller's arguments; the package's ``install``
+wraps each one with the scope's ``dispatching`` so that outside any scope the
+original DeepSpeed function runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+OWNER = "deepspeed"
+
+
+class Mods:
+    """The DeepSpeed modules and the ledger the in-scope implementations use (set by install)."""
+
+    groups: Any = None
+    comm: Any = None
+    bwc: Any = None
+    ledger: Any = None
+
+
+#: ``deepspeed.utils.groups`` function name -> implementation(state, *args, **kwargs)
+GROUPS_IMPL: dict[str, Callable[..., Any]] = {}
+#: ``parallel_state_sp`` function name -> implementation(state, *args, **kwargs)
+SP_IMPL: dict[str, Callable[..., Any]] = {}
+#: groups readers without arguments whose answer depends only on the state and on the
+#: mpu/mesh recorded for it: memoized per state (the record forgets them on a change)
+MEMOIZED: set[str] = set()
+#: DeepSpeed's original ``groups`` functions by name (filled by install)
+ORIGINALS: dict[str, Any] = {}
+
+
+def impl(
+    table: dict[str, Callable[..., Any]], *names: str, memoize: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as the in-scope implementation of ``names``."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in names:
+            table[name] = fn
+            if memoize:
+                MEMOIZED.add(name)
+        return fn
+
+    return register
+
+
+def label(state: Any) -> str:
+    name = getattr(state, "name", None)
+    return f"ParallelState {name!r}" if name else "the active ParallelState"
+
+
+@functools.lru_cache(maxsize=None)
+def state_class() -> type:
+    from scoped_parallel.state import ParallelState
+
+    return ParallelState
+
+
+def is_sp_only(mpu: Any) -> bool:
+    """Whether DeepSpeed would treat ``mpu`` as ``parallel_state_sp`` (its DP group is WORLD).
+
+    DeepSpeed recognises that module by its ``initialize_sequence_parallel`` attribute.
+    A ParallelState never has one (and a failing ``hasattr`` is slow on a hot path).
+    """
+    if type(mpu) is state_class():
+        return False
+    return hasattr(mpu, "initialize_sequence_parallel")
+
+
+def spans_world(state: Any) -> bool:
+    layout = state.layout
+    return layout.rank_offset == 0 and layout.world_size == Mods.comm.get_world_size()

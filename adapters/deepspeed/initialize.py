@@ -1,0 +1,83 @@
+"""``deepspeed.initialize``: an engine belongs to the state it is built for.
+
+* Called outside any scope with ``mpu=<ParallelState>``, it runs inside that state's
+  scope, so the ``groups.mpu`` write and every group the engine captures belong to
+  that state (the module's own ``groups.mpu`` stays untouched).
+* Called inside one state's scope with *another* state as ``mpu``, it runs in that
+  other state's scope, likewise.
+* Called inside a scope with ``mpu=None``, the state is passed as the mpu (as
+  ``groups.mpu`` would answer anyway), unless DeepSpeed picks the mpu itself or the
+  config cannot be read here (see :func:`state_may_be_mpu`); a state with TP > 1 would
+  otherwise crash the engine (``engine.mpu`` is ``None`` but the model-parallel size
+  is > 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from scoped_parallel._scope import current_state_or_none
+from scoped_parallel.adapters.deepspeed._shared import state_class
+
+
+def scoped_initialize(original: Any) -> Any:
+    """The replacement of ``deepspeed.initialize`` (see the module doc)."""
+    signature = inspect.signature(original)
+    parallel_state = state_class()
+
+    @functools.wraps(original)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        mpu = bound.arguments.get("mpu")
+        state = current_state_or_none()
+        if isinstance(mpu, parallel_state) and mpu is not state:
+            with mpu.activate():
+                return original(*args, **kwargs)
+        if state is None:
+            return original(*args, **kwargs)
+        if mpu is None and state_may_be_mpu(bound.arguments):
+            bound.arguments["mpu"] = state
+            return original(*bound.args, **bound.kwargs)
+        return original(*args, **kwargs)
+
+    return initialize
+
+
+def state_may_be_mpu(arguments: Mapping[str, Any]) -> bool:
+    """Whether ``deepspeed.initialize`` called with these arguments leaves the mpu to its caller.
+
+    Not when: the config is not a dict (or a readable JSON/YAML file), a mesh is given
+    (``mesh_param``), the config sets both ``sequence_parallel_size`` and
+    ``data_parallel_size`` (DeepSpeed builds a mesh), AutoTP is on (``autotp_size > 1``),
+    ``tp_model_init`` ran, or the model is a pipeline module.
+    """
+    config = arguments.get("config")
+    if config is None:
+        config = arguments.get("config_params")
+    if isinstance(config, (str, os.PathLike)):
+        from scoped_parallel._config import load_config
+
+        try:
+            config = load_config(config)
+        except (ValueError, TypeError):
+            return False  # let DeepSpeed report its own error about the config
+    if not isinstance(config, Mapping) or arguments.get("mesh_param"):
+        return False
+    if "sequence_parallel_size" in config and "data_parallel_size" in config:
+        return False
+    tensor_parallel = config.get("tensor_parallel") or {}
+    if isinstance(tensor_parallel, Mapping) and (tensor_parallel.get("autotp_size") or 0) > 1:
+        return False
+    init_utils = sys.modules.get("deepspeed.runtime.tensor_parallel.init_utils")
+    if init_utils is not None and getattr(init_utils, "_TP_MODEL_INIT_ARGS", None) is not None:
+        return False
+    pipe = sys.modules.get("deepspeed.runtime.pipe.module")
+    pipeline_module = getattr(pipe, "PipelineModule", None)
+    if pipeline_module is not None and isinstance(arguments.get("model"), pipeline_module):
+        return False
+    return True
