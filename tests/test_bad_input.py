@@ -1,8 +1,9 @@
 """A corpus of bad inputs: each raises a typed error naming the value and the fix, and leaves nothing behind.
 
-Layout and config cases need no process group. State cases run under torch's fake
-backend as rank 1 of 8: validation must happen before any communication, so no
-peer is needed for the error to appear (a hang here would be a bug).
+Layout and config cases need no process group (tier 1, pure layout math). State cases
+run under torch's fake backend as rank 1 of 8 (tier 3): validation must happen before
+any communication, so no peer is needed for the error to appear (a hang here would be
+a bug). CLI cases exit with status 2 and name the value; adapter cases raise typed errors.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _check(call: Callable[[], Any], exc: type, text: str) -> None:
         call()
     assert text in str(info.value), f"message does not name {text!r}: {info.value}"
     assert len(str(info.value)) > 25, f"message too terse to say the fix: {info.value}"
-    assert current_state_or_none() is None
+    assert current_state_or_none() is None, f"the failed call left {current_state_or_none()!r} active"
 
 
 @pytest.mark.parametrize("case", LAYOUT_CASES + CONFIG_CASES, ids=lambda c: c[0])
@@ -151,7 +152,8 @@ def test_bad_state_input_raises_before_any_communication(case):
     with fake_world(8, 1):
         before = len(dist.distributed_c10d._world.pg_map)
         _check(call, exc, text)
-        assert len(dist.distributed_c10d._world.pg_map) == before
+        after = len(dist.distributed_c10d._world.pg_map)
+        assert after == before, f"{after - before} process group(s) created before the error, expected none"
 
 
 def test_state_without_distributed_says_how_to_initialize():
@@ -160,20 +162,27 @@ def test_state_without_distributed_says_how_to_initialize():
         ParallelState()
 
 
-@pytest.mark.parametrize(
-    "argv,text",
-    [
-        (["layout", "--world-size", "6", "--tp", "4"], "6"),
-        (["layout", "--world-size", "4", "--order", "tp-qq"], "qq"),
-        (["layout", "--world-size", "4", "--state", "x"], "NAME:key=value"),
-        (["layout", "--world-size", "4", "--state", "x:tp=two"], "'two'"),
-        (["layout", "--world-size", "4", "--rank", "9"], "9"),
-    ],
-)
+# (argv, text the error output must contain)
+CLI_CASES: list[tuple[list[str], str]] = [
+    (["layout", "--world-size", "6", "--tp", "4"], "6"),
+    (["layout", "--world-size", "4", "--order", "tp-qq"], "qq"),
+    (["layout", "--world-size", "4", "--state", "x"], "NAME:key=value"),
+    (["layout", "--world-size", "4", "--state", "x:tp=two"], "'two'"),
+    (["layout", "--world-size", "4", "--rank", "9"], "9"),
+]
+
+# test_adapter_bad_input checks two inputs: an unknown adapter name and a strict getter
+# called outside any scope
+ADAPTER_CASE_COUNT = 2
+
+
+@pytest.mark.parametrize("argv,text", CLI_CASES)
 def test_bad_cli_input_exits_2(argv, text, capsys):
     """The CLI turns bad input into exit status 2 and a message naming the value."""
-    assert cli(argv) == 2
-    assert text in capsys.readouterr().err
+    status = cli(argv)
+    assert status == 2, f"{argv}: exit status {status}, expected 2"
+    err = capsys.readouterr().err
+    assert text in err, f"{argv}: error output does not name {text!r}: {err!r}"
 
 
 def test_adapter_bad_input():
@@ -192,6 +201,13 @@ def test_adapter_bad_input():
 
 def test_corpus_has_at_least_forty_cases():
     """The corpus keeps at least 40 bad inputs."""
-    assert len(LAYOUT_CASES) + len(CONFIG_CASES) + len(STATE_CASES) + 5 + 2 >= 40
+    counts = {
+        "layout": len(LAYOUT_CASES),
+        "config": len(CONFIG_CASES),
+        "state": len(STATE_CASES),
+        "cli": len(CLI_CASES),
+        "adapter": ADAPTER_CASE_COUNT,
+    }
+    assert sum(counts.values()) >= 40, f"only {sum(counts.values())} bad inputs ({counts}), expected at least 40"
 
 
