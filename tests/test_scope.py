@@ -1,4 +1,12 @@
-"""Tier 2: scope semantics with stub states (no torch.distributed)."""
+"""Tier 2 (no torch.distributed): scope semantics with stub states.
+
+Proves: activate() sets, nests, re-enters and restores the current state, also on
+exceptions; out-of-order or foreign exits raise ScopeNestingError and change nothing;
+the decorator form covers sync and async functions and refuses generators; asyncio
+tasks inherit their creator's scope without leaking theirs back; a thread without a
+scope falls back to the single active state and raises when that is ambiguous;
+propagate() carries a scope into thread pools.
+"""
 
 from __future__ import annotations
 
@@ -201,8 +209,10 @@ def test_interleaved_tasks_each_keep_their_scope():
         await asyncio.gather(worker(actor, turns, 0), worker(critic, turns, 1))
 
     asyncio.run(main())
-    assert len(log) == 6 and all(a == b for a, b in log)
-    assert [a for a, _ in log] == ["actor", "critic"] * 3
+    turns = [worker for worker, _ in log]
+    assert turns == ["actor", "critic"] * 3, f"the workers ran in the order {turns}, expected strict alternation"
+    wrong = [(worker, seen) for worker, seen in log if worker != seen]
+    assert wrong == [], f"(worker, state it saw) pairs that differ: {wrong}"
 
 
 def test_plain_thread_does_not_inherit_but_falls_back_to_the_single_active_state():
@@ -339,13 +349,14 @@ def test_thread_pool_workers_each_see_their_own_scope():
     states = [Stub(f"s{i}") for i in range(10)]
     barrier = threading.Barrier(10)
 
-    def work(s: Stub) -> bool:
+    def work(s: Stub) -> tuple[str, list[str]]:
         with s.activate():
             barrier.wait(5)
-            return all(current_state() is s for _ in range(100))
+            return s.name, sorted({current_state().name for _ in range(100)})
 
     with ThreadPoolExecutor(10) as pool:
-        assert all(pool.map(work, states))
+        for name, seen in pool.map(work, states):
+            assert seen == [name], f"worker in {name} saw the states {seen}, expected only {name}"
 
 
 def test_exit_in_another_task_raises_nesting_error():

@@ -1,4 +1,10 @@
-"""A hypothesis state machine over scope operations, checked against a reference stack."""
+"""Tier 2 (no torch.distributed): a hypothesis state machine over scope operations.
+
+Proves, against a reference stack, for random sequences of enter, re-enter, exit,
+out-of-order exit (refused), exceptions, plain and propagated threads and asyncio
+tasks: the current state is always the model's innermost one, and the states counted
+as active for the fallback are exactly that one.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class ScopeMachine(RuleBasedStateMachine):
         t.join()
         # with propagate: the caller's scope; without: the fallback, which here is the
         # innermost state of this (only) thread
-        assert seen == [self.expected()]
+        assert seen == [self.expected()], f"thread (propagate={use_propagate}) saw {seen}, expected {self.expected()}"
 
     @rule(i=st.integers(0, 2))
     def asyncio_task_changes_do_not_leak(self, i: int) -> None:
@@ -92,13 +98,16 @@ class ScopeMachine(RuleBasedStateMachine):
             return first, inner
 
         first, inner = asyncio.run(child())
-        assert first is self.expected() and inner is STATES[i]
+        assert first is self.expected(), f"the task started in {first}, expected its creator's {self.expected()}"
+        assert inner is STATES[i], f"inside its own scope the task saw {inner}, expected {STATES[i]}"
 
     @invariant()
     def current_matches_model(self) -> None:
-        assert current_state_or_none() is self.expected()
+        current = current_state_or_none()
+        assert current is self.expected(), f"current state {current}, model says {self.expected()}"
         expected = {self.expected()} if self.stack else set()
-        assert set(active_states()) == expected
+        active = set(active_states())
+        assert active == expected, f"active states {active}, model says {expected}"
 
     def teardown(self) -> None:
         while self.stack:
