@@ -1,4 +1,9 @@
-"""state.bind(engine): an engine's calls run inside its state's scope."""
+"""Tier 3 (fake backend): state.bind(engine) runs an engine's calls inside its state's scope.
+
+Proves: a bound engine's call, forward hooks, backward and step see the bound state,
+even inside another state's scope; unbind() restores the class and instance methods;
+binding to a second state raises.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""The `python -m scoped_parallel layout` command."""
+"""Tier 1 (pure layout math): the `python -m scoped_parallel layout` command.
+
+Proves: the rank view shows coordinates and groups; JSON lists every group of each
+kind; several states show coordinates and shared groups, and the diff marks identical
+and different kinds; the SVG holds every rank of every group; bad input exits 2; the
+module entry point runs without importing torch.
+"""
 
 from __future__ import annotations
 

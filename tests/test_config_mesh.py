@@ -1,4 +1,10 @@
-"""ParallelState.from_config (sizes from DeepSpeed configs) and the DeviceMesh view."""
+"""ParallelState.from_config (sizes from DeepSpeed configs) and the DeviceMesh view.
+
+Tier 1 (no torch.distributed): explicit arguments beat config keys beat defaults, nested
+DeepSpeed keys are read, contradictory or bad values raise naming the key, configs load
+from a JSON path or a DeepSpeedConfig object. Tier 4 (gloo world): from_config builds
+the configured layouts and device_mesh() reuses the state's groups without creating any.
+"""
 
 from __future__ import annotations
 
@@ -88,9 +94,13 @@ def rank_from_config_and_mesh(rank):
             "bad": bad,
             "dims": mesh.mesh_dim_names,
             "mesh": mesh.mesh.tolist(),
-            "same_groups": mesh.get_group("tp") is actor.group("tp") and mesh.get_group("dp") is actor.group("dp"),
+            # whether each mesh dimension's group is the very group the state holds
+            "mesh_group_is_state_group": {
+                "actor tp": mesh.get_group("tp") is actor.group("tp"),
+                "actor dp": mesh.get_group("dp") is actor.group("dp"),
+                "ref sp": ref_mesh.get_group("sp") is ref.group("sp"),
+            },
             "ref_dims": ref_mesh.mesh_dim_names,
-            "ref_same": ref_mesh.get_group("sp") is ref.group("sp"),
             "new_groups": (len(dist.distributed_c10d._world.pg_map) - pg_before, _groups.creation_count() - made_before),
         }
         x = torch.tensor([float(rank)])
@@ -106,10 +116,17 @@ def rank_from_config_and_mesh(rank):
 def test_from_config_and_device_mesh_on_a_real_world(world):
     """from_config builds the configured layouts; device_mesh reuses the state's groups (no new ones)."""
     res = world.run(rank_from_config_and_mesh)
-    r = res[2]
-    assert r["actor_sizes"] == (2, 2) and r["ref_sp"] == 2
-    assert "'data_parallel_size' is 3" in r["bad"]
-    assert r["dims"] == ("dp", "tp") and r["mesh"] == [[0, 1], [2, 3]]
-    assert r["same_groups"] and r["ref_same"] and r["ref_dims"] == ("dp", "sp")
-    assert r["new_groups"] == (0, 0)
-    assert [x["tp_sum"] for x in res] == [1, 1, 5, 5]
+    for r, out in enumerate(res):
+        assert out["actor_sizes"] == (2, 2), f"rank {r}: actor (tp, dp) sizes {out['actor_sizes']}, expected (2, 2)"
+        assert out["ref_sp"] == 2, f"rank {r}: ref sp size {out['ref_sp']}, expected 2"
+        assert "'data_parallel_size' is 3" in out["bad"], f"rank {r}: error should name data_parallel_size 3: {out['bad']}"
+        assert out["dims"] == ("dp", "tp"), f"rank {r}: actor mesh dims {out['dims']}, expected ('dp', 'tp')"
+        assert out["mesh"] == [[0, 1], [2, 3]], f"rank {r}: actor mesh {out['mesh']}, expected [[0, 1], [2, 3]]"
+        assert out["ref_dims"] == ("dp", "sp"), f"rank {r}: ref mesh dims {out['ref_dims']}, expected ('dp', 'sp')"
+        other = [dim for dim, same in out["mesh_group_is_state_group"].items() if not same]
+        assert other == [], f"rank {r}: mesh dimensions whose group is not the state's own: {other}"
+        assert out["new_groups"] == (0, 0), (
+            f"rank {r}: device_mesh() added (torch groups, library groups) {out['new_groups']}, expected (0, 0)"
+        )
+    sums = [out["tp_sum"] for out in res]
+    assert sums == [1, 1, 5, 5], f"all-reduce over the mesh's tp groups by rank: {sums}, expected [1, 1, 5, 5]"

@@ -1,4 +1,9 @@
-"""The README's main job runs: the PPO example on 4 local ranks, with --verify."""
+"""Tier 4 (torchrun, 4 local processes), slow: the examples run.
+
+Proves: the README's main job, the PPO example interleaving actor, critic and
+reference, trains and --verify finds every model bit-identical to training it alone;
+the layouts example prints each rank's groups for its three states.
+"""
 
 from __future__ import annotations
 
@@ -31,17 +36,20 @@ def test_rl_ppo_example_trains_and_verifies_bit_identical():
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     done = _torchrun("rl_ppo.py", "--steps", "3", "--verify")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     out = done.stdout
-    assert "actor   losses identical; final parameters identical" in out
-    assert "critic  losses identical; final parameters identical" in out
-    assert "DIFFERENT" not in out
+    for model in ("actor  ", "critic "):
+        line = f"{model} losses identical; final parameters identical"
+        assert line in out, f"--verify did not report {line!r}; output ends:\n{out[-3000:]}"
+    assert "DIFFERENT" not in out, f"--verify found a difference; output ends:\n{out[-3000:]}"
 
 
 @pytest.mark.slow
 def test_layouts_example_prints_every_state():
     """The layouts example prints each rank's groups for its three states."""
     done = _torchrun("layouts.py", timeout=200)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stderr[-3000:]}"
+    ranks = 4
     for name in ("actor", "critic", "reference"):
-        assert done.stdout.count(f" {name}: ") == 4
+        lines = done.stdout.count(f" {name}: ")
+        assert lines == ranks, f"{lines} lines for {name}, expected one per rank ({ranks}):\n{done.stdout[-3000:]}"

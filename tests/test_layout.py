@@ -1,4 +1,11 @@
-"""Unit tests of scoped_parallel.layout (pure integer math, no torch.distributed)."""
+"""Tier 1 (pure layout math, no torch.distributed): unit tests of scoped_parallel.layout.
+
+Proves: hand-derived Megatron and DeepSpeed groups for small worlds; kind names and
+token orders are normalised and bad ones raise typed errors showing the value; the
+layout is frozen, hashable, picklable and has a short repr; coordinates, rank_at,
+groups_of, embedding groups and rank_offset agree with the groups; the table and
+groups_of stay fast on huge worlds; importing the module does not import torch.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""ParallelLayout checked against Megatron-Core's RankGenerator, plus property tests.
+"""Tier 1 (pure layout math): ParallelLayout checked against an oracle and by properties.
 
-The oracle tests need megatron-core (they skip without it); the hypothesis
-property tests run everywhere.
+Proves: on a grid of valid and invalid cases (with and without rank_offset), the layout
+equals Megatron-Core's RankGenerator or raises where it does; for random layouts every
+kind partitions the ranks, groups_of agrees with groups, and coordinates are a bijection.
+The oracle tests need megatron-core (they skip without it); the hypothesis property
+tests run everywhere.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Packaging: `adapters/` installs as scoped_parallel.adapters, never as a top-level package."""
+"""Packaging (builds and installs in subprocesses, no torch.distributed).
+
+Proves: `adapters/` installs as scoped_parallel.adapters, never as a top-level package,
+both in an editable install and in a built wheel.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ def test_editable_install_maps_adapters_under_scoped_parallel(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.split("\n")
-    assert out[0].startswith("scoped_parallel.adapters ")
-    assert out[1] == "None"
+    assert out[0].startswith("scoped_parallel.adapters "), f"adapters imported as {out[0]!r}"
+    assert out[1] == "None", f"a top-level 'adapters' package is importable: {out[1]}"
 
 
 @pytest.mark.slow
@@ -38,9 +42,10 @@ def test_built_wheel_has_no_top_level_adapters(tmp_path):
     )
     (wheel,) = tmp_path.glob("scoped_parallel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "scoped_parallel/adapters/__init__.py" in names
-    assert "scoped_parallel/py.typed" in names
-    assert not [n for n in names if n.startswith("adapters/")]
+    for needed in ("scoped_parallel/adapters/__init__.py", "scoped_parallel/py.typed"):
+        assert needed in names, f"the wheel lacks {needed}: {sorted(names)}"
+    top_level = [n for n in names if n.startswith("adapters/")]
+    assert top_level == [], f"the wheel has a top-level adapters/ package: {top_level}"
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -53,5 +58,6 @@ def test_built_wheel_has_no_top_level_adapters(tmp_path):
         [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     ).stdout.split("\n")
-    assert out[0].startswith("scoped_parallel.adapters ") and str(target) in out[0]
-    assert out[1] == "None"
+    assert out[0].startswith("scoped_parallel.adapters "), f"adapters imported as {out[0]!r}"
+    assert str(target) in out[0], f"scoped_parallel imported from outside the installed wheel: {out[0]!r}"
+    assert out[1] == "None", f"a top-level 'adapters' package is importable: {out[1]}"

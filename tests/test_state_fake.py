@@ -1,4 +1,11 @@
-"""Tier 3: group construction at scale under torch's fake backend (layout and creation counts only)."""
+"""Tier 3 (fake backend): group construction at scale, layout and creation counts only.
+
+Proves: a rank creates one group per distinct rank set it belongs to, up to 8,192
+ranks; share_groups=False creates one group per kind; the creation count does not
+grow with the world size; identical layouts share groups and destroy() frees them;
+Megatron creates every group on every rank while a state creates only its own; a
+state from a torn-down world never shares its dead groups into a new world.
+"""
 
 from __future__ import annotations
 
