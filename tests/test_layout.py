@@ -469,7 +469,7 @@ def test_table_lists_every_kind():
     text = tp2_pp2().table()
     assert text.splitlines()[0] == "ParallelLayout(world_size=8, tp=2, pp=2, dp=2)"
     for kind in ALL_KINDS + ("embd", "pos-embd"):
-        assert any(line.split()[0] == kind for line in text.splitlines()), kind
+        assert any(line.split()[0] == kind for line in text.splitlines()), f"the table has no row for {kind}:\n{text}"
     assert "(0,1) (2,3) (4,5) (6,7)" in text
     assert "(0,4) (1,5) (2,6) (3,7)" in text
 
