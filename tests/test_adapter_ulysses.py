@@ -454,3 +454,29 @@ def test_mismatch_with_the_scope_raises_before_any_collective() -> None:
     with adapters.installed(targets=("ulysses",)), Activation(_StubState(2)):
         with pytest.raises(LayoutError, match=r"sequence_parallel_size=4.*sequence parallel size is 2"):
             _register(_tiny_llama("c"), 4)
+
+
+def test_attention_entry_replaced_after_the_dispatcher_is_restored_and_reported() -> None:
+    """An ALL_ATTENTION_FUNCTIONS entry replaced by someone else after registration is restored on
+    uninstall, and the AdapterError names it (the ledger's rule for every adapter)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from scoped_parallel import adapters
+    from scoped_parallel._scope import Activation
+    from scoped_parallel.errors import AdapterError
+
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    method = vars(UlyssesSPAttentionHF)["register_with_transformers"]
+    adapters.install(targets=("ulysses",))
+    try:
+        with Activation(_StubState(1)):
+            _register(_tiny_llama("c"), 1)
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda *args, **kwargs: None  # someone else's wrapper
+    finally:
+        with pytest.raises(AdapterError, match=r"ALL_ATTENTION_FUNCTIONS\['sdpa'\]"):
+            adapters.uninstall(("ulysses",))
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is core, "the original sdpa function must be restored anyway"
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert vars(UlyssesSPAttentionHF)["register_with_transformers"] is method
+    assert not adapters.is_installed("ulysses")
