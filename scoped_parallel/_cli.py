@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from scoped_parallel._axes import AXES
 from scoped_parallel.errors import LayoutError
 from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
 
@@ -49,12 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     lay = sub.add_parser("layout", help="print the process groups of a layout")
     lay.add_argument("--world-size", type=_positive_int, required=True)
-    lay.add_argument("--tp", type=_positive_int, default=1, help="tensor model parallel size")
-    lay.add_argument("--pp", type=_positive_int, default=1, help="pipeline model parallel size")
-    lay.add_argument("--cp", type=_positive_int, default=1, help="context parallel size")
-    lay.add_argument("--sp", type=_positive_int, default=1, help="Ulysses sequence parallel size")
-    lay.add_argument("--ep", type=_positive_int, default=1, help="expert model parallel size")
-    lay.add_argument("--etp", type=_positive_int, default=None, help="expert tensor parallel size")
+    for axis in AXES:
+        lay.add_argument(axis.cli_flag, type=_positive_int, default=axis.default, help=axis.help)
     lay.add_argument("--order", default="tp-cp-ep-dp-pp")
     lay.add_argument("--rank-offset", type=_natural_int, default=0)
     lay.add_argument("--rank", type=_natural_int, default=None, help="show one rank's groups")
@@ -64,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME:k=v,...",
-        help="a named layout (keys tp pp cp sp ep etp dp order offset ws); repeat for several",
+        help=f"a named layout (keys {' '.join(a.token for a in AXES)} dp order offset ws); repeat for several",
     )
     lay.add_argument("--diff", action="store_true", help="compare the first two --state layouts")
     lay.add_argument("--svg", metavar="FILE", help="write a picture of each state's rank grid")
@@ -72,17 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _layout(args: argparse.Namespace) -> ParallelLayout:
-    return ParallelLayout(
-        args.world_size,
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        context_parallel_size=args.cp,
-        sequence_parallel_size=args.sp,
-        expert_model_parallel_size=args.ep,
-        expert_tensor_parallel_size=args.etp,
-        order=args.order,
-        rank_offset=args.rank_offset,
-    )
+    sizes = {axis.keyword: getattr(args, axis.token) for axis in AXES}
+    return ParallelLayout(args.world_size, order=args.order, rank_offset=args.rank_offset, **sizes)
 
 
 def _rank_view(layout: ParallelLayout, rank: int) -> dict[str, object]:

@@ -31,25 +31,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from scoped_parallel._axes import AXES, SIZE_KEYWORDS
 from scoped_parallel.errors import LayoutError
 
-__all__ = ["load_config", "sizes_from_config", "SIZE_KEYS"]
+__all__ = ["SIZE_KEYS", "check_data_parallel_size", "load_config", "sizes_from_config"]
 
-SIZE_KEYS = (
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "context_parallel_size",
-    "sequence_parallel_size",
-    "expert_model_parallel_size",
-    "expert_tensor_parallel_size",
-)
+#: The size keywords, from the axis table (scoped_parallel._axes).
+SIZE_KEYS = SIZE_KEYWORDS
 _SECTION = "scoped_parallel"
 _SECTION_KEYS = frozenset(SIZE_KEYS + ("order", "name", "data_parallel_size"))
 # size -> the dotted config paths that may give it (besides the size's own name)
-_ALIASES = {
-    "tensor_model_parallel_size": ("tensor_parallel.autotp_size",),
-    "pipeline_model_parallel_size": ("pipeline.stages",),
-}
+_ALIASES = {axis.keyword: axis.config_aliases for axis in AXES if axis.config_aliases}
 
 
 def load_config(config: Any) -> dict[str, Any]:
@@ -121,3 +113,21 @@ def sizes_from_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -
         out["_data_parallel_size"] = dp
     out.update(overrides)
     return out
+
+
+def check_data_parallel_size(kwargs: Mapping[str, Any], expected_dp: Any, world: int) -> None:
+    """Raise LayoutError if the config's ``data_parallel_size`` contradicts the other sizes."""
+    from scoped_parallel.layout import ParallelLayout
+
+    offset = kwargs.get("rank_offset", 0)
+    layout_keys = set(SIZE_KEYS) | {"order", "rank_offset"}
+    layout = ParallelLayout(
+        kwargs.get("world_size") or world - offset,
+        **{k: v for k, v in kwargs.items() if k in layout_keys},
+    )
+    if expected_dp != layout.data_parallel_size:
+        raise LayoutError(
+            f"config key 'data_parallel_size' is {expected_dp!r} but the layout {layout!r} "
+            f"derives data parallel size {layout.data_parallel_size}; remove the key or fix "
+            "the other sizes"
+        )

@@ -32,7 +32,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
+
+from scoped_parallel import _torch_compat as compat
 
 __all__ = ["GroupRequest", "acquire", "release", "live_groups", "creation_count"]
 
@@ -65,12 +66,21 @@ class _Entry:
 _LOCK = threading.RLock()
 _SHARED: dict[tuple[Any, ...], _Entry] = {}
 _BY_GROUP: dict[Any, tuple[tuple[Any, ...] | None, _Entry]] = {}
-_CREATIONS = [0]
+
+
+class _Counter:
+    __slots__ = ("created",)
+
+    def __init__(self) -> None:
+        self.created = 0
+
+
+_COUNT = _Counter()
 
 
 def creation_count() -> int:
     """How many process groups this module has created in this process."""
-    return _CREATIONS[0]
+    return _COUNT.created
 
 
 def live_groups() -> int:
@@ -82,8 +92,7 @@ def live_groups() -> int:
 
 def _forget_dead() -> None:
     """Drop entries whose group torch no longer knows (the world was torn down under them)."""
-    registered = c10d._world.pg_map
-    dead = [group for group in _BY_GROUP if group not in registered]
+    dead = [group for group in _BY_GROUP if not compat.is_registered(group)]
     for group in dead:
         key, _entry = _BY_GROUP.pop(group)
         if key is not None and key in _SHARED and _SHARED[key].group is group:
@@ -133,7 +142,7 @@ def release(group: Any) -> None:
         del _BY_GROUP[group]
         if key is not None and _SHARED.get(key) is entry:
             del _SHARED[key]
-    if dist.is_initialized() and group in c10d._world.pg_map:
+    if dist.is_initialized() and compat.is_registered(group):
         dist.destroy_process_group(group)
 
 
@@ -152,24 +161,16 @@ def _group_name(request: GroupRequest, backend: str) -> str:
 
 
 def _create(request: GroupRequest) -> Any:
-    default_pg = c10d._get_default_group()
-    backend = c10d.Backend(request.backend or dist.get_backend(default_pg))
+    backend = str(request.backend or dist.get_backend())
     # An explicit timeout wins; else the backend options' own; else torch's default.
-    timeout = request.timeout or getattr(request.options, "_timeout", None) or c10d._get_default_timeout(backend)
-    ranks = list(request.ranks)
-    global_rank = dist.get_rank()
-    name = _group_name(request, str(backend))
-    group, _store = c10d._new_process_group_helper(
-        len(ranks),
-        ranks.index(global_rank),
-        ranks,
+    timeout = request.timeout or getattr(request.options, "_timeout", None) or compat.default_timeout(backend)
+    group = compat.create_group(
+        list(request.ranks),
         backend,
-        c10d._get_default_store(),
-        name,
-        backend_options=request.options,
+        _group_name(request, str(dist.Backend(backend))),
+        options=request.options,
         timeout=timeout,
-        group_desc=request.desc,
+        desc=request.desc,
     )
-    c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
-    _CREATIONS[0] += 1
+    _COUNT.created += 1
     return group

@@ -1,0 +1,282 @@
+"""Megatron's ``parallel_state`` getters, as methods of a state.
+
+:class:`MegatronGetters` is a mixin of :class:`~scoped_parallel.ParallelState`:
+every method has Megatron's name and signature (megatron-core 0.16) and answers
+from the state's own groups through four primitives the state provides,
+``_kind_group``, ``_kind_ranks``, ``_kind_size`` and ``_kind_rank`` (fast versions
+of :meth:`~scoped_parallel.ParallelState.group`, ``ranks``, ``size`` and
+``rank_in`` for canonical kinds). Keyword arguments Megatron uses to pick a variant
+the state does not build raise :class:`~scoped_parallel.errors.GroupNotAvailableError`.
+
+On rank 5 of 8 with ``tensor_model_parallel_size=2, pipeline_model_parallel_size=2``:
+``get_tensor_model_parallel_group()`` spans ranks (4, 5) and
+``get_tensor_model_parallel_rank()`` is 1; ``get_data_parallel_group()`` spans
+(5, 7); ``is_pipeline_last_stage()`` is true.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from scoped_parallel.errors import GroupNotAvailableError
+
+__all__ = ["MegatronGetters"]
+
+
+class MegatronGetters:
+    """Megatron-core's getter names, answered from the state's groups."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # provided by ParallelState
+        _destroyed: bool
+        _groups: dict[str, Any]
+        _ranks_of: dict[str, tuple[int, ...]]
+
+        def _kind_group(self, kind: str) -> Any:
+            raise NotImplementedError
+
+        def _kind_ranks(self, kind: str) -> tuple[int, ...]:
+            raise NotImplementedError
+
+        def _kind_size(self, kind: str) -> int:
+            raise NotImplementedError
+
+        def _kind_rank(self, kind: str) -> int:
+            raise NotImplementedError
+
+        def _require(self, kind: str) -> str:
+            raise NotImplementedError
+
+        def gloo_group(self, kind: str) -> Any:
+            raise NotImplementedError
+
+        @property
+        def is_member(self) -> bool:
+            raise NotImplementedError
+
+    # ------------------------------------------------------------------ Megatron: tensor / pipeline
+
+    def is_initialized(self) -> bool:
+        return not self._destroyed
+
+    def model_parallel_is_initialized(self) -> bool:
+        return not self._destroyed and self.is_member
+
+    def get_tensor_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("tp")
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._kind_size("tp")
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._kind_rank("tp")
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._kind_ranks("tp")[0]
+
+    def get_tensor_model_parallel_last_rank(self) -> int:
+        return self._kind_ranks("tp")[-1]
+
+    def get_tensor_model_parallel_ranks(self) -> tuple[int, ...]:
+        return self._kind_ranks("tp")
+
+    def get_pipeline_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("pp")
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._kind_size("pp")
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._kind_rank("pp")
+
+    def get_pipeline_model_parallel_first_rank(self) -> int:
+        return self._kind_ranks("pp")[0]
+
+    def get_pipeline_model_parallel_last_rank(self) -> int:
+        return self._kind_ranks("pp")[-1]
+
+    def get_pipeline_model_parallel_next_rank(self) -> int:
+        ranks = self._kind_ranks("pp")
+        return ranks[(self._kind_rank("pp") + 1) % len(ranks)]
+
+    def get_pipeline_model_parallel_prev_rank(self) -> int:
+        ranks = self._kind_ranks("pp")
+        return ranks[(self._kind_rank("pp") - 1) % len(ranks)]
+
+    def is_pipeline_first_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        return self._kind_rank("pp") == 0
+
+    def is_pipeline_last_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        return self._kind_rank("pp") == self._kind_size("pp") - 1
+
+    # ------------------------------------------------------------------ model parallel = tp x pp
+
+    def get_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """Megatron's model-parallel group: tensor x pipeline parallel ranks.
+
+        Group, size and rank always describe this same group (Megatron's legacy
+        ``get_model_parallel_world_size`` reported TP's size, which is only the same
+        thing when PP == 1).
+        """
+        return self._kind_group("tp-pp")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._kind_size("tp-pp")
+
+    def get_model_parallel_rank(self) -> int:
+        return self._kind_rank("tp-pp")
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self._kind_ranks("tp-pp")[0]
+
+    # ------------------------------------------------------------------ data / context parallel
+
+    def _dp_kind(self, with_context_parallel: bool, partial_data_parallel: bool = False) -> str:
+        if partial_data_parallel:
+            raise GroupNotAvailableError(
+                "partial data parallel groups (num_distributed_optimizer_instances > 1) are "
+                "not built by scoped_parallel; call with partial_data_parallel=False."
+            )
+        return "dp-cp" if with_context_parallel else "dp"
+
+    def get_data_parallel_group(
+        self,
+        with_context_parallel: bool = False,
+        partial_data_parallel: bool = False,
+        independent_all_gather: bool = False,
+    ) -> Any:
+        """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data."""
+        if not (with_context_parallel or partial_data_parallel):
+            group = self._groups.get("dp")  # hot: DeepSpeed asks at every step
+            if group is not None:
+                return group
+        if with_context_parallel and independent_all_gather and not partial_data_parallel:
+            raise GroupNotAvailableError(
+                "the separate all-gather twin of the dp-cp group (Megatron's "
+                "independent_all_gather=True) is not built by scoped_parallel; call with "
+                "independent_all_gather=False"
+            )
+        return self._kind_group(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_group_gloo(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> Any:
+        return self.gloo_group(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_world_size(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        return self._kind_size(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_rank(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        return self._kind_rank(self._dp_kind(with_context_parallel, partial_data_parallel))
+
+    def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
+        return self._kind_ranks(self._dp_kind(with_context_parallel))[0]
+
+    def get_data_parallel_group_ranks(self) -> tuple[int, ...]:
+        return self._kind_ranks("dp")
+
+    def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
+        return self._kind_ranks(self._dp_kind(with_context_parallel))
+
+    def get_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("cp")
+
+    def get_context_parallel_world_size(self) -> int:
+        return self._kind_size("cp")
+
+    def get_context_parallel_rank(self) -> int:
+        return self._kind_rank("cp")
+
+    def get_context_parallel_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
+        return self._kind_ranks("cp")
+
+    def get_tensor_and_data_parallel_group(
+        self, check_initialized: bool = True, with_context_parallel: bool = False
+    ) -> Any:
+        return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
+        return self._kind_size("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
+        return self._kind_rank("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("tp-cp")
+
+    def get_tensor_and_context_parallel_world_size(self) -> int:
+        return self._kind_size("tp-cp")
+
+    def get_tensor_and_context_parallel_rank(self) -> int:
+        return self._kind_rank("tp-cp")
+
+    # ------------------------------------------------------------------ experts
+
+    def get_expert_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("ep")
+
+    def get_expert_model_parallel_world_size(self) -> int:
+        return self._kind_size("ep")
+
+    def get_expert_model_parallel_rank(self) -> int:
+        return self._kind_rank("ep")
+
+    def get_expert_tensor_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("etp")
+
+    def get_expert_tensor_parallel_world_size(self) -> int:
+        return self._kind_size("etp")
+
+    def get_expert_tensor_parallel_rank(self) -> int:
+        return self._kind_rank("etp")
+
+    def get_expert_tensor_and_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("etp-ep")
+
+    def get_expert_tensor_and_model_parallel_world_size(self) -> int:
+        return self._kind_size("etp-ep")
+
+    def get_expert_tensor_and_model_parallel_rank(self) -> int:
+        return self._kind_rank("etp-ep")
+
+    def get_expert_tensor_model_pipeline_parallel_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("etp-ep-pp")
+
+    def get_expert_data_parallel_group(
+        self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
+    ) -> Any:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self._kind_group("edp")
+
+    def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self.gloo_group("edp")
+
+    def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self._kind_size("edp")
+
+    def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+        self._dp_kind(False, partial_expert_data_parallel)
+        return self._kind_rank("edp")
+
+    # ------------------------------------------------------------------ embeddings
+
+    def is_rank_in_embedding_group(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        self._require("tp")
+        return "embd" in self._ranks_of
+
+    def is_rank_in_position_embedding_group(self) -> bool:
+        self._require("tp")
+        return "pos-embd" in self._ranks_of
+
+    def get_embedding_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("embd")
+
+    def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
+        return self._kind_group("pos-embd")
