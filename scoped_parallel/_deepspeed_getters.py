@@ -39,23 +39,29 @@ class DeepSpeedGetters:
 
     # DeepSpeed's PipelineParallelGrid names (utils/bwc.py probes these).
     def get_pipe_parallel_group(self) -> Any:
+        """This rank's pipeline model parallel group."""
         return self._kind_group("pp")
 
     def get_pipe_parallel_world_size(self) -> int:
+        """Size of this rank's pipeline model parallel group."""
         return self._kind_size("pp")
 
     def get_pipe_parallel_rank(self) -> int:
+        """This rank's index in its pipeline model parallel group."""
         return self._kind_rank("pp")
 
     # ------------------------------------------------------------------ DeepSpeed sequence parallel
 
     def get_sequence_parallel_group(self) -> Any:
+        """This rank's sequence parallel group."""
         return self._kind_group("sp")
 
     def get_sequence_parallel_world_size(self) -> int:
+        """Size of this rank's sequence parallel group."""
         return self._kind_size("sp")
 
     def get_sequence_parallel_rank(self) -> int:
+        """This rank's index in its sequence parallel group."""
         return self._kind_rank("sp")
 
     def get_sequence_data_parallel_group(self) -> Any:
@@ -64,7 +70,9 @@ class DeepSpeedGetters:
         return group if group is not None else self._kind_group("sp-dp")
 
     def get_sequence_data_parallel_world_size(self) -> int:
+        """Size of this rank's sequence and data parallel (SP x DP) group."""
         return self._kind_size("sp-dp")
 
     def get_sequence_data_parallel_rank(self) -> int:
+        """This rank's index in its sequence and data parallel (SP x DP) group."""
         return self._kind_rank("sp-dp")

@@ -58,56 +58,73 @@ class MegatronGetters:
     # ------------------------------------------------------------------ Megatron: tensor / pipeline
 
     def is_initialized(self) -> bool:
+        """Whether the state still holds its groups (false after :meth:`destroy`)."""
         return not self._destroyed
 
     def model_parallel_is_initialized(self) -> bool:
+        """Whether the state holds groups on this rank (a live member)."""
         return not self._destroyed and self.is_member
 
     def get_tensor_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's tensor model parallel group."""
         return self._kind_group("tp")
 
     def get_tensor_model_parallel_world_size(self) -> int:
+        """Size of this rank's tensor model parallel group."""
         return self._kind_size("tp")
 
     def get_tensor_model_parallel_rank(self) -> int:
+        """This rank's index in its tensor model parallel group."""
         return self._kind_rank("tp")
 
     def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of the first member of this rank's tensor model parallel group."""
         return self._kind_ranks("tp")[0]
 
     def get_tensor_model_parallel_last_rank(self) -> int:
+        """Global rank of the last member of this rank's tensor model parallel group."""
         return self._kind_ranks("tp")[-1]
 
     def get_tensor_model_parallel_ranks(self) -> tuple[int, ...]:
+        """Global ranks of this rank's tensor model parallel group."""
         return self._kind_ranks("tp")
 
     def get_pipeline_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's pipeline model parallel group."""
         return self._kind_group("pp")
 
     def get_pipeline_model_parallel_world_size(self) -> int:
+        """Size of this rank's pipeline model parallel group."""
         return self._kind_size("pp")
 
     def get_pipeline_model_parallel_rank(self) -> int:
+        """This rank's index in its pipeline model parallel group."""
         return self._kind_rank("pp")
 
     def get_pipeline_model_parallel_first_rank(self) -> int:
+        """Global rank of the first member of this rank's pipeline model parallel group."""
         return self._kind_ranks("pp")[0]
 
     def get_pipeline_model_parallel_last_rank(self) -> int:
+        """Global rank of the last member of this rank's pipeline model parallel group."""
         return self._kind_ranks("pp")[-1]
 
     def get_pipeline_model_parallel_next_rank(self) -> int:
+        """Global rank of the next pipeline stage (the last wraps to the first)."""
         ranks = self._kind_ranks("pp")
         return ranks[(self._kind_rank("pp") + 1) % len(ranks)]
 
     def get_pipeline_model_parallel_prev_rank(self) -> int:
+        """Global rank of the previous pipeline stage (the first wraps to the last)."""
         ranks = self._kind_ranks("pp")
         return ranks[(self._kind_rank("pp") - 1) % len(ranks)]
 
     def is_pipeline_first_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank is in the first pipeline stage (no virtual pipeline in a state)."""
         return self._kind_rank("pp") == 0
 
     def is_pipeline_last_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank is in the last pipeline stage (no virtual pipeline in a state)."""
         return self._kind_rank("pp") == self._kind_size("pp") - 1
 
     # ------------------------------------------------------------------ model parallel = tp x pp
@@ -122,12 +139,15 @@ class MegatronGetters:
         return self._kind_group("tp-pp")
 
     def get_model_parallel_world_size(self) -> int:
+        """Size of this rank's model parallel (tensor x pipeline) group."""
         return self._kind_size("tp-pp")
 
     def get_model_parallel_rank(self) -> int:
+        """This rank's index in its model parallel (tensor x pipeline) group."""
         return self._kind_rank("tp-pp")
 
     def get_model_parallel_src_rank(self) -> int:
+        """Global rank of the first member of this rank's model parallel (tensor x pipeline) group."""
         return self._kind_ranks("tp-pp")[0]
 
     # ------------------------------------------------------------------ data / context parallel
@@ -162,121 +182,155 @@ class MegatronGetters:
     def get_data_parallel_group_gloo(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> Any:
+        """The gloo twin of this rank's data parallel group, dp x cp with ``with_context_parallel=True`` (``create_gloo_process_groups=True``)."""
         return self.gloo_group(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_world_size(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
+        """Size of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_size(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_rank(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
+        """This rank's index in its data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_rank(self._dp_kind(with_context_parallel, partial_data_parallel))
 
     def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
+        """Global rank of the first member of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_ranks(self._dp_kind(with_context_parallel))[0]
 
     def get_data_parallel_group_ranks(self) -> tuple[int, ...]:
+        """Global ranks of this rank's data parallel group."""
         return self._kind_ranks("dp")
 
     def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
+        """Global ranks of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_ranks(self._dp_kind(with_context_parallel))
 
     def get_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's context parallel group."""
         return self._kind_group("cp")
 
     def get_context_parallel_world_size(self) -> int:
+        """Size of this rank's context parallel group."""
         return self._kind_size("cp")
 
     def get_context_parallel_rank(self) -> int:
+        """This rank's index in its context parallel group."""
         return self._kind_rank("cp")
 
     def get_context_parallel_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
+        """Global ranks of this rank's context parallel group."""
         return self._kind_ranks("cp")
 
     def get_tensor_and_data_parallel_group(
         self, check_initialized: bool = True, with_context_parallel: bool = False
     ) -> Any:
+        """This rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
+        """Size of this rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_size("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
+        """This rank's index in its tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
         return self._kind_rank("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_context_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's tensor and context parallel group."""
         return self._kind_group("tp-cp")
 
     def get_tensor_and_context_parallel_world_size(self) -> int:
+        """Size of this rank's tensor and context parallel group."""
         return self._kind_size("tp-cp")
 
     def get_tensor_and_context_parallel_rank(self) -> int:
+        """This rank's index in its tensor and context parallel group."""
         return self._kind_rank("tp-cp")
 
     # ------------------------------------------------------------------ experts
 
     def get_expert_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's expert model parallel group."""
         return self._kind_group("ep")
 
     def get_expert_model_parallel_world_size(self) -> int:
+        """Size of this rank's expert model parallel group."""
         return self._kind_size("ep")
 
     def get_expert_model_parallel_rank(self) -> int:
+        """This rank's index in its expert model parallel group."""
         return self._kind_rank("ep")
 
     def get_expert_tensor_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's expert tensor parallel group."""
         return self._kind_group("etp")
 
     def get_expert_tensor_parallel_world_size(self) -> int:
+        """Size of this rank's expert tensor parallel group."""
         return self._kind_size("etp")
 
     def get_expert_tensor_parallel_rank(self) -> int:
+        """This rank's index in its expert tensor parallel group."""
         return self._kind_rank("etp")
 
     def get_expert_tensor_and_model_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's expert tensor and model parallel group."""
         return self._kind_group("etp-ep")
 
     def get_expert_tensor_and_model_parallel_world_size(self) -> int:
+        """Size of this rank's expert tensor and model parallel group."""
         return self._kind_size("etp-ep")
 
     def get_expert_tensor_and_model_parallel_rank(self) -> int:
+        """This rank's index in its expert tensor and model parallel group."""
         return self._kind_rank("etp-ep")
 
     def get_expert_tensor_model_pipeline_parallel_group(self, check_initialized: bool = True) -> Any:
+        """This rank's expert tensor, model and pipeline parallel group."""
         return self._kind_group("etp-ep-pp")
 
     def get_expert_data_parallel_group(
         self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
     ) -> Any:
+        """This rank's expert data parallel group."""
         self._dp_kind(False, partial_expert_data_parallel)
         return self._kind_group("edp")
 
     def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
+        """The gloo twin of this rank's expert data parallel group (``create_gloo_process_groups=True``)."""
         self._dp_kind(False, partial_expert_data_parallel)
         return self.gloo_group("edp")
 
     def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+        """Size of this rank's expert data parallel group."""
         self._dp_kind(False, partial_expert_data_parallel)
         return self._kind_size("edp")
 
     def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+        """This rank's index in its expert data parallel group."""
         self._dp_kind(False, partial_expert_data_parallel)
         return self._kind_rank("edp")
 
     # ------------------------------------------------------------------ embeddings
 
     def is_rank_in_embedding_group(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank holds a word-embedding group (first or last pipeline stage)."""
         self._require("tp")
         return "embd" in self._ranks_of
 
     def is_rank_in_position_embedding_group(self) -> bool:
+        """Whether this rank holds a position-embedding group (first pipeline stage)."""
         self._require("tp")
         return "pos-embd" in self._ranks_of
 
     def get_embedding_group(self, check_initialized: bool = True) -> Any:
+        """This rank's word-embedding group."""
         return self._kind_group("embd")
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
+        """This rank's position-embedding group."""
         return self._kind_group("pos-embd")

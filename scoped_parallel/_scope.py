@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import sys
-import threading
-import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from scoped_parallel import _scope_registry as _registry
+from scoped_parallel._scope_registry import ACTIVE as _ACTIVE
+from scoped_parallel._scope_registry import active_states
+from scoped_parallel._scope_registry import owner as _owner
+from scoped_parallel._scope_registry import thread_stack as _thread_stack
 from scoped_parallel.errors import (
     AmbiguousStateError,
     NoActiveStateError,
@@ -74,91 +76,10 @@ _CURRENT: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar(
 )
 
 
-class _Stack(list):  # type: ignore[type-arg]
-    """The frames a thread has entered and not exited yet, in entry order."""
-
-    __slots__ = ("__weakref__",)
-
-
-# Process-wide view for the fallback rule: every thread keeps its own stack (no lock on
-# the hot path); the registry holds them weakly so finished threads drop out.
-_LOCAL = threading.local()
-# One item per entered, not yet exited scope, anywhere in the process. list.append and
-# list.pop are atomic under the GIL, so the "no scope anywhere" check needs no lock.
-_ACTIVE: list[None] = []
-_STACKS: weakref.WeakValueDictionary[int, _Stack] = weakref.WeakValueDictionary()
-_REGISTRY_LOCK = threading.Lock()
-
-
-def _thread_stack() -> _Stack:
-    stack: _Stack | None = getattr(_LOCAL, "stack", None)
-    if stack is None:
-        stack = _LOCAL.stack = _Stack()
-        with _REGISTRY_LOCK:
-            _STACKS[id(stack)] = stack
-    return stack
-
-
-_get_ident = threading.get_ident
-
-
-class _AsyncioProbe:
-    """asyncio's running-loop and current-task functions, looked up once asyncio is imported."""
-
-    __slots__ = ("running_loop", "current_task")
-
-    def __init__(self) -> None:
-        self.running_loop: Callable[[], Any] | None = None
-        self.current_task: Callable[[], Any] | None = None
-
-
-_ASYNCIO = _AsyncioProbe()
-
-
-def _owner() -> tuple[int, int]:
-    """The (thread, asyncio task) that is running, as identities."""
-    probe = _ASYNCIO
-    if probe.running_loop is None:
-        asyncio = sys.modules.get("asyncio")
-        if asyncio is None:
-            return (_get_ident(), 0)
-        probe.current_task = asyncio.current_task
-        probe.running_loop = asyncio._get_running_loop
-    if probe.running_loop() is None:
-        return (_get_ident(), 0)
-    task = probe.current_task()  # type: ignore[misc]
-    return (_get_ident(), 0 if task is None else id(task))
-
-
-def _all_frames() -> list[_Frame]:
-    with _REGISTRY_LOCK:
-        stacks = list(_STACKS.values())
-    frames: list[_Frame] = []
-    for stack in stacks:
-        frames.extend(tuple(stack))  # a snapshot; the owning thread may be changing it
-    return frames
-
-
-def active_states() -> tuple[Any, ...]:
-    """The distinct states that are the innermost scope somewhere in the process.
-
-    Innermost per thread *and* asyncio task: a task nested in another state does
-    not hide its parent task's own scope.
-    """
-    innermost: dict[tuple[int, int], _Frame] = {}
-    for frame in _all_frames():
-        innermost[frame[1]] = frame  # later entries of the same owner are nested deeper
-    return tuple(dict.fromkeys(f[0] for f in innermost.values()))
-
-
 def _forget_all_scopes() -> None:
     """Drop every scope record (for test guards that found a leak): not for production use."""
     _CURRENT.set(None)
-    with _REGISTRY_LOCK:
-        stacks = list(_STACKS.values())
-    for stack in stacks:
-        stack.clear()
-    _ACTIVE.clear()
+    _registry.clear()
 
 
 def current_state_or_none() -> ParallelState | None:
@@ -175,7 +96,7 @@ def current_state_or_none() -> ParallelState | None:
         return frame[0]
     if not _ACTIVE:
         return None
-    if getattr(_LOCAL, "stack", None):
+    if _registry.has_own_stack():
         # A scope is active in this very thread (another asyncio task of it, or a parent
         # that awaits a child): this context simply has none of its own. The fallback is
         # for threads where no scope is active at all.

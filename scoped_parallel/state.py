@@ -25,7 +25,6 @@ getter                                       rank 5 sees
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -34,87 +33,18 @@ import torch.distributed as dist
 
 from scoped_parallel import _bind, _groups, _mesh
 from scoped_parallel import _torch_compat as compat
-from scoped_parallel._axes import AXES
 from scoped_parallel._deepspeed_getters import DeepSpeedGetters
 from scoped_parallel._kinds import normalise_kind
-from scoped_parallel._layout_checks import DEFAULT_ORDER, as_int
 from scoped_parallel._megatron_getters import MegatronGetters
 from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag, plan_requests
 from scoped_parallel._scope import Activation
-from scoped_parallel.errors import (
-    DistributedNotInitializedError,
-    GroupNotAvailableError,
-    LayoutError,
-    RankNotInLayoutError,
-    ScopedParallelError,
-    UnsupportedSetupError,
-)
+from scoped_parallel._state_args import check_world, keyword_signature, layout_in_world, per_kind
+from scoped_parallel.errors import GroupNotAvailableError, RankNotInLayoutError, ScopedParallelError
 from scoped_parallel.layout import ParallelLayout
 
 __all__ = ["BOUND_METHODS", "ParallelState"]
 
 BOUND_METHODS = _bind.BOUND_METHODS
-
-
-def _per_kind(mapping: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"{what} must be a mapping from group kind to value, got {mapping!r}")
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        try:
-            out[normalise_kind(key)] = value
-        except LayoutError as err:
-            raise LayoutError(f"{what}: {err}") from None
-    return out
-
-
-def _check_world() -> int:
-    if not dist.is_available() or not dist.is_initialized():
-        raise DistributedNotInitializedError(
-            "ParallelState needs torch.distributed to be initialized first: call "
-            "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) "
-            "before building a state."
-        )
-    bound = compat.bound_device()
-    if bound is not None:
-        raise UnsupportedSetupError(
-            f"the default process group is bound to {bound} (init_process_group(device_id=...)), "
-            "so torch would create every new group with ncclCommSplit, which needs all ranks of "
-            "the world to take part; scoped_parallel creates groups on their members only. "
-            "Initialize the default group without device_id (NCCL then creates communicators "
-            "lazily, per group)."
-        )
-    return dist.get_world_size()
-
-
-def _layout_in_world(
-    layout: ParallelLayout | None, name: str | None, world: int, keywords: dict[str, Any]
-) -> ParallelLayout:
-    """The state's layout: given, or built from the keyword form on the rest of the world."""
-    if layout is not None:
-        if not isinstance(layout, ParallelLayout):
-            raise TypeError(f"layout must be a ParallelLayout, got {layout!r}")
-        if keywords:
-            raise TypeError(
-                f"ParallelState got a layout and also {sorted(keywords)}; the layout already fixes "
-                "the sizes, order, world_size and rank_offset: pass one or the other"
-            )
-        rank_offset, world_size = layout.rank_offset, layout.world_size
-    else:
-        rank_offset = as_int("rank_offset", keywords.pop("rank_offset", 0))
-        world_size = keywords.pop("world_size", None)
-        world_size = world - rank_offset if world_size is None else as_int("world_size", world_size)
-    if rank_offset >= world or rank_offset + world_size > world:
-        raise LayoutError(
-            f"ParallelState {name!r} spans ranks {rank_offset}..{rank_offset + world_size - 1} "
-            f"(rank_offset={rank_offset}, world_size={world_size}) but the process world has "
-            f"{world} ranks (0..{world - 1}); lower world_size or rank_offset."
-        )
-    if layout is None:
-        layout = ParallelLayout(world_size, rank_offset=rank_offset, **keywords)
-    return layout
 
 
 class ParallelState(MegatronGetters, DeepSpeedGetters):
@@ -170,16 +100,16 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 f"timeout must be a datetime.timedelta (as in torch.distributed), got {timeout!r}; "
                 "e.g. timeout=datetime.timedelta(minutes=10)"
             )
-        world = _check_world()
-        self._layout = _layout_in_world(layout, name, world, layout_keywords)
+        world = check_world()
+        self._layout = layout_in_world(layout, name, world, layout_keywords)
         self._spec = StateSpec(
             layout=self._layout,
             name=name,
             backend=backend,
             timeout=timeout,
             share=bool(share_groups),
-            backends=_per_kind(backends, "backends"),
-            options=_per_kind(pg_options, "pg_options"),
+            backends=per_kind(backends, "backends"),
+            options=per_kind(pg_options, "pg_options"),
             gloo_twins=bool(create_gloo_process_groups),
         )
         self._name = name
@@ -324,7 +254,7 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         """Make ``engine``'s calls run inside this state's scope; return the engine.
 
         Wraps ``engine(...)`` (``__call__``) and, where the engine has them,
-        :data:`BOUND_METHODS` (forward, backward, step, train/eval batch, checkpoint
+        ``BOUND_METHODS`` (forward, backward, step, train/eval batch, checkpoint
         save/load), so a training loop need not wrap every call in ``with``.
         Reversible with :meth:`unbind`; binding an engine that another state holds
         raises ``ScopedParallelError``.
@@ -431,21 +361,4 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
             return self.rank_in(kind)
 
 
-def _keyword_signature() -> inspect.Signature:
-    """``ParallelState.__init__`` as introspection shows it: the layout keywords spelled out."""
-    base = inspect.signature(ParallelState.__init__)
-    params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    P = inspect.Parameter
-    params += [
-        P(axis.keyword, P.KEYWORD_ONLY, default=axis.default, annotation="int | None" if axis.default is None else "int")
-        for axis in AXES
-    ]
-    params += [
-        P("order", P.KEYWORD_ONLY, default=DEFAULT_ORDER, annotation="str"),
-        P("world_size", P.KEYWORD_ONLY, default=None, annotation="int | None"),
-        P("rank_offset", P.KEYWORD_ONLY, default=0, annotation="int"),
-    ]
-    return base.replace(parameters=params)
-
-
-ParallelState.__init__.__signature__ = _keyword_signature()  # type: ignore[attr-defined]
+ParallelState.__init__.__signature__ = keyword_signature(ParallelState.__init__)  # type: ignore[attr-defined]
