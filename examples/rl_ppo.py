@@ -90,7 +90,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from scoped_parallel import ParallelState, adapters  # noqa: E402
-from scoped_parallel._inspect import shared_groups  # noqa: E402
+from scoped_parallel import shared_groups  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS = 128, 64, 2, 4, 4
 PROMPT_LEN = RESPONSE_LEN = 16

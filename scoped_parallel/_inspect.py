@@ -74,7 +74,21 @@ def _kinds() -> tuple[str, ...]:
 
 
 def shared_groups(states: Mapping[str, ParallelLayout], rank: int) -> dict[tuple[int, ...], list[str]]:
-    """Rank sets of size > 1 that ``rank`` holds in several states (or kinds): who uses each."""
+    """Rank sets of size > 1 that ``rank`` holds in several states: who uses each.
+
+    With ``share_groups=True`` (the default) each such rank set is one process group
+    serving every listed user. On 4 ranks, an actor with TP=2 and a reference with
+    SP=2 share rank 0's pair (0, 1):
+
+    >>> from scoped_parallel import ParallelLayout
+    >>> actor = ParallelLayout(4, tensor_model_parallel_size=2)
+    >>> ref = ParallelLayout(4, sequence_parallel_size=2)
+    >>> shared = shared_groups({"actor": actor, "ref": ref}, 0)
+    >>> sorted(shared)
+    [(0, 1), (0, 1, 2, 3), (0, 2)]
+    >>> shared[(0, 1)][0], shared[(0, 1)][-1]
+    ('actor.tp', 'ref.sp')
+    """
     users: dict[tuple[int, ...], list[str]] = {}
     for name, layout in states.items():
         if not layout.contains(rank):
