@@ -109,6 +109,7 @@ def uninstall(targets: tuple[str, ...] | None = None) -> None:
 
 
 def is_installed(target: str | None = None) -> bool:
+    """Whether ``target`` (an adapter name), or any adapter when None, is installed now."""
     return bool(LEDGER.owners()) if target is None else LEDGER.is_patched(target)
 
 

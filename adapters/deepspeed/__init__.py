@@ -55,7 +55,6 @@ from scoped_parallel.adapters.deepspeed.zero import scoped_convert_to_zero_param
 
 __all__ = [
     "GROUPS_FUNCTIONS",
-    "OWNER",
     "SEQUENCE_PARALLEL_FUNCTIONS",
     "install",
     "uninstall",

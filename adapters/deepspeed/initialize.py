@@ -7,7 +7,7 @@
   other state's scope, likewise.
 * Called inside a scope with ``mpu=None``, the state is passed as the mpu (as
   ``groups.mpu`` would answer anyway), unless DeepSpeed picks the mpu itself or the
-  config cannot be read here (see :func:`state_may_be_mpu`); a state with TP > 1 would
+  config cannot be read here (see ``state_may_be_mpu``); a state with TP > 1 would
   otherwise crash the engine (``engine.mpu`` is ``None`` but the model-parallel size
   is > 1).
 """
