@@ -8,6 +8,7 @@ dp, cp, pp; expert kinds combine etp, ep, edp and optionally pp; ``embd`` and
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import lru_cache
 
 from scoped_parallel.errors import LayoutError
@@ -19,6 +20,7 @@ __all__ = [
     "canonical_kind",
     "normalise_kind",
     "parse_kind",
+    "token_problems",
 ]
 
 #: Dense group kinds a state builds by default (canonical spelling).
@@ -49,6 +51,17 @@ DENSE_ONLY_TOKENS = frozenset(("tp", "sp", "dp", "cp"))
 _ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
 
 
+def token_problems(tokens: tuple[str, ...], valid: Collection[str]) -> tuple[str | None, list[str]]:
+    """The first token not in ``valid`` (quoted, or "an empty token"), and the repeated tokens.
+
+    >>> token_problems(("tp", "tp", ""), ("tp", "dp"))
+    ('an empty token', ['tp'])
+    """
+    bad = next((t for t in tokens if t not in valid), None)
+    shown = None if bad is None else (repr(bad) if bad else "an empty token")
+    return shown, sorted({t for t in tokens if tokens.count(t) > 1})
+
+
 def _valid_kinds_text() -> str:
     return (
         "valid kinds are any '-'-joined set of the dense tokens tp, sp, dp, cp, pp; "
@@ -67,14 +80,11 @@ def parse_kind(kind: str) -> tuple[str, str, tuple[str, ...]]:
     """
     if kind in EMBEDDING_KINDS:
         return kind, kind, ()
-    tokens = kind.split("-")
-    valid = set(DENSE_KIND_TOKENS) | EXPERT_ONLY_TOKENS
-    for token in tokens:
-        if token not in valid:
-            shown = repr(token) if token else "an empty token"
-            raise LayoutError(f"kind {kind!r} has {shown}; {_valid_kinds_text()}")
-    if len(set(tokens)) != len(tokens):
-        dup = sorted({t for t in tokens if tokens.count(t) > 1})
+    tokens = tuple(kind.split("-"))
+    bad, dup = token_problems(tokens, set(DENSE_KIND_TOKENS) | EXPERT_ONLY_TOKENS)
+    if bad is not None:
+        raise LayoutError(f"kind {kind!r} has {bad}; {_valid_kinds_text()}")
+    if dup:
         raise LayoutError(
             f"kind {kind!r} repeats {', '.join(repr(t) for t in dup)}; "
             f"name each token once; {_valid_kinds_text()}"

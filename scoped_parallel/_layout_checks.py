@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from scoped_parallel._axes import AXES
+from scoped_parallel._kinds import token_problems
 from scoped_parallel.errors import LayoutError
 
 __all__ = ["DEFAULT_ORDER", "Derived", "as_int", "derive", "normalise_order"]
@@ -44,15 +45,13 @@ def normalise_order(order: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         raise TypeError(f"order must be a str such as {DEFAULT_ORDER!r}, got {order!r}")
     given = tuple(order.lower().split("-"))
     valid = ", ".join(ORDER_TOKENS)
-    for token in given:
-        if token not in ORDER_TOKENS:
-            shown = repr(token) if token else "an empty token"
-            raise LayoutError(
-                f"order {order!r} has {shown}; order is '-'-separated tokens from "
-                f"{valid} (for example {DEFAULT_ORDER!r})"
-            )
-    if len(set(given)) != len(given):
-        dup = sorted({t for t in given if given.count(t) > 1})
+    bad, dup = token_problems(given, ORDER_TOKENS)
+    if bad is not None:
+        raise LayoutError(
+            f"order {order!r} has {bad}; order is '-'-separated tokens from "
+            f"{valid} (for example {DEFAULT_ORDER!r})"
+        )
+    if dup:
         raise LayoutError(
             f"order {order!r} repeats {', '.join(repr(t) for t in dup)}; name each of "
             f"{valid} at most once"
