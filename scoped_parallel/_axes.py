@@ -7,9 +7,11 @@ in Megatron's ``order`` strings and group kinds), the keyword argument of
 that may give it (``ParallelState.from_config``), the command-line flag and the
 spec key of ``python -m scoped_parallel layout``, and a line of help.
 
-Adding a dimension means adding a row here and teaching ``layout.py`` its rank
-math; the constructor keywords, the config reader, the CLI and the inspector
-pick it up from this table. Pure data: no torch import.
+Adding a dimension means adding a row here and teaching the rank math its place
+(``_layout_checks.py``, ``_kinds.py``, ``layout.py``; ARCHITECTURE.md lists the
+steps); the constructor keywords and signatures, the size properties, the config
+reader, the CLI flags and the ``--state`` keys come from this table. Pure data: no
+torch import.
 """
 
 from __future__ import annotations

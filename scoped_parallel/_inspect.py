@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 
 from scoped_parallel.errors import LayoutError
 from scoped_parallel._axes import AXES
-from scoped_parallel._kinds import EMBEDDING_KINDS, parse_kind
-from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
+from scoped_parallel._kinds import EMBEDDING_KINDS, EXPERT_KIND_TOKENS, parse_kind
+from scoped_parallel.layout import DENSE_AXES, DENSE_KINDS, EXPERT_KINDS, ParallelLayout
 
 __all__ = ["layout_table", "parse_state_spec", "rank_report", "diff_report", "shared_groups", "svg"]
 
@@ -205,8 +205,8 @@ def layout_table(layout: ParallelLayout, max_groups: int | None = None) -> str:
     lines = [
         repr(layout),
         f"ranks {first}..{first + layout.world_size - 1}, order {layout.order}",
-        "dense  " + " ".join(f"{k}={s[k]}" for k in ("tp", "cp", "sp", "dp", "pp")),
-        "expert " + " ".join(f"{k}={s[k]}" for k in ("etp", "ep", "edp", "pp")),
+        "dense  " + " ".join(f"{k}={s[k]}" for k in DENSE_AXES),
+        "expert " + " ".join(f"{k}={s[k]}" for k in EXPERT_KIND_TOKENS),
     ]
     kinds = DENSE_KINDS + EXPERT_KINDS + EMBEDDING_KINDS
     width = max(len(k) for k in kinds)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from scoped_parallel.errors import LayoutError
+from scoped_parallel.layout import DENSE_AXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from scoped_parallel.state import ParallelState
@@ -33,7 +34,7 @@ def device_mesh(state: ParallelState, dims: tuple[str, ...] | None = None, devic
 
     state._require("tp")
     sizes = state.layout.sizes()
-    tokens = [t for t in state.layout.order.split("-") if t in ("tp", "cp", "sp", "dp", "pp")]
+    tokens = [t for t in state.layout.order.split("-") if t in DENSE_AXES]
     if dims is None:
         dims = tuple(t for t in reversed(tokens) if sizes[t] > 1) or ("dp",)
     dims = tuple(dims)

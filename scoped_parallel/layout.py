@@ -31,12 +31,14 @@ from scoped_parallel._kinds import (
 from scoped_parallel._layout_checks import DEFAULT_ORDER, as_int, derive
 from scoped_parallel.errors import LayoutError, RankNotInLayoutError
 
-__all__ = ["ParallelLayout", "DENSE_KINDS", "EXPERT_KINDS", "EMBEDDING_KINDS", "canonical_kind"]
+__all__ = ["DENSE_AXES", "DENSE_KINDS", "EMBEDDING_KINDS", "EXPERT_KINDS", "ParallelLayout", "canonical_kind"]
 
 # Kind token of the expert family -> order token of the expert generator.
 _EXPERT_TOKEN_TO_ORDER = {"etp": "tp", "ep": "ep", "edp": "dp", "pp": "pp"}
-# Keys of ``coordinates()``.
-_DENSE_AXES = ("tp", "cp", "sp", "dp", "pp")
+#: The dense axes in Megatron's rank-generator sequence: keys of ``coordinates()``,
+#: what ``rank_at()`` accepts, the dense line of ``table()``, DeviceMesh dimensions.
+DENSE_AXES = ("tp", "cp", "sp", "dp", "pp")
+_DENSE_AXES = DENSE_AXES
 _EXPERT_AXES = ("etp", "ep", "edp")
 # Keys of ``sizes()``, and the sizes ``repr`` shows when they are not 1.
 _SIZE_ORDER = ("tp", "cp", "sp", "dp", "pp", "ep", "etp", "edp")

@@ -174,6 +174,14 @@ def _forward_counted(fn: Any) -> tuple[Any, int]:
 # ---------------------------------------------------------------------- rank functions
 
 
+def _which(obj: Any, **named: Any) -> str:
+    """The name of the candidate ``obj`` is (by identity), else a description of what it is."""
+    for name, candidate in named.items():
+        if obj is candidate:
+            return name
+    return f"another {type(obj).__name__}"
+
+
 def _scenario_with_adapter(rank: int) -> dict[str, Any]:
     """Models A (SP 2), B (SP 4), C (SP 1) registered in their scopes, run interleaved."""
     import deepspeed.comm
@@ -199,25 +207,30 @@ def _scenario_with_adapter(rank: int) -> dict[str, Any]:
     try:
         with adapters.installed(targets=("ulysses",)):
             with sa.activate():
-                out["returned_a"] = _register(models["a"], 2) is sa
+                states = {"state a": sa, "state b": sb, "state c": sc, "parallel_state_sp": None}
+                out["returned"] = {"a": _which(_register(models["a"], 2), **states)}
                 inst_a, dispatcher = ulysses.instance_for(attn["a"]), ALL_ATTENTION_FUNCTIONS["sdpa"]
-                out["again_returns_state"] = _register(models["a"], 2) is sa
-                out["again_same_instance"] = ulysses.instance_for(attn["a"]) is inst_a
-                out["again_same_dispatcher"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is dispatcher
+                out["again"] = {
+                    "returned": _which(_register(models["a"], 2), **states),
+                    "instance": _which(ulysses.instance_for(attn["a"]), first=inst_a),
+                    "dispatcher": _which(ALL_ATTENTION_FUNCTIONS["sdpa"], first=dispatcher),
+                }
             with sb.activate():
-                out["returned_b"] = _register(models["b"], 4) is sb
+                out["returned"]["b"] = _which(_register(models["b"], 4), **states)
             with sc.activate():
-                out["returned_c"] = _register(models["c"], 1) is sc
-            out["one_dispatcher"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is dispatcher
-            out["dispatcher_wraps_core"] = dispatcher.scoped_parallel_core is core
+                out["returned"]["c"] = _which(_register(models["c"], 1), **states)
+            out["sdpa_entry"] = _which(ALL_ATTENTION_FUNCTIONS["sdpa"], first_dispatcher=dispatcher, core=core)
+            out["dispatcher_core"] = _which(dispatcher.scoped_parallel_core, core=core)
             inst_b = ulysses.instance_for(attn["b"])
+            sp_groups = {"a sp": sa.get_sequence_parallel_group(), "b sp": sb.get_sequence_parallel_group()}
             out["instances"] = {
                 "a_size": inst_a.world_size,
                 "b_size": inst_b.world_size,
-                "a_group_is_state_sp": inst_a.process_group is sa.get_sequence_parallel_group(),
-                "b_group_is_state_sp": inst_b.process_group is sb.get_sequence_parallel_group(),
-                "both_wrap_core": inst_a.attn is core and inst_b.attn is core,
-                "c_is_passthrough": ulysses.instance_for(attn["c"]) is None,
+                "a_group": _which(inst_a.process_group, **sp_groups),
+                "b_group": _which(inst_b.process_group, **sp_groups),
+                "a_wraps": _which(inst_a.attn, core=core),
+                "b_wraps": _which(inst_b.attn, core=core),
+                "c_instance": _which(ulysses.instance_for(attn["c"]), none=None),
             }
 
             # Interleaved: A and B forward in A's scope, B backward with no scope, A backward in
@@ -238,8 +251,8 @@ def _scenario_with_adapter(rank: int) -> dict[str, Any]:
             xa2, la2, loss_a2 = _shard_forward(models["a"], *data["a"], sa)
             loss_a2.backward()
             out["a_unscoped"] = _check_shard_run(models["a"], xa2, la2, sa, refs["a"])
-        out["core_restored"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is core
-        out["register_restored"] = vars(UlyssesSPAttentionHF)["register_with_transformers"] is register_before
+        out["sdpa_after"] = _which(ALL_ATTENTION_FUNCTIONS["sdpa"], core=core)
+        out["register_after"] = _which(vars(UlyssesSPAttentionHF)["register_with_transformers"], original=register_before)
     finally:
         for state in (sc, sb, sa):
             state.destroy()
@@ -270,7 +283,7 @@ def _scenario_without_adapter(rank: int) -> dict[str, Any]:
             setattr(parallel_state_sp, name, None)
 
     try:
-        out["returns_module"] = _register(model_a, 2) is parallel_state_sp
+        out["returned"] = _which(_register(model_a, 2), parallel_state_sp=parallel_state_sp)
         first_wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
         try:
             _register(model_b, 4)
@@ -282,11 +295,11 @@ def _scenario_without_adapter(rank: int) -> dict[str, Any]:
         second_wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
         inner = [c.cell_contents for c in second_wrapper.__closure__ or ()]
         uattn = next(obj for obj in inner if isinstance(obj, UlyssesSPAttentionHF))
-        out["forced_wraps_first_wrapper"] = uattn.attn is first_wrapper
-        out["first_wrapper_wraps_core"] = any(
-            isinstance(c.cell_contents, UlyssesSPAttentionHF) and c.cell_contents.attn is core
-            for c in first_wrapper.__closure__ or ()
+        out["forced_wraps"] = _which(uattn.attn, first_wrapper=first_wrapper, core=core)
+        first_inner = next(
+            c.cell_contents for c in first_wrapper.__closure__ or () if isinstance(c.cell_contents, UlyssesSPAttentionHF)
         )
+        out["first_wraps"] = _which(first_inner.attn, core=core)
     finally:
         forget_sp_groups()
         for group in created:
@@ -296,7 +309,7 @@ def _scenario_without_adapter(rank: int) -> dict[str, Any]:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = core
         else:
             local.pop("sdpa", None)
-    out["restored"] = ALL_ATTENTION_FUNCTIONS["sdpa"] is core
+    out["sdpa_after"] = _which(ALL_ATTENTION_FUNCTIONS["sdpa"], core=core)
     return out
 
 
@@ -325,17 +338,17 @@ def _failures(result: dict[str, Any]) -> dict[str, str]:
 def test_unpatched_second_registration_asserts(without_adapter: list[dict[str, Any]]) -> None:
     """Without the adapter DeepSpeed's second register_with_transformers hits its 'already initialized' assert."""
     for rank, result in enumerate(without_adapter):
-        assert result["returns_module"], rank
+        assert result["returned"] == "parallel_state_sp", f"rank {rank}: registration returned {result['returned']}"
         assert result["second"] is not None and "already initialized" in result["second"], (rank, result["second"])
-        assert result["restored"], rank
+        assert result["sdpa_after"] == "core", f"rank {rank}: sdpa entry after cleanup is {result['sdpa_after']}"
 
 
 @pytest.mark.world
 def test_unpatched_forced_second_registration_nests_wrappers(without_adapter: list[dict[str, Any]]) -> None:
     """With DeepSpeed's globals reset, the second registration wraps the first model's wrapper (two all-to-alls)."""
     for rank, result in enumerate(without_adapter):
-        assert result["first_wrapper_wraps_core"], rank
-        assert result["forced_wraps_first_wrapper"], rank
+        assert result["first_wraps"] == "core", f"rank {rank}: first wrapper wraps {result['first_wraps']}"
+        assert result["forced_wraps"] == "first_wrapper", f"rank {rank}: forced wrapper wraps {result['forced_wraps']}"
 
 
 @pytest.mark.world
@@ -350,14 +363,16 @@ def test_two_models_match_full_sequence_run(with_adapter: list[dict[str, Any]]) 
 def test_dispatch_follows_the_module_not_the_scope(with_adapter: list[dict[str, Any]]) -> None:
     """Each model's attention runs its own state's instance, even under another state's scope or none."""
     for rank, result in enumerate(with_adapter):
-        assert result["instances"] == {
+        expected = {
             "a_size": 2,
             "b_size": 4,
-            "a_group_is_state_sp": True,
-            "b_group_is_state_sp": True,
-            "both_wrap_core": True,
-            "c_is_passthrough": True,
-        }, rank
+            "a_group": "a sp",
+            "b_group": "b sp",
+            "a_wraps": "core",
+            "b_wraps": "core",
+            "c_instance": "none",
+        }
+        assert result["instances"] == expected, f"rank {rank}: instances {result['instances']}, expected {expected}"
         # 2 layers x (q, k, v, context) exchanges each: one all-to-all per tensor, never nested
         assert (result["a2a_a"], result["a2a_b"]) == (8, 8), rank
         assert not _failures(result["a_unscoped"]), (rank, _failures(result["a_unscoped"]))
@@ -367,36 +382,40 @@ def test_dispatch_follows_the_module_not_the_scope(with_adapter: list[dict[str, 
 def test_one_dispatcher_wraps_the_original_core(with_adapter: list[dict[str, Any]]) -> None:
     """Three registrations install a single dispatcher holding the original sdpa function."""
     for rank, result in enumerate(with_adapter):
-        assert result["one_dispatcher"] and result["dispatcher_wraps_core"], rank
+        got = (result["sdpa_entry"], result["dispatcher_core"])
+        assert got == ("first_dispatcher", "core"), f"rank {rank}: sdpa entry and dispatcher core are {got}"
 
 
 @pytest.mark.world
 def test_register_returns_the_active_state(with_adapter: list[dict[str, Any]]) -> None:
     """Inside a scope register_with_transformers returns the active state, not parallel_state_sp."""
     for rank, result in enumerate(with_adapter):
-        assert result["returned_a"] and result["returned_b"] and result["returned_c"], rank
+        expected = {"a": "state a", "b": "state b", "c": "state c"}
+        assert result["returned"] == expected, f"rank {rank}: registrations returned {result['returned']}, expected {expected}"
 
 
 @pytest.mark.world
 def test_register_twice_in_a_scope_is_idempotent(with_adapter: list[dict[str, Any]]) -> None:
     """A second registration of the same model in the same scope keeps its instance and dispatcher."""
     for rank, result in enumerate(with_adapter):
-        assert result["again_returns_state"] and result["again_same_instance"], rank
-        assert result["again_same_dispatcher"], rank
+        expected = {"returned": "state a", "instance": "first", "dispatcher": "first"}
+        assert result["again"] == expected, f"rank {rank}: second registration gave {result['again']}, expected {expected}"
 
 
 @pytest.mark.world
 def test_sp1_model_goes_straight_to_core_attention(with_adapter: list[dict[str, Any]]) -> None:
     """A model of an SP=1 state runs the core function unchanged: same logits bit for bit, no all-to-all."""
     for rank, result in enumerate(with_adapter):
-        assert result["c_equal"] and result["a2a_c"] == 0, rank
+        assert result["c_equal"], f"rank {rank}: SP=1 model's logits differ from the unpatched run"
+        assert result["a2a_c"] == 0, f"rank {rank}: SP=1 model ran {result['a2a_c']} all-to-alls, expected 0"
 
 
 @pytest.mark.world
 def test_uninstall_in_the_world_restores_originals(with_adapter: list[dict[str, Any]]) -> None:
     """Leaving adapters.installed() after registrations restores the sdpa entry and the classmethod."""
     for rank, result in enumerate(with_adapter):
-        assert result["core_restored"] and result["register_restored"], rank
+        got = (result["sdpa_after"], result["register_after"])
+        assert got == ("core", "original"), f"rank {rank}: after uninstall sdpa entry and classmethod are {got}"
 
 
 # ---------------------------------------------------------------------- in-process tests
