@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from scoped_parallel import _torch_compat as compat
 
-__all__ = ["GroupRequest", "acquire", "release", "live_groups", "creation_count"]
+__all__ = ["GroupRequest", "acquire", "adopt", "creation_count", "live_groups", "release", "retain"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,40 @@ def acquire(request: GroupRequest, *, share: bool) -> Any:
         if share:
             _SHARED[key] = entry
         return group
+
+
+def adopt(request: GroupRequest, group: Any, *, share: bool) -> Any:
+    """Register ``group``, created elsewhere (a split), for ``request``; return the group to use.
+
+    With ``share=True`` and an identical live group already held, that one is used and
+    ``group`` is destroyed at once (a split is collective, so it cannot be skipped on one
+    rank; sharing is decided after it).
+    """
+    with _LOCK:
+        _forget_dead()
+        key = _share_key(request)
+        if share:
+            entry = _SHARED.get(key)
+            if entry is not None:
+                entry.users += 1
+                if dist.is_initialized() and compat.is_registered(group):
+                    dist.destroy_process_group(group)
+                return entry.group
+        entry = _Entry(group, request)
+        _BY_GROUP[group] = (key if share else None, entry)
+        if share:
+            _SHARED[key] = entry
+        _COUNT.created += 1
+        return group
+
+
+def retain(group: Any) -> None:
+    """Add one user to ``group`` (held here); :func:`release` drops it again."""
+    with _LOCK:
+        found = _BY_GROUP.get(group)
+        if found is None:
+            raise KeyError(f"{group!r} is not a group created or adopted by scoped_parallel")
+        found[1].users += 1
 
 
 def release(group: Any) -> None:

@@ -25,7 +25,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from scoped_parallel._agree import agree
 from scoped_parallel._groups import GroupRequest
@@ -68,9 +68,14 @@ def reset_construction_count(epoch: str) -> None:
         _CONSTRUCTIONS.epoch = str(epoch)
 
 
-def construction_tag(layout: ParallelLayout) -> str:
-    """Take the next construction number over the layout's ranks; return its tag."""
-    span = (layout.rank_offset, layout.world_size)
+def construction_tag(layout: ParallelLayout, span: tuple[int, int] | None = None) -> str:
+    """Take the next construction number over the layout's ranks (or ``span``); return its tag.
+
+    ``span`` is ``(first rank, number of ranks)`` of everyone taking part: the whole world
+    when groups are created by splitting (every rank of the world joins every split).
+    """
+    if span is None:
+        span = (layout.rank_offset, layout.world_size)
     with _CONSTRUCTIONS.lock:
         seq = _CONSTRUCTIONS.count.get(span, 0)
         _CONSTRUCTIONS.count[span] = seq + 1
@@ -107,15 +112,18 @@ class StateSpec:
 
 
 def plan_requests(
-    spec: StateSpec, ranks_of: Mapping[str, tuple[int, ...]], tag: str
+    spec: StateSpec, ranks_of: Mapping[str, tuple[int, ...]], tag: str, skip: Collection[str] = ()
 ) -> list[tuple[str, GroupRequest]]:
     """The rank's requests as ``(slot, request)``, in the global creation order, named by ``tag``.
 
-    ``slot`` is the kind, or ``"gloo:<kind>"`` for a gloo twin.
+    ``slot`` is the kind, or ``"gloo:<kind>"`` for a gloo twin; kinds in ``skip`` (made by
+    splitting) are left out.
     """
     label = spec.name or "state"
     out: list[tuple[str, GroupRequest]] = []
     for kind, ranks in ranks_of.items():
+        if kind in skip:
+            continue
         request = GroupRequest(
             ranks=ranks,
             backend=spec.backends.get(kind, spec.backend),
@@ -148,12 +156,13 @@ def agree_with_peers(
     store: Any,
     timeout: timedelta,
     describe: Callable[[], str],
+    span_size: int | None = None,
 ) -> None:
     """Check, before any group is created, that every peer built the same state.
 
     One leader per group reads its members' fingerprints and one decision covers the
-    whole state: a rank that disagrees, or never arrives within ``timeout``, makes every
-    rank of the state raise :class:`~scoped_parallel.errors.StateMismatchError` instead
+    whole state (``span_size`` ranks: the world when groups are split): a rank that
+    disagrees, or never arrives within ``timeout``, makes every rank of the state raise :class:`~scoped_parallel.errors.StateMismatchError` instead
     of hanging inside group creation.
     """
     layout = spec.layout
@@ -163,7 +172,7 @@ def agree_with_peers(
         store,
         f"scoped_parallel/agree/{tag}/",
         rank,
-        layout.world_size,
+        layout.world_size if span_size is None else span_size,
         ranks_of.values(),
         spec.fingerprint(),
         timeout.total_seconds(),

@@ -1,7 +1,7 @@
 """Arguments of ``ParallelState``: checked and normalised before any communication.
 
 The state's constructor calls these in order: :func:`check_world` (torch.distributed
-is up, and its default group is usable), :func:`layout_in_world` (the layout, given
+is up), :func:`layout_in_world` (the layout, given
 or built from the keyword form, fits the world), :func:`per_kind` (per-kind backends
 and options under canonical kinds). :func:`keyword_signature` spells the keyword
 form out for ``help()`` and IDEs, from the axis table.
@@ -15,11 +15,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from scoped_parallel import _torch_compat as compat
 from scoped_parallel._axes import AXES
 from scoped_parallel._kinds import normalise_kind
 from scoped_parallel._layout_checks import DEFAULT_ORDER, as_int
-from scoped_parallel.errors import DistributedNotInitializedError, LayoutError, UnsupportedSetupError
+from scoped_parallel.errors import DistributedNotInitializedError, LayoutError
 from scoped_parallel.layout import ParallelLayout
 
 __all__ = ["check_world", "keyword_signature", "layout_in_world", "per_kind"]
@@ -40,20 +39,12 @@ def per_kind(mapping: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 def check_world() -> int:
+    """The world size; raises when torch.distributed is not initialized."""
     if not dist.is_available() or not dist.is_initialized():
         raise DistributedNotInitializedError(
             "ParallelState needs torch.distributed to be initialized first: call "
             "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) "
             "before building a state."
-        )
-    bound = compat.bound_device()
-    if bound is not None:
-        raise UnsupportedSetupError(
-            f"the default process group is bound to {bound} (init_process_group(device_id=...)), "
-            "so torch would create every new group with ncclCommSplit, which needs all ranks of "
-            "the world to take part; scoped_parallel creates groups on their members only. "
-            "Initialize the default group without device_id (NCCL then creates communicators "
-            "lazily, per group)."
         )
     return dist.get_world_size()
 

@@ -27,10 +27,12 @@ __all__ = [
     "bound_device",
     "create_group",
     "default_store",
+    "default_group",
     "default_timeout",
     "fake_store",
     "is_registered",
     "registered_group_count",
+    "split_group",
 ]
 
 #: The torch releases the test suite runs on (oldest, newest).
@@ -143,6 +145,23 @@ def create_group(
     )
     _world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
     return group
+
+
+def split_group(parent: Any, split_ranks: list[list[int]], *, timeout: timedelta, options: Any, desc: str) -> Any:
+    """``torch.distributed.split_group``: every rank of ``parent`` calls it with the same partition.
+
+    ``split_ranks`` holds ranks *inside* ``parent``; a rank in none of the parts gets None.
+    Only for a default group bound to a device (``init_process_group(device_id=...)``).
+    """
+    split = getattr(dist, "split_group", None)
+    if split is None:
+        raise _missing("torch.distributed.split_group (needed with a device-bound default group)")
+    return split(parent_pg=parent, split_ranks=split_ranks, timeout=timeout, pg_options=options, group_desc=desc)
+
+
+def default_group() -> Any:
+    """The default (world) process group."""
+    return _get_default_group()
 
 
 def fake_store() -> Any:

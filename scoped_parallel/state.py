@@ -125,21 +125,31 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         #: answers memoized by scoped_parallel._scope.dispatching(memoize=True)
         self._memo: dict[Any, Any] = {}
         self._tag = ""
-        if not self._layout.contains(self._rank):
-            return
-        self._ranks_of = dict(self._layout.groups_of(self._rank))
-        self._tag = construction_tag(self._layout)
+        self._parents: list[Any] = []  # split mode: the parent group over the state's ranks
+        bound = compat.bound_device() is not None
+        if not bound and not self._layout.contains(self._rank):
+            return  # member-only creation: a non-member takes part in nothing
+        member = self._layout.contains(self._rank)
+        if member:
+            self._ranks_of = dict(self._layout.groups_of(self._rank))
+        # With a device-bound default group the whole world splits together (see _split).
+        span = (0, world) if bound else None
+        self._tag = construction_tag(self._layout, span)
         if str(dist.get_backend()) != "fake":
             agree_with_peers(
                 self._spec,
                 self._rank,
-                self._ranks_of,
+                {"world": tuple(range(world))} if bound else self._ranks_of,
                 self._tag,
                 compat.default_store(),
                 timeout or compat.default_timeout(),
                 self._label,
+                span_size=world if bound else None,
             )
-        self._create_groups()
+        split: dict[str, Any] = self._create_by_split(world) if bound else {}
+        if not member:
+            return
+        self._create_groups(split)
         self._live_ranks = dict(self._ranks_of)
         self._my_index = {k: r.index(self._rank) for k, r in self._ranks_of.items()}
 
@@ -166,10 +176,27 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
             check_data_parallel_size(kwargs, expected_dp, dist.get_world_size())
         return cls(**kwargs)
 
-    def _create_groups(self) -> None:
-        acquired: list[Any] = []
+    def _create_by_split(self, world: int) -> dict[str, Any]:
+        from scoped_parallel._split import create_by_split, plan_splits
+
+        steps = plan_splits(self._spec, world, str(dist.get_backend()))
+        groups, self._parents = create_by_split(
+            steps,
+            self._rank,
+            world,
+            share=self._spec.share,
+            split=compat.split_group,
+            world=compat.default_group(),
+            default_timeout=self._spec.timeout or compat.default_timeout(),
+        )
+        return groups
+
+    def _create_groups(self, split: dict[str, Any]) -> None:
+        """Member-only creation of every group not already made by ``split`` (kind -> group)."""
+        self._groups.update(split)
+        acquired: list[Any] = list(split.values()) + self._parents
         try:
-            for slot, request in plan_requests(self._spec, self._ranks_of, self._tag):
+            for slot, request in plan_requests(self._spec, self._ranks_of, self._tag, skip=frozenset(split)):
                 group = _groups.acquire(request, share=self._spec.share)
                 acquired.append(group)
                 if slot.startswith("gloo:"):
@@ -181,6 +208,7 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 _groups.release(group)
             self._groups.clear()
             self._gloo.clear()
+            self._parents = []
             raise
 
     def destroy(self) -> None:
@@ -192,9 +220,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values())
+        held = list(self._groups.values()) + list(self._gloo.values()) + self._parents
         self._groups.clear()
         self._gloo.clear()
+        self._parents = []
         for group in held:
             _groups.release(group)
 
