@@ -116,6 +116,8 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._rank = dist.get_rank()
         self._groups: dict[str, Any] = {}
         self._gloo: dict[str, Any] = {}
+        #: groups derived from the layout for an adapter (hpZ, all-to-all): (purpose, ranks) -> group
+        self._derived: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._ranks_of: dict[str, tuple[int, ...]] = {}
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
@@ -192,9 +194,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values())
+        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._derived.values())
         self._groups.clear()
         self._gloo.clear()
+        self._derived.clear()
         for group in held:
             _groups.release(group)
 
@@ -332,6 +335,45 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 "create_gloo_process_groups=True (twins exist for dp, dp-cp and edp)."
             )
         return self._gloo[kind]
+
+    def derived_groups(self, purpose: str, rank_sets: Any) -> tuple[Any, ...]:
+        """Process groups over ``rank_sets`` (each a subset of the state's ranks holding this rank).
+
+        For groups an adapter derives from the layout that are not a layout kind, e.g.
+        ZeRO++'s hpZ and all-to-all groups. They are made by the core's group builder like
+        the state's own groups: member-only (every member of a set must call this with the
+        same ``purpose`` and that set among its ``rank_sets``), shared with any identical
+        group already held, created in the one global order, kept once per ``(purpose,
+        ranks)`` (a second call returns the same groups) and released by :meth:`destroy`.
+        Returns the groups in the order of ``rank_sets``.
+        """
+        self._require("dp")  # destroyed or not a member: the explanatory error
+        wanted: list[tuple[int, ...]] = []
+        for ranks in rank_sets:
+            ranks = tuple(int(r) for r in ranks)
+            if self._rank not in ranks or len(set(ranks)) != len(ranks):
+                raise ValueError(
+                    f"derived_groups({purpose!r}): {ranks} must be distinct ranks holding this rank "
+                    f"({self._rank}); pass only the groups this rank belongs to"
+                )
+            outside = [r for r in ranks if not self._layout.contains(r)]
+            if outside:
+                raise ValueError(
+                    f"derived_groups({purpose!r}): ranks {outside} of {ranks} are not ranks of "
+                    f"{self._label()}; derived groups stay inside the state's ranks"
+                )
+            wanted.append(ranks)
+        missing = sorted({r for r in wanted if (purpose, r) not in self._derived}, key=lambda r: (len(r), r))
+        for ranks in missing:  # one global order, as for the state's own groups
+            request = _groups.GroupRequest(
+                ranks=ranks,
+                backend=self._spec.backend,
+                timeout=self._spec.timeout,
+                desc=f"{self._name or 'state'}:{purpose}",
+                tag=f"{self._tag}/{purpose}",
+            )
+            self._derived[(purpose, ranks)] = _groups.acquire(request, share=self._spec.share)
+        return tuple(self._derived[(purpose, r)] for r in wanted)
 
     # Fast versions of group/ranks/size/rank_in for the getter mixins: ``kind`` is
     # canonical there, so a dict lookup answers; anything unusual (destroyed,
