@@ -8,9 +8,9 @@ wins for every model. With partitioned activations, a model with TP = 2 then spl
 its saved inputs over another model's model-parallel group and gathers them back from
 the wrong ranks: silently wrong gradients.
 
-Each state keeps its own copy of those globals (:data:`GLOBALS`, DeepSpeed's defaults
+Each state keeps its own copy of those globals (``GLOBALS``, DeepSpeed's defaults
 until configured). Inside a scope, ``configure`` and the module's functions listed in
-:data:`FUNCTIONS` run with the module globals bound to the active state's copy (the
+``FUNCTIONS`` run with the module globals bound to the active state's copy (the
 ledger's ``swapped``: other threads reading them meanwhile see that state's values),
 and what they change is kept for that state. ``CheckpointFunction`` remembers the state
 of its forward on the autograd context, so its backward (the recompute and the gather
