@@ -56,6 +56,7 @@ from scoped_parallel.adapters.deepspeed.zero import scoped_convert_to_zero_param
 
 __all__ = [
     "GROUPS_FUNCTIONS",
+    "OPTIONAL_GROUPS_FUNCTIONS",
     "SEQUENCE_PARALLEL_FUNCTIONS",
     "install",
     "uninstall",
@@ -67,12 +68,18 @@ GROUPS_FUNCTIONS: tuple[str, ...] = tuple(GROUPS_IMPL)
 SEQUENCE_PARALLEL_FUNCTIONS: tuple[str, ...] = tuple(SP_IMPL)
 
 
+#: ``groups`` functions that older supported DeepSpeed versions lack (new in 0.19): patched when present
+OPTIONAL_GROUPS_FUNCTIONS = frozenset({"_init_tp_groups_with_new_group"})
+
+
 def _replacements(
     module: types.ModuleType, table: dict[str, Callable[..., Any]], memoized: set[str]
 ) -> dict[str, Any]:
     """The scope-dispatching replacement of each of ``table``'s functions in ``module``."""
     replacements = {}
     for name, inside in table.items():
+        if name in OPTIONAL_GROUPS_FUNCTIONS and name not in vars(module):
+            continue
         original = require(OWNER, module, name)
         # A reader is memoized only while DeepSpeed's takes no arguments (an upstream
         # change of signature turns the memo off rather than answering wrongly).
