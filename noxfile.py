@@ -19,13 +19,15 @@ from __future__ import annotations
 import nox
 
 TORCH = "2.13.0"
-#: the newest patch of each supported DeepSpeed minor. 0.17 is not supported: its
+#: the newest patch of each DeepSpeed minor tried (0.18.9 is run but not supported: see the
+#: README's table). 0.17 is not run: its
 #: ``UlyssesSPAttentionHF.register_with_transformers`` takes ``max_length`` before
 #: ``micro_batch_size`` and has no ``seq_length``/``disable_in_eval`` (the Ulysses adapter
-#: refuses it by signature), and ``groups._init_tp_groups_with_new_group`` does not exist yet.
+#: refuses it by signature).
 DEEPSPEED = ["0.18.9", "0.19.8"]
-#: the oldest 4.x and the newest 5.x transformers the Ulysses adapter supports
-TRANSFORMERS = ["4.50.3", "5.24.0"]
+#: the oldest 4.x and the newest 5.x transformers the Ulysses adapter supports (DeepSpeed 0.19.8
+#: itself refuses transformers < 4.51.3 for Ulysses; 4.50 also lacks AttentionInterface._local_mapping)
+TRANSFORMERS = ["4.51.3", "5.24.0"]
 NEWEST_DEEPSPEED = DEEPSPEED[-1]
 NEWEST_TRANSFORMERS = TRANSFORMERS[-1]
 
