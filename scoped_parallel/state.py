@@ -218,7 +218,6 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         """The state's :class:`~scoped_parallel.ParallelLayout` (pure rank math)."""
         return self._layout
 
-
     @property
     def is_member(self) -> bool:
         """Whether this rank belongs to the state's ranks."""
@@ -238,7 +237,6 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         gone = ", destroyed" if self._destroyed else ""
         head = f"{self._name!r}, " if self._name else ""
         return f"ParallelState({head}{sizes}; {where}{gone})"
-
 
     def activate(self) -> Activation:
         """A context manager / decorator making this state the current one.
@@ -339,13 +337,11 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
     def derived_groups(self, purpose: str, rank_sets: Any) -> tuple[Any, ...]:
         """Process groups over ``rank_sets`` (each a subset of the state's ranks holding this rank).
 
-        For groups an adapter derives from the layout that are not a layout kind, e.g.
-        ZeRO++'s hpZ and all-to-all groups. They are made by the core's group builder like
-        the state's own groups: member-only (every member of a set must call this with the
-        same ``purpose`` and that set among its ``rank_sets``), shared with any identical
-        group already held, created in the one global order, kept once per ``(purpose,
-        ranks)`` (a second call returns the same groups) and released by :meth:`destroy`.
-        Returns the groups in the order of ``rank_sets``.
+        For groups an adapter derives from the layout that are no layout kind (ZeRO++'s hpZ
+        and all-to-all groups), built like the state's own: member-only (every member of a set
+        calls this with the same ``purpose``), shared with an identical group, in the one
+        global order, once per ``(purpose, ranks)``, released by :meth:`destroy`. Returns
+        the groups in the order of ``rank_sets``.
         """
         self._require("dp")  # destroyed or not a member: the explanatory error
         wanted: list[tuple[int, ...]] = []
