@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test test-torch-newest bench docs clean
+.PHONY: setup demo test test-torch-newest bench docs compat clean
 
 setup: $(VENV)/.installed
 
@@ -57,5 +57,19 @@ docs: $(VENV)/.installed-docs
 	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs $(DOCS_BUILD)/html
 	@echo "docs: $(DOCS_BUILD)/html/index.html"
 
+# The compatibility matrix (noxfile.py): the DeepSpeed/Ulysses adapter tests on every
+# supported DeepSpeed minor and on the oldest/newest transformers; one virtual
+# environment per session under NOX_ENVDIR (torch==2.13.0 installed first in each).
+# Not part of CI (time); CI runs the newest versions only. The README's table records
+# the last run. NOX_ENVDIR defaults to .nox (git-ignored).
+NOX_ENVDIR ?= .nox
+$(VENV)/.installed-nox: $(VENV)/.installed
+	$(BIN)/python -m pip install -q nox
+	touch $@
+
+compat: $(VENV)/.installed-nox
+	$(BIN)/nox --envdir $(NOX_ENVDIR) 2>&1 | tee compat-report.txt
+	@grep -E "^nox > (\*|Session)" compat-report.txt
+
 clean:
-	rm -rf $(VENV) $(VENV_NEWEST) build dist *.egg-info .pytest_cache .hypothesis docs/_build
+	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) build dist *.egg-info .pytest_cache .hypothesis docs/_build

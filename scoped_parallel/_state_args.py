@@ -21,7 +21,7 @@ from scoped_parallel._layout_checks import DEFAULT_ORDER, as_int
 from scoped_parallel.errors import DistributedNotInitializedError, LayoutError
 from scoped_parallel.layout import ParallelLayout
 
-__all__ = ["check_world", "keyword_signature", "layout_in_world", "per_kind"]
+__all__ = ["check_world", "derived_rank_sets", "keyword_signature", "layout_in_world", "per_kind"]
 
 
 def per_kind(mapping: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
@@ -92,3 +92,25 @@ def keyword_signature(init: Any) -> inspect.Signature:
         P("rank_offset", P.KEYWORD_ONLY, default=0, annotation="int"),
     ]
     return base.replace(parameters=params)
+
+
+def derived_rank_sets(
+    purpose: str, rank_sets: Any, rank: int, layout: ParallelLayout, label: str
+) -> list[tuple[int, ...]]:
+    """Check the rank sets of ``ParallelState.derived_groups``: each holds ``rank``, inside the layout."""
+    wanted: list[tuple[int, ...]] = []
+    for ranks in rank_sets:
+        ranks = tuple(int(r) for r in ranks)
+        if rank not in ranks or len(set(ranks)) != len(ranks):
+            raise ValueError(
+                f"derived_groups({purpose!r}): {ranks} must be distinct ranks holding this rank "
+                f"({rank}); pass only the groups this rank belongs to"
+            )
+        outside = [r for r in ranks if not layout.contains(r)]
+        if outside:
+            raise ValueError(
+                f"derived_groups({purpose!r}): ranks {outside} of {ranks} are not ranks of "
+                f"{label}; derived groups stay inside the state's ranks"
+            )
+        wanted.append(ranks)
+    return wanted

@@ -38,8 +38,13 @@ from scoped_parallel._kinds import normalise_kind
 from scoped_parallel._megatron_getters import MegatronGetters
 from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag, plan_requests
 from scoped_parallel._scope import Activation
-from scoped_parallel._state_args import check_world, keyword_signature, layout_in_world, per_kind
-from scoped_parallel.errors import GroupNotAvailableError, RankNotInLayoutError, ScopedParallelError
+from scoped_parallel._state_args import check_world, derived_rank_sets, keyword_signature, layout_in_world, per_kind
+from scoped_parallel.errors import (
+    GroupNotAvailableError,
+    RankNotInLayoutError,
+    ScopedParallelError,
+    UnsupportedSetupError,
+)
 from scoped_parallel.layout import ParallelLayout
 
 __all__ = ["BOUND_METHODS", "ParallelState"]
@@ -116,6 +121,8 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._rank = dist.get_rank()
         self._groups: dict[str, Any] = {}
         self._gloo: dict[str, Any] = {}
+        #: groups derived from the layout for an adapter (hpZ, all-to-all): (purpose, ranks) -> group
+        self._derived: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._ranks_of: dict[str, tuple[int, ...]] = {}
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
@@ -220,9 +227,11 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values()) + self._parents
+        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._derived.values())
+        held += self._parents
         self._groups.clear()
         self._gloo.clear()
+        self._derived.clear()
         self._parents = []
         for group in held:
             _groups.release(group)
@@ -244,7 +253,6 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         """The state's :class:`~scoped_parallel.ParallelLayout` (pure rank math)."""
         return self._layout
 
-
     @property
     def is_member(self) -> bool:
         """Whether this rank belongs to the state's ranks."""
@@ -264,7 +272,6 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         gone = ", destroyed" if self._destroyed else ""
         head = f"{self._name!r}, " if self._name else ""
         return f"ParallelState({head}{sizes}; {where}{gone})"
-
 
     def activate(self) -> Activation:
         """A context manager / decorator making this state the current one.
@@ -361,6 +368,35 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 "create_gloo_process_groups=True (twins exist for dp, dp-cp and edp)."
             )
         return self._gloo[kind]
+
+    def derived_groups(self, purpose: str, rank_sets: Any) -> tuple[Any, ...]:
+        """Process groups over ``rank_sets`` (each a subset of the state's ranks holding this rank).
+
+        For groups an adapter derives from the layout that are no layout kind (ZeRO++'s hpZ
+        and all-to-all groups), built like the state's own: member-only (every member of a set
+        calls this with the same ``purpose``), shared with an identical group, in the one
+        global order, once per ``(purpose, ranks)``, released by :meth:`destroy`. Returns
+        the groups in the order of ``rank_sets``.
+        """
+        self._require("dp")  # destroyed or not a member: the explanatory error
+        if self._parents or compat.bound_device() is not None:
+            raise UnsupportedSetupError(
+                f"derived_groups({purpose!r}) on {self._label()}: the default group is bound to a device, "
+                "so groups can only be split collectively from it, and derived groups are created on "
+                "their members only. Initialize the default group without device_id to use them."
+            )
+        wanted = derived_rank_sets(purpose, rank_sets, self._rank, self._layout, self._label())
+        missing = sorted({r for r in wanted if (purpose, r) not in self._derived}, key=lambda r: (len(r), r))
+        for ranks in missing:  # one global order, as for the state's own groups
+            request = _groups.GroupRequest(
+                ranks=ranks,
+                backend=self._spec.backend,
+                timeout=self._spec.timeout,
+                desc=f"{self._name or 'state'}:{purpose}",
+                tag=f"{self._tag}/{purpose}",
+            )
+            self._derived[(purpose, ranks)] = _groups.acquire(request, share=self._spec.share)
+        return tuple(self._derived[(purpose, r)] for r in wanted)
 
     # Fast versions of group/ranks/size/rank_in for the getter mixins: ``kind`` is
     # canonical there, so a dict lookup answers; anything unusual (destroyed,

@@ -21,6 +21,8 @@ What is re-pointed, and where (each module's doc has the details):
 ``module_attrs``    ``groups.mpu`` / ``groups.mesh_device`` attributes, per scope
 ``initialize``      ``deepspeed.initialize``: an engine runs in the scope of its state
 ``zero``            ZeRO-3 partitions over SP x DP for a state with SP > 1
+``zeropp``          ZeRO++ hpZ and qgZ all-to-all groups: per state, cut from its ZeRO ranks
+``checkpointing``   activation checkpointing's globals (``configure``): per state
 ``_records``        the per-state record (``state._adapter_slots["deepspeed"]``) and
                     ``_release_process_group_references``
 ==================  =======================================================================
@@ -31,9 +33,8 @@ with every other ``deepspeed.*`` module binding the same function object (e.g. t
 star re-export in ``deepspeed.utils``). Every change goes through the adapters'
 ledger, and every patched function finds its state with the scope's ``dispatching``.
 
-Not re-pointed: the hpZ group (``_ZERO_PARAM_INTRA_PARALLEL_GROUP``), the cloned WORLD
-and all-to-all caches (shared by every model), activation checkpointing, pipeline
-``p2p`` and Domino globals, and the step-time paths themselves: run each engine's
+Not re-pointed: the cloned WORLD group (shared by every model), ``non_reentrant_checkpoint``,
+pipeline ``p2p`` and Domino globals, and the step-time paths themselves: run each engine's
 ``forward``/``backward``/``step`` inside its state's scope, because ZeRO-0, BF16 and
 gradient clipping look the data-parallel group up at step time.
 """
@@ -46,7 +47,7 @@ from typing import Any, Callable
 
 from scoped_parallel._scope import dispatching
 from scoped_parallel.adapters._ledger import require
-from scoped_parallel.adapters.deepspeed import autotp, experts, readers, sequence  # noqa: F401  (registration)
+from scoped_parallel.adapters.deepspeed import autotp, checkpointing, experts, readers, sequence, zeropp  # noqa: F401
 from scoped_parallel.adapters.deepspeed._records import scoped_release
 from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, MEMOIZED, ORIGINALS, OWNER, SP_IMPL, Mods
 from scoped_parallel.adapters.deepspeed.initialize import scoped_initialize
@@ -55,6 +56,7 @@ from scoped_parallel.adapters.deepspeed.zero import scoped_convert_to_zero_param
 
 __all__ = [
     "GROUPS_FUNCTIONS",
+    "OPTIONAL_GROUPS_FUNCTIONS",
     "SEQUENCE_PARALLEL_FUNCTIONS",
     "install",
     "uninstall",
@@ -66,12 +68,18 @@ GROUPS_FUNCTIONS: tuple[str, ...] = tuple(GROUPS_IMPL)
 SEQUENCE_PARALLEL_FUNCTIONS: tuple[str, ...] = tuple(SP_IMPL)
 
 
+#: ``groups`` functions that older supported DeepSpeed versions lack (new in 0.19): patched when present
+OPTIONAL_GROUPS_FUNCTIONS = frozenset({"_init_tp_groups_with_new_group"})
+
+
 def _replacements(
     module: types.ModuleType, table: dict[str, Callable[..., Any]], memoized: set[str]
 ) -> dict[str, Any]:
     """The scope-dispatching replacement of each of ``table``'s functions in ``module``."""
     replacements = {}
     for name, inside in table.items():
+        if name in OPTIONAL_GROUPS_FUNCTIONS and name not in vars(module):
+            continue
         original = require(OWNER, module, name)
         # A reader is memoized only while DeepSpeed's takes no arguments (an upstream
         # change of signature turns the memo off rather than answering wrongly).
@@ -92,7 +100,8 @@ def install(ledger: Any) -> None:
     Mods.groups, Mods.comm, Mods.bwc, Mods.ledger = groups, deepspeed.comm, deepspeed.utils.bwc, ledger
     for name in ATTRIBUTES:
         require(OWNER, groups, name)
-    release = require(OWNER, groups, "_release_process_group_references")
+    # New in 0.19.8 (WORLD teardown); older versions have no hook to follow.
+    release = vars(groups).get("_release_process_group_references")
     offload = require(OWNER, parameter_offload, "DeepSpeedZeRoOffload")
     convert = require(OWNER, offload, "_convert_to_zero_parameters")
     initialize = require(OWNER, deepspeed, "initialize")
@@ -101,10 +110,12 @@ def install(ledger: Any) -> None:
         ledger.patch_everywhere(OWNER, groups, _replacements(groups, GROUPS_IMPL, MEMOIZED), "deepspeed")
     )
     ledger.patch_everywhere(OWNER, parallel_state_sp, _replacements(parallel_state_sp, SP_IMPL, set()), "deepspeed")
-    ledger.patch(OWNER, groups, "_release_process_group_references", scoped_release(release))
+    if release is not None:
+        ledger.patch(OWNER, groups, "_release_process_group_references", scoped_release(release))
     ledger.swap_module_class(OWNER, groups, scoped_module_class(type(groups)))
     ledger.patch(OWNER, offload, "_convert_to_zero_parameters", scoped_convert_to_zero_parameters(convert))
     ledger.patch_everywhere(OWNER, deepspeed, {"initialize": scoped_initialize(initialize)}, "deepspeed")
+    checkpointing.install(ledger)
 
 
 def uninstall() -> None:

@@ -39,6 +39,10 @@ class Record:
         "tp_world_size",
         "tp_rank",
         "sp_size",
+        "hpz",
+        "hpz_ranks",
+        "all_to_all",
+        "checkpointing",
         "__weakref__",
     )
 
@@ -55,6 +59,13 @@ class Record:
         self.tp_world_size: int | None = None  # set_tensor_model_parallel_world_size
         self.tp_rank: int | None = None  # set_tensor_model_parallel_rank
         self.sp_size: int | None = None  # initialize_sequence_parallel
+        #: ZeRO++ hpZ: the state's secondary-partition group and its ranks (see zeropp)
+        self.hpz: Any = None
+        self.hpz_ranks: tuple[int, ...] = ()
+        #: ZeRO++ qgZ: the state's all-to-all groups by DeepSpeed's key, or None (see zeropp)
+        self.all_to_all: dict[str, Any] | None = None
+        #: activation checkpointing's module globals for this state (see checkpointing)
+        self.checkpointing: dict[str, Any] | None = None
 
     def _changed(self) -> None:
         state = self._state()

@@ -5,6 +5,8 @@
   that state (the module's own ``groups.mpu`` stays untouched).
 * Called inside one state's scope with *another* state as ``mpu``, it runs in that
   other state's scope, likewise.
+* A handle of :mod:`scoped_parallel.compat.parallel_state_wrappers` as ``mpu`` is
+  replaced by its state, which then applies as above.
 * Called inside a scope with ``mpu=None``, the state is passed as the mpu (as
   ``groups.mpu`` would answer anyway), unless DeepSpeed picks the mpu itself or the
   config cannot be read here (see ``state_may_be_mpu``); a state with TP > 1 would
@@ -34,6 +36,10 @@ def scoped_initialize(original: Any) -> Any:
     def initialize(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         mpu = bound.arguments.get("mpu")
+        inner = getattr(mpu, "_scoped_parallel_state_", None)
+        if isinstance(inner, parallel_state):  # a compat handle: DeepSpeed gets its state
+            bound.arguments["mpu"] = mpu = inner
+            args, kwargs = bound.args, bound.kwargs
         state = current_state_or_none()
         if isinstance(mpu, parallel_state) and mpu is not state:
             with mpu.activate():

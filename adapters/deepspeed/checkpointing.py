@@ -1,0 +1,167 @@
+"""Activation checkpointing (``deepspeed.checkpointing``), configured per state.
+
+``deepspeed.checkpointing.configure(mpu_=...)`` stores one mpu, its model-parallel
+rank, size and group, the flags (``partition_activations``, CPU checkpointing,
+contiguous buffers, ...) and an RNG tracker in module globals of
+``deepspeed.runtime.activation_checkpointing.checkpointing``; the last ``configure``
+wins for every model. With partitioned activations, a model with TP = 2 then splits
+its saved inputs over another model's model-parallel group and gathers them back from
+the wrong ranks: silently wrong gradients.
+
+Each state keeps its own copy of those globals (``GLOBALS``, DeepSpeed's defaults
+until configured). Inside a scope, ``configure`` and the module's functions listed in
+``FUNCTIONS`` run with the module globals bound to the active state's copy (the
+ledger's ``swapped``: other threads reading them meanwhile see that state's values),
+and what they change is kept for that state. ``CheckpointFunction`` remembers the state
+of its forward on the autograd context, so its backward (the recompute and the gather
+of partitioned activations) uses the same state wherever ``loss.backward()`` runs,
+autograd threads included. Outside any scope the module behaves as unpatched.
+
+Not re-pointed: ``non_reentrant_checkpoint``, whose saved-tensor hooks read the globals
+at backward time outside any call of ours; it keeps DeepSpeed's process-wide
+configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from scoped_parallel._scope import current_state_or_none, dispatching
+from scoped_parallel.adapters._ledger import require
+from scoped_parallel.adapters.deepspeed._records import record_of
+from scoped_parallel.adapters.deepspeed._shared import OWNER, Mods
+
+#: the module globals each state holds its own copy of
+GLOBALS = (
+    "mpu",
+    "mp_rank",
+    "mp_size",
+    "mp_group",
+    "num_layers",
+    "deepspeed_checkpointing_enabled",
+    "PARTITION_ACTIVATIONS",
+    "CPU_CHECKPOINT",
+    "CONTIGUOUS_CHECKPOINTING",
+    "SYNCHRONIZE",
+    "PROFILE_TIME",
+    "contiguous_data_buffers",
+    "data_offsets",
+    "contiguous_size_buffers",
+    "size_offsets",
+    "_CUDA_RNG_STATE_TRACKER",
+)
+#: the module functions that run with the active state's globals
+FUNCTIONS = (
+    "configure",
+    "is_configured",
+    "checkpoint",
+    "partition_activations_in_checkpoint",
+    "set_num_layers",
+    "reset",
+    "get_cuda_rng_tracker",
+    "model_parallel_cuda_manual_seed",
+    "model_parallel_reconfigure_tp_seed",
+    "get_partition_start",
+    "get_partition_size",
+    "gather_partitioned_activations",
+)
+#: the attribute of a ``CheckpointFunction`` context holding its forward's state
+CTX_STATE = "_scoped_parallel_state"
+
+
+class _Module:
+    """The checkpointing module (set by :func:`install`)."""
+
+    module: Any = None
+
+
+def _defaults(module: Any) -> dict[str, Any]:
+    """DeepSpeed's initial values of :data:`GLOBALS` (fresh lists and RNG tracker)."""
+    return {
+        "mpu": None,
+        "mp_rank": 0,
+        "mp_size": 1,
+        "mp_group": None,
+        "num_layers": None,
+        "deepspeed_checkpointing_enabled": False,
+        "PARTITION_ACTIVATIONS": False,
+        "CPU_CHECKPOINT": False,
+        "CONTIGUOUS_CHECKPOINTING": False,
+        "SYNCHRONIZE": False,
+        "PROFILE_TIME": False,
+        "contiguous_data_buffers": [],
+        "data_offsets": [],
+        "contiguous_size_buffers": [],
+        "size_offsets": [],
+        "_CUDA_RNG_STATE_TRACKER": type(module._CUDA_RNG_STATE_TRACKER)(),
+    }
+
+
+def values_of(state: Any) -> dict[str, Any]:
+    """The state's copy of the checkpointing globals, created with DeepSpeed's defaults."""
+    rec = record_of(state)
+    if rec.checkpointing is None:
+        rec.checkpointing = _defaults(_Module.module)
+    return rec.checkpointing
+
+
+def _swapped_call(state: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with the checkpointing globals bound to ``state``'s copy."""
+    values = values_of(state)
+    final: dict[str, Any] = {}
+    try:
+        with Mods.ledger.swapped(OWNER, _Module.module, values) as final:
+            return fn(*args, **kwargs)
+    finally:
+        values.update(final)  # what the call rebound (configure, reset, ...) stays with the state
+
+
+def _in_state(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def inside(state: Any, *args: Any, **kwargs: Any) -> Any:
+        return _swapped_call(state, original, args, kwargs)
+
+    return dispatching(original, inside, f"{_Module.module.__name__}.{name}")
+
+
+def _forward(original: Any) -> Any:
+    fn = original.__func__
+
+    @functools.wraps(fn)
+    def forward(ctx: Any, *args: Any) -> Any:
+        state = current_state_or_none()
+        setattr(ctx, CTX_STATE, state)
+        if state is None:
+            return fn(ctx, *args)
+        return _swapped_call(state, fn, (ctx, *args), {})
+
+    return staticmethod(forward)
+
+
+def _backward(original: Any) -> Any:
+    fn = original.__func__
+
+    @functools.wraps(fn)
+    def backward(ctx: Any, *grads: Any) -> Any:
+        state = getattr(ctx, CTX_STATE, None)
+        if state is None or state.destroyed:
+            return fn(ctx, *grads)
+        return _swapped_call(state, fn, (ctx, *grads), {})
+
+    return staticmethod(backward)
+
+
+def install(ledger: Any) -> None:
+    """Patch the checkpointing module's functions and ``CheckpointFunction`` (see the module doc)."""
+    import deepspeed.runtime.activation_checkpointing.checkpointing as module
+
+    _Module.module = module
+    for name in GLOBALS:
+        require(OWNER, module, name)
+    function_class = require(OWNER, module, "CheckpointFunction")
+    forward = require(OWNER, function_class, "forward")
+    backward = require(OWNER, function_class, "backward")
+    replacements = {name: _in_state(require(OWNER, module, name), name) for name in FUNCTIONS}
+    ledger.patch_everywhere(OWNER, module, replacements, "deepspeed")
+    ledger.patch(OWNER, function_class, "forward", _forward(forward))
+    ledger.patch(OWNER, function_class, "backward", _backward(backward))
