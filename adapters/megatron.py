@@ -129,7 +129,10 @@ def install(ledger: Any) -> None:
     replacements = {}
     for name in GETTERS + UNSUPPORTED:
         original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
+        # A state's answers never change while it lives, so argument-free calls of the
+        # supported getters are memoized per state (the state forgets them on destroy()).
         replacements[name] = dispatching(
-            original, _inside(name, name in GETTERS), f"megatron.core.parallel_state.{name}()"
+            original, _inside(name, name in GETTERS), f"megatron.core.parallel_state.{name}()",
+            memoize=name in GETTERS,
         )
     ledger.patch_everywhere(OWNER, ps, replacements, package="megatron")
