@@ -85,34 +85,71 @@ def record(section: str, what: str, ours: float, baseline: float, goal: str, uni
 
 # ---------------------------------------------------------------- baselines: DeepSpeed PR #7726, rebuilt
 #
-# DeepSpeed PR #7726 keeps named parallel states in a module-global registry and switches
-# the current name with a generator context manager; its getters look the current state up
-# by name. Rebuilt here from that published behaviour (our own code), as the peer baseline.
+# The shape of PR #7726's deepspeed/utils/parallel_state_wrappers.py (head 5fbbb01), rebuilt here
+# from its published behaviour (our own code, written from a reading of it):
+# * a module-global dict of named states and a module-global current name;
+# * set_current_parallel_state(name=None) is a plain function that defines a new
+#   @contextmanager generator function on every call and returns its generator context
+#   manager (so each switch builds a function and its contextmanager wrapper, then the
+#   generator);
+# * get_parallel_state(name=None) -> get_current_parallel_state() ->
+#   get_parallel_state_instance(current name): three Python calls, a membership test and a
+#   dict lookup by name;
+# * every module-level getter is ``def get_x(name=None, <the method's keywords>)`` returning
+#   ``get_parallel_state(name).get_x(<keywords>=<keywords>)``.
+# The PR's own ParallelState methods are not rebuilt: its wrappers answer here from our
+# state's methods, so the ratios compare the lookup machinery around the same answer.
 
 _PR_STATES: dict[str, Any] = {}
-_PR_CURRENT = "default"
+_PR_DEFAULT = "__default__"
+_PR_CURRENT = _PR_DEFAULT
 
 
-@contextlib.contextmanager
-def pr_set_current_parallel_state(name: str) -> Any:
-    global _PR_CURRENT
-    previous, _PR_CURRENT = _PR_CURRENT, name
-    try:
-        yield _PR_STATES[name]
-    finally:
-        _PR_CURRENT = previous
+def pr_get_parallel_state_instance(name: str | None = None) -> Any:
+    if name is None:
+        return _PR_STATES[_PR_DEFAULT]  # the PR: its module's default global instance
+    if name not in _PR_STATES:
+        raise KeyError(name)  # the PR creates an empty state here; the benchmark never does
+    return _PR_STATES[name]
 
 
-def pr_get_parallel_state() -> Any:
-    return _PR_STATES[_PR_CURRENT]
+def pr_set_current_parallel_state(name: str | None = None) -> Any:
+    @contextlib.contextmanager
+    def _context() -> Any:
+        global _PR_CURRENT
+        previous = _PR_CURRENT
+        _PR_CURRENT = name if name is not None else _PR_DEFAULT
+        try:
+            yield
+        finally:
+            _PR_CURRENT = previous
+
+    return _context()
 
 
-def pr_getter(method: str) -> Callable[[], Any]:
-    """PR #7726's module-level wrapper of one getter: the current state by name, then the method."""
+def pr_get_current_parallel_state() -> Any:
+    return pr_get_parallel_state_instance(_PR_CURRENT)
 
+
+def pr_get_parallel_state(name: str | None = None) -> Any:
+    if name is not None:
+        return pr_get_parallel_state_instance(name)
+    return pr_get_current_parallel_state()
+
+
+def pr_getter(method: str, state: Any = None) -> Callable[[], Any]:
+    """PR #7726's module-level wrapper of one getter (see above), keywords passed on by name."""
+    keywords = []
+    if state is not None:
+        import inspect
+
+        keywords = [p for p in inspect.signature(getattr(state, method)).parameters.values()
+                    if p.default is not p.empty and p.kind is not p.VAR_KEYWORD]
+    params = "".join(f", {p.name}={p.default!r}" for p in keywords)
+    passed = ", ".join(f"{p.name}={p.name}" for p in keywords)
     namespace: dict[str, Any] = {"pr_get_parallel_state": pr_get_parallel_state}
-    # a plain attribute call, as the PR writes each wrapper (no getattr by string)
-    exec(f"def wrapper():\n    return pr_get_parallel_state().{method}()", namespace)  # noqa: S102
+    exec(f"def wrapper(name=None{params}):\n    return pr_get_parallel_state(name).{method}({passed})",  # noqa: S102
+         namespace)
     return namespace["wrapper"]  # type: ignore[no-any-return]
 
 
@@ -176,11 +213,11 @@ def bench_getter(quick: bool) -> None:
                 # of the same getter and vs the unpatched Megatron global getter (the floor)
                 candidates: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
                 for name in megatron_adapter.GETTERS:
-                    candidates[f"megatron {name}"] = (getattr(mps, name), pr_getter(name))
+                    candidates[f"megatron {name}"] = (getattr(mps, name), pr_getter(name, state))
                 for name in GROUPS_FUNCTIONS:
                     method = name.lstrip("_").replace("get_", "get_", 1)
                     if hasattr(state, method):
-                        candidates[f"deepspeed groups.{name}"] = (getattr(groups, name), pr_getter(method))
+                        candidates[f"deepspeed groups.{name}"] = (getattr(groups, name), pr_getter(method, state))
                 worst_pr = worst_floor = (0.0, "")
                 with state.activate(), pr_set_current_parallel_state("bench"):
                     usable = {}
@@ -204,7 +241,7 @@ def bench_getter(quick: bool) -> None:
                               f"{statistics.median(b for _, b in ratios):.2f} x floor")
                     RESULTS.append(dict(section="getter", what="every patched getter in a scope: (vs PR, vs floor)",
                                         per_getter=per_getter))
-                    t = _many({"ours": patched_ds, "pr": pr_getter("get_data_parallel_group"),
+                    t = _many({"ours": patched_ds, "pr": pr_getter("get_data_parallel_group", state),
                                "floor": floor_getter, "cs": current_state, "prs": pr_get_parallel_state}, n, r)
                 record("getter", "patched groups._get_data_parallel_group() in a scope vs PR #7726's wrapper",
                        t["ours"], t["pr"], "<= 0.7")
