@@ -9,6 +9,8 @@ lazily and skipped when the target is not installed:
                    expert groups, AutoTP groups, ``parallel_state_sp``
 ``ulysses``        ``UlyssesSPAttentionHF``: one instance per state, one dispatcher
 ``megatron``       ``megatron.core.parallel_state`` getters
+``autograd``       a backward carries its caller's state to autograd's threads; hooks
+                   registered in a scope run in it
 =================  ====================================================================
 
 Every change to another library goes through one :class:`~._ledger.Ledger`
@@ -40,6 +42,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "deepspeed": ("deepspeed",),
     "ulysses": ("deepspeed", "transformers"),
     "megatron": ("megatron",),
+    "autograd": ("torch",),
 }
 
 

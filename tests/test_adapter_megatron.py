@@ -160,3 +160,51 @@ def test_uninstall_restores_copies_made_while_installed():
         assert late.get_tensor_model_parallel_group is original
     finally:
         del sys.modules["late_importer"]
+
+
+def test_patched_getters_have_megatrons_exact_signatures_without_following_wrapped():
+    """Each patched getter's own code takes Megatron's parameters, kinds and default objects (no *args)."""
+    import inspect
+
+    from scoped_parallel import adapters
+    from scoped_parallel.adapters.megatron import GETTERS, UNSUPPORTED
+
+    ps = _ps()
+    before = {n: vars(ps)[n] for n in GETTERS + UNSUPPORTED}
+    with adapters.installed(targets=("megatron",)):
+        for name, original in before.items():
+            patched = vars(ps)[name]
+            assert patched is not original
+            ours = inspect.signature(patched, follow_wrapped=False)
+            assert ours == inspect.signature(original), name
+            assert [p.kind for p in ours.parameters.values()] == [
+                p.kind for p in inspect.signature(original).parameters.values()
+            ], name
+            assert patched.__defaults__ is original.__defaults__, name
+            code = patched.__code__
+            assert code.co_argcount == original.__code__.co_argcount, name
+            assert not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS), name
+
+
+def test_outside_any_scope_the_inlined_body_behaves_like_megatrons():
+    """Outside every scope a patched getter answers, and fails, exactly as Megatron's own function."""
+    import traceback
+
+    from scoped_parallel import adapters
+
+    ps = _ps()
+    original = ps.get_tensor_model_parallel_group
+    with adapters.installed(targets=("megatron",)):
+        patched = ps.get_tensor_model_parallel_group
+        assert patched.__sp_inlined__  # the body runs inline (its source is the running code)
+        assert patched(False) is original(False) is None
+        assert patched(check_initialized=False) is None
+        with pytest.raises(AssertionError, match="tensor model parallel group is not initialized") as info:
+            patched()
+        # the failing line is Megatron's own, in Megatron's file
+        assert traceback.extract_tb(info.tb)[-1].filename == original.__code__.co_filename
+        ps._MPU_TENSOR_MODEL_PARALLEL_RANK = 3
+        try:
+            assert ps.get_tensor_model_parallel_rank() == 3
+        finally:
+            ps._MPU_TENSOR_MODEL_PARALLEL_RANK = None
