@@ -131,9 +131,8 @@ def install(ledger: Any) -> None:
         original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
         # A state's answers never change while it lives, so argument-free calls of the
         # supported getters are memoized per state (the state forgets them on destroy()).
-        # exact=True: each replacement is compiled with the getter's own parameters, and
-        # outside any scope runs Megatron's own body inlined (its source checked to be the
-        # running code), so the unscoped path costs about what the original does.
+        # exact=True: each replacement is compiled with the getter's own parameters (no
+        # argument packing; introspection shows Megatron's signature).
         replacements[name] = dispatching(
             original, _inside(name, name in GETTERS), f"megatron.core.parallel_state.{name}()",
             memoize=name in GETTERS, exact=True,

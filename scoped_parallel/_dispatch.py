@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import textwrap
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -99,9 +98,7 @@ def dispatching(
     Python function without ``*args``/``**kwargs``): it has the original's exact
     parameters and defaults, passes them on positionally (keyword-only ones by
     keyword), memoizes the calls whose every argument *is* its default, and, outside
-    any scope, runs the original's own body inlined when the original's source
-    compiles to exactly the original's code (else it calls the original). Any other
-    ``original`` gets the generic replacement.
+    any scope, calls the original. Any other ``original`` gets the generic replacement.
 
     Worked example (what the DeepSpeed adapter does for a getter)::
 
@@ -177,10 +174,11 @@ def dispatching(
 # ---------------------------------------------------------------------- exact-signature template
 #
 # ``dispatching(..., exact=True)`` compiles one function per patched callable, with the
-# original's own parameter list (so a call costs no ``*args``/``**kwargs`` packing) and, where
-# the original's source is exactly the code that runs, the original's body inlined as the
-# outside-any-scope branch: outside every scope the patched getter then costs one C call
-# (``ContextVar.get``) and two tests more than the original, not a second Python call.
+# original's own parameter list, so a call costs no ``*args``/``**kwargs`` packing and
+# introspection shows the original's signature. Outside every scope it calls the original:
+# one C call (``ContextVar.get``), two tests and one Python call more than the original.
+# (Inlining the original's body would save that call, but it means recompiling another
+# project's source at run time; we do not.)
 
 _CO_NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_VARARGS \
     | inspect.CO_VARKEYWORDS
@@ -209,53 +207,6 @@ _MEMO_TEMPLATE = """\
                 _sp_answer = _sp_state._memo[_sp_key] = _sp_inside(_sp_state)
                 return _sp_answer
 """
-
-
-def _original_def(original: Any) -> ast.FunctionDef | None:
-    """The ``def`` of ``original`` parsed from its source, if that source is exactly its code."""
-    code = original.__code__
-    if code.co_freevars or code.co_flags & _CO_NOT_PLAIN:
-        return None
-    try:
-        lines, first = inspect.getsourcelines(original)
-    except (OSError, TypeError):
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except SyntaxError:
-        return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
-        return None
-    fdef = tree.body[0]
-    if fdef.name != original.__name__ or fdef.decorator_list:
-        return None
-    if any(isinstance(n, ast.Name) and n.id.startswith("_sp_") for n in ast.walk(fdef)):
-        return None
-    if any(a.startswith("_sp_") for a in code.co_varnames + code.co_names):
-        return None
-    ast.increment_lineno(tree, first - 1)
-    # Inline only a body whose compiled code is the running code, byte for byte.
-    module = compile(tree, code.co_filename, "exec")
-    compiled = next((c for c in module.co_consts if isinstance(c, types.CodeType)), None)
-    if compiled is None or not _same_code(compiled, code):
-        return None
-    return fdef
-
-
-def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
-    if (a.co_code, a.co_names, a.co_varnames, a.co_argcount, a.co_kwonlyargcount, a.co_posonlyargcount,
-            a.co_firstlineno) != (b.co_code, b.co_names, b.co_varnames, b.co_argcount, b.co_kwonlyargcount,
-                                  b.co_posonlyargcount, b.co_firstlineno):
-        return False
-    if len(a.co_consts) != len(b.co_consts):
-        return False
-    for x, y in zip(a.co_consts, b.co_consts):
-        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
-            if not _same_code(x, y):
-                return False
-        elif type(x) is not type(y) or x != y:
-            return False
-    return True
 
 
 def _exact(original: Any, inside: Callable[..., Any], what: str, memoize: bool) -> Callable[..., Any] | None:
@@ -294,35 +245,20 @@ def _exact(original: Any, inside: Callable[..., Any], what: str, memoize: bool) 
         defaults=", ".join(defaults) or "_sp_none=None", memo=memo,
     )
     tree = ast.parse(source)
-    fdef = _original_def(original)
     line = original.__code__.co_firstlineno
+    inner = tree.body[0].body[0]  # type: ignore[attr-defined]
+    branch = inner.body[1].orelse[0]
+    branch.orelse = ast.parse(f"return _sp_original({', '.join(call)})").body
     for node in ast.walk(tree):  # the template's lines point at the original's ``def``
         if "lineno" in node._attributes:
             node.lineno = node.end_lineno = line  # type: ignore[attr-defined]
             node.col_offset = node.end_col_offset = 0  # type: ignore[attr-defined]
-    inner = tree.body[0].body[0]
-    branch = inner.body[1].orelse[0]  # type: ignore[attr-defined]
-    if fdef is not None:
-        body = fdef.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            body = body[1:] or [ast.Pass(lineno=line, col_offset=0)]
-        # falling off the end returns None, as in the original (never the scope branch below)
-        branch.orelse = [*body, ast.Return(value=None, lineno=line, col_offset=0)]
-    else:
-        branch.orelse = ast.parse(f"return _sp_original({', '.join(call)})").body
-        for node in ast.walk(branch.orelse[0]):
-            if "lineno" in node._attributes:
-                node.lineno = node.end_lineno = line  # type: ignore[attr-defined]
-                node.col_offset = node.end_col_offset = 0  # type: ignore[attr-defined]
     ast.fix_missing_locations(tree)
     namespace: dict[str, Any] = {}
-    # The original's globals: an inlined body reads the module's names exactly as the original does.
-    exec(compile(tree, original.__code__.co_filename, "exec"), original.__globals__, namespace)  # noqa: S102
+    exec(compile(tree, original.__code__.co_filename, "exec"), {"__builtins__": __builtins__}, namespace)  # noqa: S102
     default_values = [p.default for p in parameters if p.default is not P.empty]
     fn = namespace["_sp_factory"](_get, _ACTIVE, _STRICT, resolve, what, original, inside, object(), *default_values)
     fn.__defaults__ = original.__defaults__
     fn.__kwdefaults__ = original.__kwdefaults__
     functools.update_wrapper(fn, original)
-    fn.__sp_inlined__ = fdef is not None  # type: ignore[attr-defined]
     return fn

@@ -1,9 +1,5 @@
-"""Originals for tests/test_dispatch_exact.py, in a module pytest does not rewrite.
-
-(pytest rewrites ``assert`` in test modules, so a function there does not run the
-code its source compiles to, and ``dispatching(exact=True)`` rightly declines to
-inline it.)
-"""
+"""Originals for tests/test_dispatch_exact.py, in a module pytest does not rewrite (plain functions
+whose failures are their own ``assert`` statements)."""
 
 GLOBAL = {"value": None}
 

@@ -186,7 +186,7 @@ def test_patched_getters_have_megatrons_exact_signatures_without_following_wrapp
             assert not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS), name
 
 
-def test_outside_any_scope_the_inlined_body_behaves_like_megatrons():
+def test_outside_any_scope_a_patched_getter_behaves_like_megatrons():
     """Outside every scope a patched getter answers, and fails, exactly as Megatron's own function."""
     import traceback
 
@@ -196,13 +196,12 @@ def test_outside_any_scope_the_inlined_body_behaves_like_megatrons():
     original = ps.get_tensor_model_parallel_group
     with adapters.installed(targets=("megatron",)):
         patched = ps.get_tensor_model_parallel_group
-        assert patched.__sp_inlined__  # the body runs inline (its source is the running code)
         assert patched(False) is original(False) is None
         assert patched(check_initialized=False) is None
         with pytest.raises(AssertionError, match="tensor model parallel group is not initialized") as info:
             patched()
         # the failing line is Megatron's own, in Megatron's file
-        assert traceback.extract_tb(info.tb)[-1].filename == original.__code__.co_filename
+        assert traceback.extract_tb(info.tb)[-1].filename == original.__code__.co_filename, traceback.format_tb(info.tb)[-1]
         ps._MPU_TENSOR_MODEL_PARALLEL_RANK = 3
         try:
             assert ps.get_tensor_model_parallel_rank() == 3
