@@ -36,6 +36,8 @@ from scoped_parallel import _torch_compat as compat
 from scoped_parallel._deepspeed_getters import DeepSpeedGetters
 from scoped_parallel._kinds import normalise_kind
 from scoped_parallel._megatron_getters import MegatronGetters
+from scoped_parallel._megatron_optional import MegatronOptionalGetters
+from scoped_parallel._optional_groups import UNSHARED_SLOTS, OptionalGroups, optional_ranks
 from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag, plan_requests
 from scoped_parallel._scope import Activation
 from scoped_parallel._state_args import check_world, keyword_signature, layout_in_world, per_kind
@@ -47,7 +49,7 @@ __all__ = ["BOUND_METHODS", "ParallelState"]
 BOUND_METHODS = _bind.BOUND_METHODS
 
 
-class ParallelState(MegatronGetters, DeepSpeedGetters):
+class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
     """The process groups of one model's parallel layout.
 
     Build it from a :class:`~scoped_parallel.ParallelLayout`, or with the layout's
@@ -74,6 +76,12 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         pg_options: per-kind backend options, e.g. ``{"dp": ProcessGroupNCCL.Options(...)}``.
         create_gloo_process_groups: also build gloo twins of the dp, dp-cp and edp groups
             (Megatron's CPU-side groups for checkpoint collectives).
+        num_distributed_optimizer_instances, hierarchical_context_parallel_sizes,
+            hybrid_context_parallel, create_all_gather_group: Megatron's
+            ``initialize_model_parallel`` options of the same names; they add the optional
+            groups of :mod:`scoped_parallel._optional_groups` (partial data parallel and
+            distributed-optimizer instance groups, hierarchical and hybrid context parallel
+            groups, the separate all-gather group), with Megatron's rank sets.
 
     A rank outside the layout's ranks may construct the state (it builds nothing and
     waits for nobody); every getter then raises
@@ -91,6 +99,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         backends: Mapping[str, str] | None = None,
         pg_options: Mapping[str, Any] | None = None,
         create_gloo_process_groups: bool = False,
+        num_distributed_optimizer_instances: int = 1,
+        hierarchical_context_parallel_sizes: Any = None,
+        hybrid_context_parallel: bool = False,
+        create_all_gather_group: bool = False,
         **layout_keywords: Any,
     ) -> None:
         if name is not None and not isinstance(name, str):
@@ -100,8 +112,16 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 f"timeout must be a datetime.timedelta (as in torch.distributed), got {timeout!r}; "
                 "e.g. timeout=datetime.timedelta(minutes=10)"
             )
+        optional = OptionalGroups.from_arguments(
+            num_distributed_optimizer_instances,
+            hierarchical_context_parallel_sizes,
+            hybrid_context_parallel,
+            create_all_gather_group,
+        )
         world = check_world()
         self._layout = layout_in_world(layout, name, world, layout_keywords)
+        optional.check(self._layout)
+        self._optional = optional
         self._spec = StateSpec(
             layout=self._layout,
             name=name,
@@ -111,12 +131,16 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
             backends=per_kind(backends, "backends"),
             options=per_kind(pg_options, "pg_options"),
             gloo_twins=bool(create_gloo_process_groups),
+            optional=optional.fingerprint(),
         )
         self._name = name
         self._rank = dist.get_rank()
         self._groups: dict[str, Any] = {}
         self._gloo: dict[str, Any] = {}
         self._ranks_of: dict[str, tuple[int, ...]] = {}
+        #: Megatron's optional groups (slot -> ranks / group), see scoped_parallel._optional_groups
+        self._opt_ranks: dict[str, tuple[int, ...]] = {}
+        self._opt_groups: dict[str, Any] = {}
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
         self._destroyed = False
@@ -128,12 +152,13 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         if not self._layout.contains(self._rank):
             return
         self._ranks_of = dict(self._layout.groups_of(self._rank))
+        self._opt_ranks = optional_ranks(self._layout, self._rank, optional)
         self._tag = construction_tag(self._layout)
         if str(dist.get_backend()) != "fake":
             agree_with_peers(
                 self._spec,
                 self._rank,
-                self._ranks_of,
+                {**self._ranks_of, **self._opt_ranks},
                 self._tag,
                 compat.default_store(),
                 timeout or compat.default_timeout(),
@@ -169,11 +194,15 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
     def _create_groups(self) -> None:
         acquired: list[Any] = []
         try:
-            for slot, request in plan_requests(self._spec, self._ranks_of, self._tag):
-                group = _groups.acquire(request, share=self._spec.share)
+            wanted = {**self._ranks_of, **self._opt_ranks}
+            for slot, request in plan_requests(self._spec, wanted, self._tag):
+                share = self._spec.share and slot not in UNSHARED_SLOTS
+                group = _groups.acquire(request, share=share)
                 acquired.append(group)
                 if slot.startswith("gloo:"):
                     self._gloo[slot[5:]] = group
+                elif slot in self._opt_ranks:
+                    self._opt_groups[slot] = group
                 else:
                     self._groups[slot] = group
         except BaseException:
@@ -181,6 +210,7 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 _groups.release(group)
             self._groups.clear()
             self._gloo.clear()
+            self._opt_groups.clear()
             raise
 
     def destroy(self) -> None:
@@ -192,9 +222,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values())
+        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._opt_groups.values())
         self._groups.clear()
         self._gloo.clear()
+        self._opt_groups.clear()
         for group in held:
             _groups.release(group)
 

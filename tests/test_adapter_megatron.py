@@ -58,7 +58,7 @@ def rank_legacy_code_follows_scope(rank):
                     out["critic"] = legacy_megatron_step(rank)
                 out["actor_again"] = legacy_megatron_step(rank)
                 try:
-                    ps.get_amax_reduction_group()
+                    ps.get_global_symmetric_memory_buffer()
                 except Exception as err:  # noqa: BLE001
                     out["unsupported"] = type(err).__name__
             try:
