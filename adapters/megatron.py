@@ -90,9 +90,14 @@ GETTERS: tuple[str, ...] = (
     "model_parallel_is_initialized",
 )
 
-#: Getters of :data:`GETTERS` that older megatron-core minors lack (patched where present).
+#: Names of :data:`GETTERS` / :data:`UNSUPPORTED` that older megatron-core minors lack
+#: (0.13/0.14; patched where present).
 NEWER_GETTERS: frozenset[str] = frozenset(
-    {"get_hybrid_data_context_parallel_groups", "has_separate_all_gather_group"}
+    {
+        "get_hybrid_data_context_parallel_groups",
+        "has_separate_all_gather_group",
+        "get_global_symmetric_memory_buffer",
+    }
 )
 
 #: Megatron functions with no per-state answer: an error inside a scope.

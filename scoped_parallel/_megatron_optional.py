@@ -190,7 +190,7 @@ class MegatronOptionalGetters:
 
     # ------------------------------------------------------------------ explicit groups
 
-    def process_group_collection(self, required_pgs: list[str] | None = None) -> Any:
+    def process_group_collection(self, required_pgs: list[str] | None = None, collection_class: Any = None) -> Any:
         """Megatron's ``ProcessGroupCollection`` holding this state's own groups (none created).
 
         For models and DDP that take groups explicitly, with no scope needed:
@@ -199,37 +199,46 @@ class MegatronOptionalGetters:
         find inside this state's scope (``None`` where Megatron has ``None``, e.g. ``embd``
         off the first/last pipeline stage); only the fields the installed megatron-core
         defines are filled. ``required_pgs`` restricts the fields, as in Megatron.
-        Imports megatron-core lazily (``ImportError`` naming it when absent).
-        """
-        from scoped_parallel.errors import UnsupportedSetupError
 
-        try:
-            from megatron.core import process_groups_config as pgc
-        except ImportError as err:
-            raise ImportError(
-                "state.process_group_collection() needs megatron-core (pip install "
-                "'scoped-parallel[megatron]')"
-            ) from err
-        cls = getattr(pgc, "ProcessGroupCollection", None)
-        if cls is None:
-            raise UnsupportedSetupError(
-                "this megatron-core has no ProcessGroupCollection (added in megatron-core 0.14/0.15); "
-                "pass groups explicitly or upgrade megatron-core"
-            )
+        megatron-core 0.13/0.14 have no ``ProcessGroupCollection``: the default there is
+        ``ModelCommProcessGroups`` (what their models take as ``model_comm_pgs=``); pass
+        ``collection_class=GradCommProcessGroups`` (or any dataclass with Megatron's field
+        names) for the others. Imports megatron-core lazily, the one place the core does.
+        """
         import dataclasses
 
-        defined = {f.name for f in dataclasses.fields(cls)}
-        names = sorted(defined) if required_pgs is None else list(required_pgs)
+        from scoped_parallel.errors import UnsupportedSetupError
+
+        cls = collection_class
+        if cls is None:
+            try:
+                from megatron.core import process_groups_config as pgc
+            except ImportError as err:
+                raise ImportError(
+                    "state.process_group_collection() needs megatron-core (pip install "
+                    "'scoped-parallel[megatron]')"
+                ) from err
+            cls = getattr(pgc, "ProcessGroupCollection", None) or getattr(pgc, "ModelCommProcessGroups", None)
+            if cls is None:
+                raise UnsupportedSetupError(
+                    "this megatron-core has neither ProcessGroupCollection nor ModelCommProcessGroups; "
+                    "pass collection_class= explicitly"
+                )
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"collection_class must be a dataclass of process groups, got {cls!r}")
+        defined = [f.name for f in dataclasses.fields(cls)]
+        names = defined if required_pgs is None else list(required_pgs)
         unknown = [n for n in names if n not in defined]
         if unknown:
-            raise ValueError(f"unknown process group fields {unknown}; this megatron-core defines {sorted(defined)}")
-        values = {}
+            raise ValueError(f"unknown process group fields {unknown}; {cls.__name__} defines {defined}")
+        strange = [n for n in names if n not in COLLECTION_FIELDS]
+        if strange:
+            raise UnsupportedSetupError(
+                f"{cls.__name__} fields {strange} are not known to scoped_parallel (known: "
+                f"{sorted(COLLECTION_FIELDS)}); pass required_pgs without them"
+            )
+        collection = cls()
         for name in names:
-            if name not in COLLECTION_FIELDS:
-                raise UnsupportedSetupError(
-                    f"ProcessGroupCollection field {name!r} of this megatron-core is not known to "
-                    f"scoped_parallel (known: {sorted(COLLECTION_FIELDS)}); pass required_pgs without it"
-                )
             method, kwargs = COLLECTION_FIELDS[name]
-            values[name] = getattr(self, method)(**kwargs)
-        return cls(**values)
+            setattr(collection, name, getattr(self, method)(**kwargs))
+        return collection
