@@ -76,12 +76,14 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         pg_options: per-kind backend options, e.g. ``{"dp": ProcessGroupNCCL.Options(...)}``.
         create_gloo_process_groups: also build gloo twins of the dp, dp-cp and edp groups
             (Megatron's CPU-side groups for checkpoint collectives).
-        num_distributed_optimizer_instances, hierarchical_context_parallel_sizes,
-            hybrid_context_parallel, create_all_gather_group: Megatron's
-            ``initialize_model_parallel`` options of the same names; they add the optional
-            groups of :mod:`scoped_parallel._optional_groups` (partial data parallel and
-            distributed-optimizer instance groups, hierarchical and hybrid context parallel
-            groups, the separate all-gather group), with Megatron's rank sets.
+        num_distributed_optimizer_instances: Megatron's option of that name (partial data
+            parallel groups and the inter-instance group).
+        hierarchical_context_parallel_sizes: Megatron's option (sub-groups of the context
+            parallel group, one per level).
+        hybrid_context_parallel: Megatron's option (power-of-two slices of dp-cp).
+        create_all_gather_group: Megatron's option (a second dp-cp communicator).
+            These four add the optional groups of :mod:`scoped_parallel._optional_groups`
+            with Megatron's rank sets.
 
     A rank outside the layout's ranks may construct the state (it builds nothing and
     waits for nobody); every getter then raises
