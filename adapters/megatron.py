@@ -97,6 +97,7 @@ NEWER_GETTERS: frozenset[str] = frozenset(
         "get_hybrid_data_context_parallel_groups",
         "has_separate_all_gather_group",
         "get_global_symmetric_memory_buffer",
+        "get_expert_model_parallel_src_rank",
     }
 )
 

@@ -101,7 +101,7 @@ def test_install_uninstall_restores_every_getter_by_identity():
     cross_entropy = sys.modules["megatron.core.tensor_parallel.cross_entropy"]
     from scoped_parallel.adapters.megatron import UNSUPPORTED
 
-    before = {n: vars(ps)[n] for n in GETTERS + UNSUPPORTED}
+    before = {n: vars(ps)[n] for n in GETTERS + UNSUPPORTED if n in vars(ps)}  # older minors lack a few
     alias_before = cross_entropy.get_tensor_model_parallel_group
     for _ in range(2):
         adapters.install(targets=("megatron",))
@@ -137,9 +137,12 @@ def test_state_getters_have_megatrons_signatures():
 
     ps = _ps()
     for name in GETTERS:
+        if not hasattr(ps, name):  # a getter this (older) megatron-core does not have
+            continue
         theirs = list(inspect.signature(getattr(ps, name)).parameters)
         ours = list(inspect.signature(getattr(ParallelState, name)).parameters)[1:]
-        assert ours == theirs, name
+        # Megatron's parameters first, in its order; newer minors' extra keywords may follow
+        assert ours[: len(theirs)] == theirs, f"{name}: Megatron {theirs}, state {ours}"
 
 
 def test_uninstall_restores_copies_made_while_installed():

@@ -83,10 +83,14 @@ def ask_everything(ps):
     """Every call of CALLS and every use_mpu_process_groups() field, described."""
     from megatron.core import process_groups_config as pgc
 
+    import inspect
+
     out = {}
     for label, name, kwargs in CALLS:
         if not hasattr(ps, name):
             continue
+        if not set(kwargs) <= set(inspect.signature(getattr(ps, name)).parameters):
+            continue  # an older megatron-core without this keyword
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
