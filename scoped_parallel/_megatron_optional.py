@@ -58,6 +58,7 @@ class MegatronOptionalGetters:
     if TYPE_CHECKING:  # provided by ParallelState
         _opt_ranks: dict[str, tuple[int, ...]]
         _opt_groups: dict[str, Any]
+        _opt_alias: dict[str, str]
         _optional: Any
 
         def _require(self, kind: str) -> str:
@@ -85,7 +86,8 @@ class MegatronOptionalGetters:
 
     def _opt_group(self, slot: str) -> Any:
         self._require("tp")  # destroyed / not a member: the explanatory error
-        return self._opt_groups[slot]
+        alias = self._opt_alias.get(slot)
+        return self._kind_group(alias) if alias is not None else self._opt_groups[slot]
 
     def _missing(self, what: str, option: str) -> GroupNotAvailableError:
         return GroupNotAvailableError(

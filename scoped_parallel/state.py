@@ -76,14 +76,11 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         pg_options: per-kind backend options, e.g. ``{"dp": ProcessGroupNCCL.Options(...)}``.
         create_gloo_process_groups: also build gloo twins of the dp, dp-cp and edp groups
             (Megatron's CPU-side groups for checkpoint collectives).
-        num_distributed_optimizer_instances: Megatron's option of that name (partial data
-            parallel groups and the inter-instance group).
-        hierarchical_context_parallel_sizes: Megatron's option (sub-groups of the context
-            parallel group, one per level).
+        num_distributed_optimizer_instances: Megatron's option (partial dp-cp/edp groups).
+        hierarchical_context_parallel_sizes: Megatron's option (CP sub-groups per level).
         hybrid_context_parallel: Megatron's option (power-of-two slices of dp-cp).
-        create_all_gather_group: Megatron's option (a second dp-cp communicator).
-            These four add the optional groups of :mod:`scoped_parallel._optional_groups`
-            with Megatron's rank sets.
+        create_all_gather_group: Megatron's option (a second dp-cp communicator); all four
+            as in :mod:`scoped_parallel._optional_groups`, with Megatron's rank sets.
 
     A rank outside the layout's ranks may construct the state (it builds nothing and
     waits for nobody); every getter then raises
@@ -143,6 +140,7 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         #: Megatron's optional groups (slot -> ranks / group), see scoped_parallel._optional_groups
         self._opt_ranks: dict[str, tuple[int, ...]] = {}
         self._opt_groups: dict[str, Any] = {}
+        self._opt_alias: dict[str, str] = {}
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
         self._destroyed = False
@@ -155,12 +153,20 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
             return
         self._ranks_of = dict(self._layout.groups_of(self._rank))
         self._opt_ranks = optional_ranks(self._layout, self._rank, optional)
+        # An optional group with the ranks of a kind the state holds is that kind's group
+        # (no extra communicator; the answer has the same ranks as Megatron's).
+        by_ranks = {ranks: kind for kind, ranks in reversed(self._ranks_of.items())}
+        self._opt_alias = {
+            slot: by_ranks[ranks]
+            for slot, ranks in self._opt_ranks.items()
+            if slot not in UNSHARED_SLOTS and not slot.startswith("intra-") and ranks in by_ranks
+        }
         self._tag = construction_tag(self._layout)
         if str(dist.get_backend()) != "fake":
             agree_with_peers(
                 self._spec,
                 self._rank,
-                {**self._ranks_of, **self._opt_ranks},
+                self._planned_ranks(),
                 self._tag,
                 compat.default_store(),
                 timeout or compat.default_timeout(),
@@ -193,11 +199,14 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
             check_data_parallel_size(kwargs, expected_dp, dist.get_world_size())
         return cls(**kwargs)
 
+    def _planned_ranks(self) -> dict[str, tuple[int, ...]]:
+        own = {slot: r for slot, r in self._opt_ranks.items() if slot not in self._opt_alias}
+        return {**self._ranks_of, **own}
+
     def _create_groups(self) -> None:
         acquired: list[Any] = []
         try:
-            wanted = {**self._ranks_of, **self._opt_ranks}
-            for slot, request in plan_requests(self._spec, wanted, self._tag):
+            for slot, request in plan_requests(self._spec, self._planned_ranks(), self._tag):
                 share = self._spec.share and slot not in UNSHARED_SLOTS
                 group = _groups.acquire(request, share=share)
                 acquired.append(group)
@@ -248,7 +257,6 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         """The state's :class:`~scoped_parallel.ParallelLayout` (pure rank math)."""
         return self._layout
 
-
     @property
     def is_member(self) -> bool:
         """Whether this rank belongs to the state's ranks."""
@@ -268,7 +276,6 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         gone = ", destroyed" if self._destroyed else ""
         head = f"{self._name!r}, " if self._name else ""
         return f"ParallelState({head}{sizes}; {where}{gone})"
-
 
     def activate(self) -> Activation:
         """A context manager / decorator making this state the current one.

@@ -50,7 +50,7 @@ def rank_gpt_runs(rank, steps):
 def test_two_gpt_models_interleaved_in_scopes_train_bitwise_like_vanilla_solo_and_explicit_groups(world):
     """GPTModel TP=2xDP=2 and TP=4, built and trained interleaved in scopes with no group passed,
     equal bit for bit vanilla Megatron solo and GPTModel(pg_collection=state.process_group_collection())."""
-    for rank, report in enumerate(world.run(rank_gpt_runs, 3, timeout=400)):
+    for rank, report in enumerate(world.run(rank_gpt_runs, 3, timeout=600)):
         for name, result in report.items():
             assert result["vanilla"] == [], f"rank {rank} {name}: scoped vs vanilla solo: expected no difference, got {result['vanilla']}"
             assert result["explicit"] == [], f"rank {rank} {name}: scoped vs explicit groups: expected no difference, got {result['explicit']}"
@@ -112,7 +112,7 @@ def rank_rng_trackers(rank, seed):
 @pytest.mark.world
 def test_each_state_has_its_own_rng_tracker_seeded_from_its_own_tp_rank(world):
     """model_parallel_cuda_manual_seed in a scope seeds that state's tracker as vanilla Megatron would."""
-    for rank, out in enumerate(world.run(rank_rng_trackers, 77)):
+    for rank, out in enumerate(world.run(rank_rng_trackers, 77, timeout=400)):
         assert out["distinct"], f"rank {rank}: the two states share one tracker"
         assert out["global untouched"], f"rank {rank}: Megatron's own tracker was replaced"
         for tp in (2, 4):
@@ -167,7 +167,7 @@ def rank_setters_and_buffer(rank):
 @pytest.mark.world
 def test_setters_and_virtual_pipeline_values_are_per_state_and_the_buffer_is_shared(world):
     """set_* overrides and virtual pipeline values in a scope belong to that state; globals stay unset."""
-    for rank, out in enumerate(world.run(rank_setters_and_buffer)):
+    for rank, out in enumerate(world.run(rank_setters_and_buffer, timeout=400)):
         assert out["a"] == (2, 1, 7, True, True), f"rank {rank}: state a expected (2, 1, 7, True, True), got {out['a']}"
         assert out["b"] == (4, 3, 4, False, True), f"rank {rank}: state b expected (4, 3, 4, False, True), got {out['b']}"
         assert out["globals"] == (None, None, None, None), f"rank {rank}: Megatron's globals changed: {out['globals']}"

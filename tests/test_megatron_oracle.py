@@ -147,7 +147,7 @@ def rank_vanilla_then_scoped(rank, config):
 @pytest.mark.parametrize("name,config", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_scoped_getters_answer_like_vanilla_megatron(world, name, config):
     """Each getter and each use_mpu_process_groups() field in a scope equals vanilla Megatron's answer."""
-    results = world.run(rank_vanilla_then_scoped, config)
+    results = world.run(rank_vanilla_then_scoped, config, timeout=400)
     if results[0][0] == "skip":
         pytest.skip(f"this megatron-core's initialize_model_parallel has no {results[0][1]}")
     for rank, (vanilla, scoped) in enumerate(results):

@@ -30,6 +30,10 @@ WORLD = 8
 EXPECTED_FAILURES = {
     "test_initialize_and_destroy_model_parallel",  # asserts ps._MODEL_PARALLEL_GROUP is None
     "test_separate_all_gather_group",  # reads ps._DATA_PARALLEL_GROUP_WITH_CP_AG
+    # ep=2 with pp>1 and order 'tp-pp-ep-dp': vanilla initialize_model_parallel asserts too
+    # ("When not using pp-last rank ordering, the data parallel size of the attention and
+    # moe layers must be the same"); a state raises LayoutError for the same rule.
+    "test_different_initialize_order_unconsistency",
 }
 
 
