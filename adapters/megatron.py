@@ -105,12 +105,19 @@ NEWER_GETTERS: frozenset[str] = frozenset(
 UNSUPPORTED: tuple[str, ...] = ("get_global_symmetric_memory_buffer",)
 
 
-def _inside(name: str, supported: bool) -> Callable[..., Any]:
-    """What the getter ``name`` does inside a scope: the state's answer, or a refusal."""
+def _inside(name: str, supported: bool, params: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """What the getter ``name`` does inside a scope: the state's answer, or a refusal.
+
+    Positional arguments are passed on by the names of the installed Megatron's own
+    parameters (``params``), so a minor whose getter orders them differently (0.14's
+    ``get_tensor_and_data_parallel_group(with_context_parallel)``) still means the same.
+    """
     if supported:
 
         def answer(state: Any, *args: Any, **kwargs: Any) -> Any:
-            return getattr(state, name)(*args, **kwargs)
+            if args:
+                kwargs.update(zip(params, args))
+            return getattr(state, name)(**kwargs)
 
         return answer
 
@@ -127,6 +134,7 @@ def _inside(name: str, supported: bool) -> Callable[..., Any]:
 
 def install(ledger: Any) -> None:
     """Patch :data:`GETTERS`, :data:`UNSUPPORTED` and the side state, and their copies in ``megatron.*``."""
+    import inspect
     import warnings
 
     with warnings.catch_warnings():
@@ -141,8 +149,9 @@ def install(ledger: Any) -> None:
         if name in NEWER_GETTERS and not hasattr(ps, name):
             continue
         original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
+        params = tuple(inspect.signature(original).parameters)
         replacements[name] = dispatching(
-            original, _inside(name, name in GETTERS), f"megatron.core.parallel_state.{name}()"
+            original, _inside(name, name in GETTERS, params), f"megatron.core.parallel_state.{name}()"
         )
     ledger.patch_everywhere(OWNER, ps, replacements, package="megatron")
     _megatron_side.install(ledger, ps)

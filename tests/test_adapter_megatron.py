@@ -143,8 +143,36 @@ def test_state_getters_have_megatrons_signatures():
             continue
         theirs = list(inspect.signature(getattr(ps, name)).parameters)
         ours = list(inspect.signature(getattr(ParallelState, name)).parameters)[1:]
-        # Megatron's parameters first, in its order; newer minors' extra keywords may follow
-        assert ours[: len(theirs)] == theirs, f"{name}: Megatron {theirs}, state {ours}"
+        # the adapter passes Megatron's positional arguments on by Megatron's names
+        assert set(theirs) <= set(ours), f"{name}: Megatron {theirs}, state {ours}"
+
+
+@pytest.mark.world
+def test_positional_arguments_keep_megatrons_meaning(world):
+    """get_tensor_and_data_parallel_group(True) is check_initialized=True (0.16) or
+    with_context_parallel=True (0.14): the scoped answer follows the installed Megatron."""
+    for rank, (vanilla, scoped) in enumerate(world.run(rank_positional_call)):
+        assert vanilla == scoped, f"rank {rank}: vanilla Megatron {vanilla}, scoped {scoped}"
+
+
+def rank_positional_call(rank):
+    import torch.distributed as dist
+
+    from scoped_parallel import ParallelState, adapters
+
+    ps = _ps()
+    ps.initialize_model_parallel(context_parallel_size=2, create_gloo_process_groups=False)
+    try:
+        vanilla = dist.get_process_group_ranks(ps.get_tensor_and_data_parallel_group(True))
+    finally:
+        ps.destroy_model_parallel()
+    state = ParallelState(name="positional", context_parallel_size=2, timeout=T)
+    try:
+        with adapters.installed(targets=("megatron",)), state.activate():
+            scoped = dist.get_process_group_ranks(ps.get_tensor_and_data_parallel_group(True))
+    finally:
+        state.destroy()
+    return vanilla, scoped
 
 
 def test_uninstall_restores_copies_made_while_installed():
