@@ -79,11 +79,13 @@ def rank_rng_trackers(rank, seed):
         for tp in (2, 4):
             ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
             try:
-                tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+                tensor_parallel.model_parallel_cuda_manual_seed(seed)
                 out["vanilla"][tp] = dict(tensor_parallel.get_cuda_rng_tracker().get_states())
             finally:
                 ps.destroy_model_parallel()
-                mrandom.initialize_rng_tracker(force_reset=True)
+                # a fresh global tracker for the next run (older minors have no force_reset)
+                mrandom._CUDA_RNG_STATE_TRACKER = None
+                mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
         global_before = mrandom._CUDA_RNG_STATE_TRACKER
         states = {tp: ParallelState(name=f"tp{tp}", tensor_model_parallel_size=tp, timeout=timedelta(seconds=60)) for tp in (2, 4)}
         try:
