@@ -100,7 +100,7 @@ def rank_torch_hashed_names_diverge(rank):
 
     extra = dist.new_group([0], use_local_synchronization=True) if rank == 0 else None
     name = c10d._process_group_name([0, 1, 2, 3], use_hashed_name=True)
-    count = c10d._world.group_count  # how many groups this process has registered so far
+    count = len(c10d._world.pg_names)  # the live groups torch hashes into the name
     if extra is not None:
         dist.destroy_process_group(extra)
     return name, count
