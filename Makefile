@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test test-torch-newest bench docs compat clean
+.PHONY: setup demo test test-torch-newest test-megatron-versions bench docs compat clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,26 @@ $(VENV_NEWEST)/.installed: pyproject.toml
 test-torch-newest: $(VENV_NEWEST)/.installed
 	TORCH_EXTENSIONS_DIR=/tmp/scoped_parallel_torch_ext_newest $(VENV_NEWEST)/bin/pytest -q
 
+# The megatron adapter, its oracle tests and the GPTModel proof against each older
+# megatron-core minor that installs on this Python (0.16 is in `make test`); one venv
+# per minor (torch pinned first), kept out of `make test` (about 3 min per minor here).
+MEGATRON_MINORS ?= 0.15 0.14 0.13
+MEGATRON_TESTS := tests/test_adapter_megatron.py tests/test_megatron_oracle.py tests/test_megatron_gpt.py
+
+.venv-megatron-%/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-megatron-$*
+	.venv-megatron-$*/bin/python -m pip install -q --upgrade pip
+	.venv-megatron-$*/bin/python -m pip install -q torch==2.13.0
+	.venv-megatron-$*/bin/python -m pip install -q "megatron-core==$*.*" einops pytest hypothesis
+	.venv-megatron-$*/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-megatron-versions: $(foreach v,$(MEGATRON_MINORS),.venv-megatron-$(v)/.installed)
+	@for v in $(MEGATRON_MINORS); do \
+	  echo "== megatron-core $$v"; \
+	  .venv-megatron-$$v/bin/pytest -q $(MEGATRON_TESTS) || exit 1; \
+	done
+
 bench: setup
 	$(BIN)/python benchmarks/run.py
 
@@ -72,4 +92,4 @@ compat: $(VENV)/.installed-nox
 	@grep -E "^nox > (\*|Session)" compat-report.txt
 
 clean:
-	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) build dist *.egg-info .pytest_cache .hypothesis docs/_build
+	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) .venv-megatron-* build dist *.egg-info .pytest_cache .hypothesis docs/_build

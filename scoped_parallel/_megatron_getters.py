@@ -51,6 +51,17 @@ class MegatronGetters:
         def gloo_group(self, kind: str) -> Any:
             raise NotImplementedError
 
+        _rank: int
+
+        def _intra_group(self, kind: str, gloo: bool = False) -> Any:
+            raise NotImplementedError
+
+        def _intra_ranks(self, kind: str) -> tuple[int, ...]:
+            raise NotImplementedError
+
+        def _all_gather_group(self) -> Any:
+            raise NotImplementedError
+
         @property
         def is_member(self) -> bool:
             raise NotImplementedError
@@ -153,10 +164,10 @@ class MegatronGetters:
     # ------------------------------------------------------------------ data / context parallel
 
     def _dp_kind(self, with_context_parallel: bool, partial_data_parallel: bool = False) -> str:
-        if partial_data_parallel:
+        if partial_data_parallel and not with_context_parallel:
             raise GroupNotAvailableError(
-                "partial data parallel groups (num_distributed_optimizer_instances > 1) are "
-                "not built by scoped_parallel; call with partial_data_parallel=False."
+                "partial_data_parallel=True needs with_context_parallel=True (Megatron: the "
+                "partial data parallel group of a distributed-optimizer instance includes CP)"
             )
         return "dp-cp" if with_context_parallel else "dp"
 
@@ -166,36 +177,45 @@ class MegatronGetters:
         partial_data_parallel: bool = False,
         independent_all_gather: bool = False,
     ) -> Any:
-        """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data."""
+        """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data.
+
+        ``partial_data_parallel=True`` (with context parallel): the dp-cp ranks of this
+        rank's distributed-optimizer instance; ``independent_all_gather=True``: the
+        separate all-gather twin of dp-cp (``create_all_gather_group=True``).
+        """
         if not (with_context_parallel or partial_data_parallel):
             group = self._groups.get("dp")  # hot: DeepSpeed asks at every step
             if group is not None:
                 return group
-        if with_context_parallel and independent_all_gather and not partial_data_parallel:
-            raise GroupNotAvailableError(
-                "the separate all-gather twin of the dp-cp group (Megatron's "
-                "independent_all_gather=True) is not built by scoped_parallel; call with "
-                "independent_all_gather=False"
-            )
-        return self._kind_group(self._dp_kind(with_context_parallel, partial_data_parallel))
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        if partial_data_parallel:
+            return self._intra_group("dp-cp")
+        if with_context_parallel and independent_all_gather:
+            return self._all_gather_group()
+        return self._kind_group(kind)
 
     def get_data_parallel_group_gloo(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> Any:
         """The gloo twin of this rank's data parallel group, dp x cp with ``with_context_parallel=True`` (``create_gloo_process_groups=True``)."""
-        return self.gloo_group(self._dp_kind(with_context_parallel, partial_data_parallel))
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        return self._intra_group(kind, gloo=True) if partial_data_parallel else self.gloo_group(kind)
 
     def get_data_parallel_world_size(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
         """Size of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_size(self._dp_kind(with_context_parallel, partial_data_parallel))
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        return len(self._intra_ranks(kind)) if partial_data_parallel else self._kind_size(kind)
 
     def get_data_parallel_rank(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> int:
         """This rank's index in its data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_rank(self._dp_kind(with_context_parallel, partial_data_parallel))
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        if partial_data_parallel:
+            return self._intra_ranks(kind).index(self._rank)
+        return self._kind_rank(kind)
 
     def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
         """Global rank of the first member of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
@@ -296,23 +316,25 @@ class MegatronGetters:
     def get_expert_data_parallel_group(
         self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
     ) -> Any:
-        """This rank's expert data parallel group."""
-        self._dp_kind(False, partial_expert_data_parallel)
+        """This rank's expert data parallel group (of its distributed-optimizer instance with ``partial_expert_data_parallel=True``)."""
+        if partial_expert_data_parallel:
+            return self._intra_group("edp")
         return self._kind_group("edp")
 
     def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
         """The gloo twin of this rank's expert data parallel group (``create_gloo_process_groups=True``)."""
-        self._dp_kind(False, partial_expert_data_parallel)
+        if partial_expert_data_parallel:
+            return self._intra_group("edp", gloo=True)
         return self.gloo_group("edp")
 
     def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
         """Size of this rank's expert data parallel group."""
-        self._dp_kind(False, partial_expert_data_parallel)
-        return self._kind_size("edp")
+        return len(self._intra_ranks("edp")) if partial_expert_data_parallel else self._kind_size("edp")
 
     def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
         """This rank's index in its expert data parallel group."""
-        self._dp_kind(False, partial_expert_data_parallel)
+        if partial_expert_data_parallel:
+            return self._intra_ranks("edp").index(self._rank)
         return self._kind_rank("edp")
 
     # ------------------------------------------------------------------ embeddings
@@ -328,9 +350,13 @@ class MegatronGetters:
         return "pos-embd" in self._ranks_of
 
     def get_embedding_group(self, check_initialized: bool = True) -> Any:
-        """This rank's word-embedding group."""
+        """This rank's word-embedding group (``None`` off the embedding stages with ``check_initialized=False``, as in Megatron)."""
+        if not check_initialized and self._require("tp") and "embd" not in self._ranks_of:
+            return None
         return self._kind_group("embd")
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
-        """This rank's position-embedding group."""
+        """This rank's position-embedding group (``None`` off the first stage with ``check_initialized=False``, as in Megatron)."""
+        if not check_initialized and self._require("tp") and "pos-embd" not in self._ranks_of:
+            return None
         return self._kind_group("pos-embd")

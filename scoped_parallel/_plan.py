@@ -94,6 +94,8 @@ class StateSpec:
     backends: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     gloo_twins: bool = False
+    #: fingerprint of the Megatron optional-group options (scoped_parallel._optional_groups)
+    optional: str = ""
 
     def fingerprint(self) -> str:
         """What every peer must have alike, as text."""
@@ -107,7 +109,7 @@ class StateSpec:
         return (
             f"name={self.name!r};{self.layout.fingerprint()};backend={self.backend};"
             f"backends={backends};options={options};timeout={self.timeout};"
-            f"gloo_twins={self.gloo_twins};share={self.share}"
+            f"gloo_twins={self.gloo_twins};share={self.share};{self.optional}"
         )
 
 
@@ -133,7 +135,8 @@ def plan_requests(
         )
         out.append((kind, request))
     if spec.gloo_twins:
-        for kind in GLOO_TWIN_KINDS:
+        # Megatron also builds gloo twins of the partial (intra-instance) dp-cp and edp groups.
+        for kind in GLOO_TWIN_KINDS + tuple(k for k in ("intra-dp-cp", "intra-edp") if k in ranks_of):
             request = GroupRequest(
                 ranks=ranks_of[kind], backend="gloo", timeout=spec.timeout, desc=f"{label}:{kind}:gloo"
             )

@@ -31,20 +31,17 @@ from typing import Any
 
 import torch.distributed as dist
 
-from scoped_parallel import _bind, _groups, _mesh
+from scoped_parallel import _bind, _build, _groups, _mesh
 from scoped_parallel import _torch_compat as compat
 from scoped_parallel._deepspeed_getters import DeepSpeedGetters
 from scoped_parallel._kinds import normalise_kind
 from scoped_parallel._megatron_getters import MegatronGetters
-from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag, plan_requests
+from scoped_parallel._megatron_optional import MegatronOptionalGetters
+from scoped_parallel._optional_groups import OptionalGroups
+from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag
 from scoped_parallel._scope import Activation
-from scoped_parallel._state_args import check_world, derived_rank_sets, keyword_signature, layout_in_world, per_kind
-from scoped_parallel.errors import (
-    GroupNotAvailableError,
-    RankNotInLayoutError,
-    ScopedParallelError,
-    UnsupportedSetupError,
-)
+from scoped_parallel._state_args import check_world, keyword_signature, layout_in_world, per_kind
+from scoped_parallel.errors import GroupNotAvailableError, RankNotInLayoutError, ScopedParallelError
 from scoped_parallel.layout import ParallelLayout
 
 __all__ = ["BOUND_METHODS", "ParallelState"]
@@ -52,7 +49,7 @@ __all__ = ["BOUND_METHODS", "ParallelState"]
 BOUND_METHODS = _bind.BOUND_METHODS
 
 
-class ParallelState(MegatronGetters, DeepSpeedGetters):
+class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
     """The process groups of one model's parallel layout.
 
     Build it from a :class:`~scoped_parallel.ParallelLayout`, or with the layout's
@@ -79,6 +76,11 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         pg_options: per-kind backend options, e.g. ``{"dp": ProcessGroupNCCL.Options(...)}``.
         create_gloo_process_groups: also build gloo twins of the dp, dp-cp and edp groups
             (Megatron's CPU-side groups for checkpoint collectives).
+        num_distributed_optimizer_instances: Megatron's option (partial dp-cp/edp groups).
+        hierarchical_context_parallel_sizes: Megatron's option (CP sub-groups per level).
+        hybrid_context_parallel: Megatron's option (power-of-two slices of dp-cp).
+        create_all_gather_group: Megatron's option (a second dp-cp communicator); all four
+            as in :mod:`scoped_parallel._optional_groups`, with Megatron's rank sets.
 
     A rank outside the layout's ranks may construct the state (it builds nothing and
     waits for nobody); every getter then raises
@@ -96,6 +98,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         backends: Mapping[str, str] | None = None,
         pg_options: Mapping[str, Any] | None = None,
         create_gloo_process_groups: bool = False,
+        num_distributed_optimizer_instances: int = 1,
+        hierarchical_context_parallel_sizes: Any = None,
+        hybrid_context_parallel: bool = False,
+        create_all_gather_group: bool = False,
         **layout_keywords: Any,
     ) -> None:
         if name is not None and not isinstance(name, str):
@@ -105,8 +111,16 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
                 f"timeout must be a datetime.timedelta (as in torch.distributed), got {timeout!r}; "
                 "e.g. timeout=datetime.timedelta(minutes=10)"
             )
+        optional = OptionalGroups.from_arguments(
+            num_distributed_optimizer_instances,
+            hierarchical_context_parallel_sizes,
+            hybrid_context_parallel,
+            create_all_gather_group,
+        )
         world = check_world()
         self._layout = layout_in_world(layout, name, world, layout_keywords)
+        optional.check(self._layout)
+        self._optional = optional
         self._spec = StateSpec(
             layout=self._layout,
             name=name,
@@ -116,6 +130,7 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
             backends=per_kind(backends, "backends"),
             options=per_kind(pg_options, "pg_options"),
             gloo_twins=bool(create_gloo_process_groups),
+            optional=optional.fingerprint(),
         )
         self._name = name
         self._rank = dist.get_rank()
@@ -124,6 +139,10 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         #: groups derived from the layout for an adapter (hpZ, all-to-all): (purpose, ranks) -> group
         self._derived: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._ranks_of: dict[str, tuple[int, ...]] = {}
+        #: Megatron's optional groups (slot -> ranks / group), see scoped_parallel._optional_groups
+        self._opt_ranks: dict[str, tuple[int, ...]] = {}
+        self._opt_groups: dict[str, Any] = {}
+        self._opt_alias: dict[str, str] = {}
         self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
         self._my_index: dict[str, int] = {}
         self._destroyed = False
@@ -134,19 +153,19 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._tag = ""
         self._parents: list[Any] = []  # split mode: the parent group over the state's ranks
         bound = compat.bound_device() is not None
-        if not bound and not self._layout.contains(self._rank):
-            return  # member-only creation: a non-member takes part in nothing
         member = self._layout.contains(self._rank)
+        if not bound and not member:
+            return  # member-only creation: a non-member takes part in nothing
         if member:
             self._ranks_of = dict(self._layout.groups_of(self._rank))
+            self._plan_optional_groups(optional, bound)
         # With a device-bound default group the whole world splits together (see _split).
-        span = (0, world) if bound else None
-        self._tag = construction_tag(self._layout, span)
+        self._tag = construction_tag(self._layout, (0, world) if bound else None)
         if str(dist.get_backend()) != "fake":
             agree_with_peers(
                 self._spec,
                 self._rank,
-                {"world": tuple(range(world))} if bound else self._ranks_of,
+                {"world": tuple(range(world))} if bound else self._planned_ranks(),
                 self._tag,
                 compat.default_store(),
                 timeout or compat.default_timeout(),
@@ -184,39 +203,16 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         return cls(**kwargs)
 
     def _create_by_split(self, world: int) -> dict[str, Any]:
-        from scoped_parallel._split import create_by_split, plan_splits
+        return _build.create_by_split(self, world)
 
-        steps = plan_splits(self._spec, world, str(dist.get_backend()))
-        groups, self._parents = create_by_split(
-            steps,
-            self._rank,
-            world,
-            share=self._spec.share,
-            split=compat.split_group,
-            world=compat.default_group(),
-            default_timeout=self._spec.timeout or compat.default_timeout(),
-        )
-        return groups
+    def _plan_optional_groups(self, optional: Any, bound: bool) -> None:
+        _build.plan_optional_groups(self, optional, bound)
+
+    def _planned_ranks(self) -> dict[str, tuple[int, ...]]:
+        return _build.planned_ranks(self)
 
     def _create_groups(self, split: dict[str, Any]) -> None:
-        """Member-only creation of every group not already made by ``split`` (kind -> group)."""
-        self._groups.update(split)
-        acquired: list[Any] = list(split.values()) + self._parents
-        try:
-            for slot, request in plan_requests(self._spec, self._ranks_of, self._tag, skip=frozenset(split)):
-                group = _groups.acquire(request, share=self._spec.share)
-                acquired.append(group)
-                if slot.startswith("gloo:"):
-                    self._gloo[slot[5:]] = group
-                else:
-                    self._groups[slot] = group
-        except BaseException:
-            for group in reversed(acquired):
-                _groups.release(group)
-            self._groups.clear()
-            self._gloo.clear()
-            self._parents = []
-            raise
+        _build.create_groups(self, split)
 
     def destroy(self) -> None:
         """Release this state's groups (a shared group dies with its last user). Idempotent."""
@@ -227,10 +223,11 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         self._my_index = {}
         self._adapter_slots.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._derived.values())
-        held += self._parents
+        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._opt_groups.values())
+        held += list(self._derived.values()) + self._parents
         self._groups.clear()
         self._gloo.clear()
+        self._opt_groups.clear()
         self._derived.clear()
         self._parents = []
         for group in held:
@@ -378,25 +375,7 @@ class ParallelState(MegatronGetters, DeepSpeedGetters):
         global order, once per ``(purpose, ranks)``, released by :meth:`destroy`. Returns
         the groups in the order of ``rank_sets``.
         """
-        self._require("dp")  # destroyed or not a member: the explanatory error
-        if self._parents or compat.bound_device() is not None:
-            raise UnsupportedSetupError(
-                f"derived_groups({purpose!r}) on {self._label()}: the default group is bound to a device, "
-                "so groups can only be split collectively from it, and derived groups are created on "
-                "their members only. Initialize the default group without device_id to use them."
-            )
-        wanted = derived_rank_sets(purpose, rank_sets, self._rank, self._layout, self._label())
-        missing = sorted({r for r in wanted if (purpose, r) not in self._derived}, key=lambda r: (len(r), r))
-        for ranks in missing:  # one global order, as for the state's own groups
-            request = _groups.GroupRequest(
-                ranks=ranks,
-                backend=self._spec.backend,
-                timeout=self._spec.timeout,
-                desc=f"{self._name or 'state'}:{purpose}",
-                tag=f"{self._tag}/{purpose}",
-            )
-            self._derived[(purpose, ranks)] = _groups.acquire(request, share=self._spec.share)
-        return tuple(self._derived[(purpose, r)] for r in wanted)
+        return _build.derived_groups(self, purpose, rank_sets)
 
     # Fast versions of group/ranks/size/rank_in for the getter mixins: ``kind`` is
     # canonical there, so a dict lookup answers; anything unusual (destroyed,

@@ -211,3 +211,28 @@ def test_corpus_has_at_least_forty_cases():
     assert sum(counts.values()) >= 40, f"only {sum(counts.values())} bad inputs ({counts}), expected at least 40"
 
 
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(num_distributed_optimizer_instances=0), "num_distributed_optimizer_instances must be an int >= 1, got 0"),
+        (dict(num_distributed_optimizer_instances=3), "num_distributed_optimizer_instances=3 must divide"),
+        (dict(context_parallel_size=4, hierarchical_context_parallel_sizes=[2, 3]), "multiply to 6"),
+        (dict(hierarchical_context_parallel_sizes="22"), "must be a list of ints or None, got '22'"),
+        (dict(hybrid_context_parallel="yes"), "hybrid_context_parallel must be True or False, got 'yes'"),
+        (dict(create_all_gather_group=1), "create_all_gather_group must be True or False, got 1"),
+    ],
+)
+def test_bad_megatron_option_raises_layout_error_naming_it_before_any_group(kwargs, needle):
+    """Megatron's optional-group options are checked before any group or store key exists."""
+    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel.errors import LayoutError
+    from scoped_parallel.testing import fake_world
+
+    with fake_world(8, 0):
+        before = _groups.creation_count()
+        with pytest.raises(LayoutError) as err:
+            ParallelState(**kwargs)
+        assert needle in str(err.value), f"expected {needle!r} in {str(err.value)!r}"
+        assert _groups.creation_count() == before, "a group was created before the check"

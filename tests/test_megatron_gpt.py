@@ -1,0 +1,176 @@
+"""megatron-core's own GPTModel, unchanged, for two layouts in one process (4 gloo ranks).
+
+The model code, the CPU shims and the training step are those of
+``examples/megatron_two_models.py`` (its docstring lists the shims: a no-op RNG-tracker
+fork with dropout 0, a CPU memory buffer, CPU initialization, no fusions, an explicit
+causal mask; the same in every run). Also: the per-state RNG tracker and seeds, the
+per-state setters and virtual pipeline values, and the memory buffer inside a scope.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core.parallel_state")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "megatron_two_models.py"
+
+
+def _example():
+    module = sys.modules.get("megatron_two_models_example")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("megatron_two_models_example", EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def rank_gpt_runs(rank, steps):
+    """Interleaved scoped run, then each model alone under vanilla Megatron and with explicit groups."""
+    ex = _example()
+    with ex.cpu_shims():
+        scoped = ex.run_scoped(steps)
+        report = {}
+        for name in ex.MODELS:
+            report[name] = {
+                "vanilla": ex.compare(scoped[name], ex.run_vanilla(name, steps)),
+                "explicit": ex.compare(scoped[name], ex.run_explicit(name, steps)),
+                "losses": scoped[name]["losses"],
+            }
+    return report
+
+
+@pytest.mark.world
+@pytest.mark.slow
+def test_two_gpt_models_interleaved_in_scopes_train_bitwise_like_vanilla_solo_and_explicit_groups(world):
+    """GPTModel TP=2xDP=2 and TP=4, built and trained interleaved in scopes with no group passed,
+    equal bit for bit vanilla Megatron solo and GPTModel(pg_collection=state.process_group_collection())."""
+    for rank, report in enumerate(world.run(rank_gpt_runs, 3, timeout=600)):
+        for name, result in report.items():
+            assert result["vanilla"] == [], f"rank {rank} {name}: scoped vs vanilla solo: expected no difference, got {result['vanilla']}"
+            assert result["explicit"] == [], f"rank {rank} {name}: scoped vs explicit groups: expected no difference, got {result['explicit']}"
+            assert len(set(result["losses"])) == 3, f"rank {rank} {name}: the loss should change every step, got {result['losses']}"
+
+
+def rank_rng_trackers(rank, seed):
+    """Each state's tracker and seeds, against vanilla Megatron's for the same TP size."""
+    from datetime import timedelta
+
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from scoped_parallel import ParallelState, adapters
+
+    def add(self, name, seed):  # CPU: record the seed instead of a CUDA generator state
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = seed
+
+    saved_add = mrandom.CudaRNGStatesTracker.add
+    mrandom.CudaRNGStatesTracker.add = add
+    out = {"vanilla": {}}
+    try:
+        for tp in (2, 4):
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+            try:
+                tensor_parallel.model_parallel_cuda_manual_seed(seed)
+                out["vanilla"][tp] = dict(tensor_parallel.get_cuda_rng_tracker().get_states())
+            finally:
+                ps.destroy_model_parallel()
+                # a fresh global tracker for the next run (older minors have no force_reset)
+                mrandom._CUDA_RNG_STATE_TRACKER = None
+                mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+        global_before = mrandom._CUDA_RNG_STATE_TRACKER
+        states = {tp: ParallelState(name=f"tp{tp}", tensor_model_parallel_size=tp, timeout=timedelta(seconds=60)) for tp in (2, 4)}
+        try:
+            with adapters.installed(targets=("megatron",)):
+                trackers = {}
+                for tp, state in states.items():
+                    with state.activate():
+                        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+                        trackers[tp] = tensor_parallel.get_cuda_rng_tracker()
+                for tp, state in states.items():
+                    with state.activate():
+                        out[tp] = {
+                            "same tracker": tensor_parallel.get_cuda_rng_tracker() is trackers[tp],
+                            "seeds": dict(trackers[tp].get_states()),
+                        }
+                out["distinct"] = trackers[2] is not trackers[4]
+                out["global untouched"] = mrandom._CUDA_RNG_STATE_TRACKER is global_before
+        finally:
+            for state in states.values():
+                state.destroy()
+    finally:
+        mrandom.CudaRNGStatesTracker.add = saved_add
+    return out
+
+
+@pytest.mark.world
+def test_each_state_has_its_own_rng_tracker_seeded_from_its_own_tp_rank(world):
+    """model_parallel_cuda_manual_seed in a scope seeds that state's tracker as vanilla Megatron would."""
+    for rank, out in enumerate(world.run(rank_rng_trackers, 77, timeout=400)):
+        assert out["distinct"], f"rank {rank}: the two states share one tracker"
+        assert out["global untouched"], f"rank {rank}: Megatron's own tracker was replaced"
+        for tp in (2, 4):
+            assert out[tp]["same tracker"], f"rank {rank}: TP={tp} scope returned another tracker"
+            assert out[tp]["seeds"] == out["vanilla"][tp], (
+                f"rank {rank} TP={tp}: seeds expected (vanilla Megatron) {out['vanilla'][tp]}, got {out[tp]['seeds']}"
+            )
+        assert out[2]["seeds"]["model-parallel-rng"] == 77 + 2718 + rank % 2, f"rank {rank}: {out[2]}"
+        assert out[4]["seeds"]["model-parallel-rng"] == 77 + 2718 + rank, f"rank {rank}: {out[4]}"
+
+
+def rank_setters_and_buffer(rank):
+    from datetime import timedelta
+
+    from megatron.core import parallel_state as ps
+
+    from scoped_parallel import ParallelState, adapters
+
+    a = ParallelState(name="a", tensor_model_parallel_size=2, timeout=timedelta(seconds=60))
+    b = ParallelState(name="b", tensor_model_parallel_size=4, timeout=timedelta(seconds=60))
+    out = {}
+    try:
+        with adapters.installed(targets=("megatron",)):
+            for state, (vpp, vrank, tp) in ((a, (2, 1, 7)), (b, (4, 3, None))):
+                with state.activate():
+                    ps.set_virtual_pipeline_model_parallel_world_size(vpp)
+                    ps.set_virtual_pipeline_model_parallel_rank(vrank)
+                    if tp is not None:
+                        ps.set_tensor_model_parallel_world_size(tp)
+            for name, state in (("a", a), ("b", b)):
+                with state.activate():
+                    out[name] = (
+                        ps.get_virtual_pipeline_model_parallel_world_size(),
+                        ps.get_virtual_pipeline_model_parallel_rank(),
+                        ps.get_tensor_model_parallel_world_size(),
+                        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=1),
+                        ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=0),
+                    )
+                    out[name + " buffer"] = id(ps.get_global_memory_buffer())
+            out["globals"] = (
+                ps.get_virtual_pipeline_model_parallel_world_size(),
+                ps.get_virtual_pipeline_model_parallel_rank(),
+                ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE,
+                ps._GLOBAL_MEMORY_BUFFER,
+            )
+    finally:
+        a.destroy()
+        b.destroy()
+    return out
+
+
+@pytest.mark.world
+def test_setters_and_virtual_pipeline_values_are_per_state_and_the_buffer_is_shared(world):
+    """set_* overrides and virtual pipeline values in a scope belong to that state; globals stay unset."""
+    for rank, out in enumerate(world.run(rank_setters_and_buffer, timeout=400)):
+        assert out["a"] == (2, 1, 7, True, True), f"rank {rank}: state a expected (2, 1, 7, True, True), got {out['a']}"
+        assert out["b"] == (4, 3, 4, False, True), f"rank {rank}: state b expected (4, 3, 4, False, True), got {out['b']}"
+        assert out["globals"] == (None, None, None, None), f"rank {rank}: Megatron's globals changed: {out['globals']}"
+        assert out["a buffer"] == out["b buffer"], f"rank {rank}: expected one shared memory buffer"
