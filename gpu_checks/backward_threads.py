@@ -26,23 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from _backward_scenario import catch, concurrent_read, holding, read_during  # noqa: E402
+from _backward_scenario import Stub, catch, concurrent_read, holding, read_during  # noqa: E402
 
 from scoped_parallel import AmbiguousStateError, adapters, current_state  # noqa: E402
-from scoped_parallel._scope import Activation  # noqa: E402
-
-
-class Stub:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._memo: dict = {}
-
-    def activate(self) -> Activation:
-        return Activation(self)
-
-    def __repr__(self) -> str:
-        return self.name
-
 
 A, B, C = Stub("A"), Stub("B"), Stub("C")
 SEEN: list = []

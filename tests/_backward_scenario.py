@@ -14,6 +14,22 @@ from typing import Any, Callable, Iterator
 TIMEOUT = 60.0
 
 
+class Stub:
+    """A stand-in state: a name, a memo for patched getters, and ``activate()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._memo: dict[Any, Any] = {}
+
+    def activate(self) -> Any:
+        from scoped_parallel._scope import Activation
+
+        return Activation(self)
+
+    def __repr__(self) -> str:
+        return f"Stub({self.name})"
+
+
 def catch(fn: Callable[[], Any]) -> Any:
     """``fn()``, or the exception it raised (handed back to the asserting thread)."""
     try:

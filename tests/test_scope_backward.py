@@ -20,23 +20,11 @@ import torch.utils.checkpoint as ckpt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _backward_scenario import catch, concurrent_read, holding, read_during  # noqa: E402
+from _backward_scenario import Stub, catch, concurrent_read, holding, read_during  # noqa: E402
 
 from scoped_parallel import AmbiguousStateError, adapters, current_state  # noqa: E402
-from scoped_parallel._scope import Activation, active_states, dispatching  # noqa: E402
+from scoped_parallel._scope import active_states, dispatching  # noqa: E402
 from scoped_parallel._scope_registry import BACKWARDS  # noqa: E402
-
-
-class Stub:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._memo: dict = {}
-
-    def activate(self) -> Activation:
-        return Activation(self)
-
-    def __repr__(self) -> str:
-        return f"Stub({self.name})"
 
 
 A, B, C = Stub("A"), Stub("B"), Stub("C")
