@@ -94,13 +94,21 @@ def rank_subset_states_with_different_group_counts(rank):
 
 
 def rank_torch_hashed_names_diverge(rank):
-    """torch's use_local_synchronization names depend on how many groups a process holds."""
+    """torch's use_local_synchronization names are salted with a per-process count.
+
+    torch 2.13 salts with the number of live groups (``len(_world.pg_names)``); torch 2.14
+    salts with ``_world.group_count``, which counts the group creations this process took
+    part in. Either count differs between ranks once one rank creates a group the others
+    do not join.
+    """
+    import torch
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
     extra = dist.new_group([0], use_local_synchronization=True) if rank == 0 else None
+    salted_with_creations = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14)
+    count = c10d._world.group_count if salted_with_creations else len(c10d._world.pg_names)
     name = c10d._process_group_name([0, 1, 2, 3], use_hashed_name=True)
-    count = len(c10d._world.pg_names)  # the live groups torch hashes into the name
     if extra is not None:
         dist.destroy_process_group(extra)
     return name, count
@@ -349,18 +357,18 @@ def test_subset_states_and_a_world_spanning_state_coexist(world):
 
 @pytest.mark.world
 def test_torch_hashed_group_names_depend_on_group_count(world):
-    """Why we name groups ourselves: torch's local-sync names differ between ranks holding different group counts."""
-    # The shared world's history decides how many groups each rank holds (member-only states
-    # with pipeline stages leave different counts); rank 0 holds one more than it would.
+    """Why we name groups ourselves: torch's local-sync names differ between ranks whose counts differ."""
+    # The shared world's history decides each rank's count (member-only states with pipeline
+    # stages leave different counts on torch 2.13); rank 0 creates one group the others do not.
     results = world.run(rank_torch_hashed_names_diverge)
     for a, (name_a, count_a) in enumerate(results):
         for b, (name_b, count_b) in enumerate(results):
             assert (name_a == name_b) == (count_a == count_b), (
-                f"ranks {a} and {b} hold {count_a} and {count_b} groups, yet their names are "
+                f"ranks {a} and {b} have salt counts {count_a} and {count_b}, yet their names are "
                 f"{'equal' if name_a == name_b else 'different'}: {name_a!r}, {name_b!r}"
             )
-    counts = [count for _, count in results]
-    assert len(set(counts)) > 1, f"every rank holds {counts[0]} groups: nothing shows the divergence"
+    names = [name for name, _ in results]
+    assert names[0] not in names[1:], f"rank 0 created an extra group, yet another rank computes its name: {names}"
 
 
 @pytest.mark.world
