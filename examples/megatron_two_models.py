@@ -1,24 +1,32 @@
-"""Two megatron-core GPTModels with different tensor-parallel sizes in one process world.
+"""Two megatron-core GPTModels with different tensor-parallel sizes, and a third with two
+pipeline stages, in one process world.
 
     torchrun --standalone --nproc-per-node 4 examples/megatron_two_models.py --verify
 
-Model "wide" runs TP=2 x DP=2, model "narrow" TP=4; each is megatron-core's own
-``GPTModel`` (local layer spec, 2 layers) built inside its state's scope with no group
-passed anywhere, and the training step is legacy Megatron-style code: it asks
-``megatron.core.parallel_state`` for the data-parallel group and rank. The two models
-are trained interleaved, one step each. ``--verify`` then trains each model alone
-under vanilla Megatron (``initialize_model_parallel`` with its sizes, no adapter) and
-a third time with explicit groups (``GPTModel(..., pg_collection=
-state.process_group_collection())``, outside any scope), and reports whether losses
-and final parameters are bit-identical.
+Model "wide" runs TP=2 x DP=2, model "narrow" TP=4, model "deep" PP=2 x DP=2 (one
+layer per stage, word embeddings tied between the first and the last stage); each is
+megatron-core's own ``GPTModel`` (local layer spec, 2 layers) built inside its state's
+scope with no group passed anywhere. The training step is legacy Megatron-style code:
+Megatron's own schedule from ``get_forward_backward_func()`` (1F1B across the stages
+for "deep", two micro-batches), then gradients summed over
+``parallel_state.get_data_parallel_group()`` and, for the tied embeddings, over
+``get_embedding_group()``. The three models are trained interleaved, one step each.
+``--verify`` then trains each model alone under vanilla Megatron
+(``initialize_model_parallel`` with its sizes, no adapter) and once more with explicit
+groups (``GPTModel(..., pg_collection=state.process_group_collection())`` and the same
+collection given to the schedule, outside any scope), and reports whether losses and
+final parameters are bit-identical.
 
-CPU shims (the same in every run, installed once per process by :func:`cpu_shims`):
-Megatron's model-parallel RNG tracker ``fork()`` switches the CUDA generator, so it is
-a no-op here (dropout is 0, so no random numbers are drawn inside it); Megatron's
+CPU shims (the same in every run, installed by :func:`cpu_shims`): Megatron's
+model-parallel RNG tracker ``fork()`` switches the CUDA generator, so it is a no-op
+here (dropout is 0, so no random numbers are drawn inside it); Megatron's
 ``GlobalMemoryBuffer`` allocates on the current CUDA device, so it allocates on the
-CPU here. Weights are built on the CPU (``use_cpu_initialization=True``) from a
-seeded torch generator, fusions are off, and the causal mask is passed explicitly
-(Megatron's default mask is built on CUDA).
+CPU here; the schedule and the pipeline's send/receive buffers ask for CUDA tensors
+(``device="cuda"``, ``torch.cuda.current_device()``) and the tied embedding moves to
+CUDA with ``.cuda()`` before its all-reduce, so a torch function mode keeps those
+tensors on the CPU. Weights are built on the CPU (``use_cpu_initialization=True``)
+from a seeded torch generator, fusions are off, and the causal mask is passed
+explicitly (Megatron's default mask is built on CUDA).
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-#: name -> tensor parallel size (4 ranks: "wide" has data parallel size 2)
-MODELS = {"wide": 2, "narrow": 4}
-VOCAB, SEQ, BATCH, LR = 64, 8, 2, 0.1
+#: name -> (tensor parallel size, pipeline parallel size); 4 ranks, so "wide" and
+#: "deep" have data parallel size 2
+MODELS = {"wide": (2, 1), "narrow": (4, 1), "deep": (1, 2)}
+VOCAB, SEQ, BATCH, MICROBATCHES, LR = 64, 8, 2, 2, 0.1
 
 
 def _quiet_import() -> Any:
@@ -49,6 +59,19 @@ def _quiet_import() -> Any:
 
         import megatron.core.models.gpt  # noqa: F401
     return parallel_state
+
+
+class _KeepOnCpu(TorchFunctionMode):
+    """Tensors Megatron asks to create on (or move to) CUDA stay on the CPU."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -70,19 +93,21 @@ def cpu_shims() -> Any:
             self.buffer[key] = torch.empty(numel, dtype=dtype, requires_grad=False)
         return self.buffer[key][:numel].view(*tensor_shape)
 
-    saved = CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor
+    saved = CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor, torch.cuda.current_device
     CudaRNGStatesTracker.fork = fork  # type: ignore[method-assign]
     GlobalMemoryBuffer.get_tensor = get_tensor  # type: ignore[method-assign]
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     try:
-        yield
+        with _KeepOnCpu():
+            yield
     finally:
-        CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor = saved  # type: ignore[method-assign]
+        CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor, torch.cuda.current_device = saved  # type: ignore[method-assign]
 
 
-def build_gpt(tp: int, pg_collection: Any = None) -> Any:
-    """A tiny GPTModel (local spec, 2 layers), weights from a fixed seed; groups from the scope
-    (or Megatron's globals) unless ``pg_collection`` is given."""
-    _quiet_import()
+def build_gpt(tp: int, pp: int = 1, pg_collection: Any = None) -> Any:
+    """A tiny GPTModel (local spec, 2 layers over ``pp`` stages), weights from a fixed seed;
+    groups from the scope (or Megatron's globals) unless ``pg_collection`` is given."""
+    ps = _quiet_import()
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -92,6 +117,9 @@ def build_gpt(tp: int, pg_collection: Any = None) -> Any:
         hidden_size=32,
         num_attention_heads=4,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+        batch_p2p_sync=False,  # batched send/receive without torch.cuda.synchronize()
         use_cpu_initialization=True,
         attention_dropout=0.0,
         hidden_dropout=0.0,
@@ -106,13 +134,21 @@ def build_gpt(tp: int, pg_collection: Any = None) -> Any:
         cross_entropy_loss_fusion=True,
         cross_entropy_fusion_impl="native",
     )
+    if pg_collection is None:
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        kwargs = {}
+    else:
+        stage, stages = dist.get_rank(pg_collection.pp), dist.get_world_size(pg_collection.pp)
+        first, last = stage == 0, stage == stages - 1
+        kwargs = {explicit_keyword(): pg_collection}
     torch.manual_seed(1234)
-    kwargs = {} if pg_collection is None else {explicit_keyword(): pg_collection}
     return GPTModel(
         config,
         transformer_layer_spec=get_gpt_layer_local_spec(),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
+        pre_process=first,
+        post_process=last,
         **kwargs,
     )
 
@@ -143,24 +179,66 @@ def batch(step: int, dp_rank: int) -> tuple[torch.Tensor, ...]:
     return tokens[:, :-1], positions, mask, tokens[:, 1:]
 
 
-def train_step(model: Any, step: int, dp_group: Any = None) -> float:
-    """One SGD step; legacy code: data parallel group and rank come from parallel_state
-    unless ``dp_group`` is given (the explicit-groups run)."""
+def _forward_step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    """Megatron's forward-step contract: the stage's output and, for the last stage, its loss."""
+    tokens, positions, mask, labels = next(data)
+    output = model(tokens, positions, mask, labels=labels)
+
+    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = per_token.float().mean()
+        return loss, {"loss": loss.detach()}
+
+    return output, loss_func
+
+
+def train_step(model: Any, step: int, pg_collection: Any = None) -> float:
+    """One SGD step through Megatron's schedule; returns the loss averaged over micro-batches
+    and data parallel ranks (on every rank).
+
+    Legacy code: the schedule, the data parallel and embedding groups come from
+    parallel_state, unless ``pg_collection`` is given (the explicit-groups run), which the
+    schedule and the gradient sums then use instead.
+    """
     ps = _quiet_import()
-    group = ps.get_data_parallel_group() if dp_group is None else dp_group
-    dp_rank, dp_size = dist.get_rank(group), dist.get_world_size(group)
-    tokens, positions, mask, labels = batch(step, dp_rank)
-    losses = model(tokens, positions, mask, labels=labels)
-    loss = losses.float().mean()
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if pg_collection is None:
+        dp, pp = ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
+        embedding = ps.get_embedding_group() if ps.is_rank_in_embedding_group() else None
+        schedule = get_forward_backward_func()
+        explicit = {}
+    else:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        dp, pp = pg_collection.dp, pg_collection.pp
+        embedding = getattr(pg_collection, "embd", None)  # None off the embedding stages
+        schedule = get_forward_backward_func(pp_size=dist.get_world_size(pp))
+        explicit = {"pg_collection": pg_collection, "p2p_communicator": P2PCommunicator(pp_group=pp, config=model.config)}
+    dp_rank, dp_size = dist.get_rank(dp), dist.get_world_size(dp)
+    micro = iter([batch(MICROBATCHES * step + m, dp_rank) for m in range(MICROBATCHES)])
     model.zero_grad(set_to_none=True)
-    loss.backward()
+    results = schedule(
+        forward_step_func=_forward_step,
+        data_iterator=micro,
+        model=[model],
+        num_microbatches=MICROBATCHES,
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        **explicit,
+    )
     with torch.no_grad():
+        if embedding is not None and dist.get_world_size(pp) > 1:
+            # the first stage's word embedding and the last stage's output layer are one weight
+            shared = model.shared_embedding_or_output_weight()
+            dist.all_reduce(shared.grad, group=embedding)
         for param in model.parameters():
             if param.grad is not None:
-                dist.all_reduce(param.grad, group=group)
+                dist.all_reduce(param.grad, group=dp)
                 param.sub_(LR * param.grad / dp_size)
-    reported = loss.detach().clone()
-    dist.all_reduce(reported, group=group)
+    # the last stage holds the losses; the pipeline group's sum hands them to every stage
+    reported = torch.stack([r["loss"] for r in results]).mean() if results else torch.zeros(())
+    dist.all_reduce(reported, group=dp)
+    dist.all_reduce(reported, group=pp)
     return float(reported / dp_size)
 
 
@@ -173,14 +251,17 @@ def run_scoped(steps: int) -> dict[str, Any]:
     """Both models in one process world, interleaved, each in its own scope, no group passed."""
     from scoped_parallel import ParallelState, adapters
 
-    states = {name: ParallelState(name=name, tensor_model_parallel_size=tp) for name, tp in MODELS.items()}
+    states = {
+        name: ParallelState(name=name, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        for name, (tp, pp) in MODELS.items()
+    }
     out: dict[str, Any] = {name: {"losses": []} for name in MODELS}
     try:
         with adapters.installed(targets=("megatron",)):
             models = {}
-            for name, tp in MODELS.items():
+            for name, (tp, pp) in MODELS.items():
                 with states[name].activate():
-                    models[name] = build_gpt(tp)
+                    models[name] = build_gpt(tp, pp)
             for step in range(steps):
                 for name, model in models.items():
                     with states[name].activate():
@@ -196,9 +277,12 @@ def run_scoped(steps: int) -> dict[str, Any]:
 def run_vanilla(name: str, steps: int) -> dict[str, Any]:
     """One model alone under vanilla Megatron's globals (no adapter, no state)."""
     ps = _quiet_import()
-    ps.initialize_model_parallel(tensor_model_parallel_size=MODELS[name], create_gloo_process_groups=False)
+    tp, pp = MODELS[name]
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+    )
     try:
-        model = build_gpt(MODELS[name])
+        model = build_gpt(tp, pp)
         losses = [train_step(model, step) for step in range(steps)]
         return {"losses": losses, "params": snapshot(model)}
     finally:
@@ -218,16 +302,16 @@ def run_explicit(name: str, steps: int) -> dict[str, Any] | None:
     ps = _quiet_import()
     if explicit_keyword() is None:
         return None
-    state = ParallelState(name=name, tensor_model_parallel_size=MODELS[name])
+    tp, pp = MODELS[name]
+    state = ParallelState(name=name, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     created_buffer = False
     try:
         collection = state.process_group_collection()
         if getattr(ps, "_GLOBAL_MEMORY_BUFFER", None) is None:
             ps._set_global_memory_buffer()
             created_buffer = True
-        model = build_gpt(MODELS[name], pg_collection=collection)
-        dp_group = getattr(collection, "dp", None) or state.get_data_parallel_group()
-        losses = [train_step(model, step, dp_group=dp_group) for step in range(steps)]
+        model = build_gpt(tp, pp, pg_collection=collection)
+        losses = [train_step(model, step, pg_collection=collection) for step in range(steps)]
         return {"losses": losses, "params": snapshot(model)}
     finally:
         if created_buffer:
@@ -261,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cpu_shims():
             scoped = run_scoped(args.steps)
-        for name, tp in MODELS.items():
+        for name, (tp, pp) in MODELS.items():
             if rank == 0:
-                print(f"{name:7} TP={tp} DP={dist.get_world_size() // tp} losses {scoped[name]['losses']}")
+                dp = dist.get_world_size() // (tp * pp)
+                print(f"{name:7} TP={tp} PP={pp} DP={dp} losses {scoped[name]['losses']}")
         if not args.verify:
             return 0
         failed = 0

@@ -57,11 +57,11 @@ def test_layouts_example_prints_every_state():
 
 @pytest.mark.slow
 def test_megatron_two_models_example_trains_and_verifies_bit_identical():
-    """Two GPTModels (TP=2xDP=2, TP=4) interleaved; --verify finds each identical to vanilla solo and explicit groups."""
+    """Three GPTModels (TP=2xDP=2, TP=4, PP=2xDP=2) interleaved; --verify finds each identical to vanilla solo and explicit groups."""
     pytest.importorskip("megatron.core")
     done = _torchrun("megatron_two_models.py", "--steps", "2", "--verify")
     assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-    for model in ("wide   ", "narrow "):
+    for model in ("wide   ", "narrow ", "deep   "):
         for other in ("solo vanilla Megatron", "explicit pg_collection"):
             line = f"{model} vs {other}: losses identical; final parameters identical"
             assert line in done.stdout, f"--verify did not report {line!r}; output:\n{done.stdout[-3000:]}"

@@ -1,9 +1,10 @@
-"""megatron-core's own GPTModel, unchanged, for two layouts in one process (4 gloo ranks).
+"""megatron-core's own GPTModel, unchanged, for three layouts in one process (4 gloo ranks).
 
-The model code, the CPU shims and the training step are those of
-``examples/megatron_two_models.py`` (its docstring lists the shims: a no-op RNG-tracker
-fork with dropout 0, a CPU memory buffer, CPU initialization, no fusions, an explicit
-causal mask; the same in every run). Also: the per-state RNG tracker and seeds, the
+The model code, the CPU shims and the training step (Megatron's own schedule, 1F1B for the
+pipeline model) are those of ``examples/megatron_two_models.py`` (its docstring lists the
+shims: a no-op RNG-tracker fork with dropout 0, a CPU memory buffer, CPU tensors where
+Megatron asks for CUDA ones, CPU initialization, no fusions, an explicit causal mask; the
+same in every run). Also: the per-state RNG tracker and seeds, the
 per-state setters and virtual pipeline values, and the memory buffer inside a scope.
 """
 
@@ -47,10 +48,13 @@ def rank_gpt_runs(rank, steps):
 
 @pytest.mark.world
 @pytest.mark.slow
-def test_two_gpt_models_interleaved_in_scopes_train_bitwise_like_vanilla_solo_and_explicit_groups(world):
-    """GPTModel TP=2xDP=2 and TP=4, built and trained interleaved in scopes with no group passed,
-    equal bit for bit vanilla Megatron solo and GPTModel(pg_collection=state.process_group_collection())."""
+def test_gpt_models_interleaved_in_scopes_train_bitwise_like_vanilla_solo_and_explicit_groups(world):
+    """GPTModel TP=2xDP=2, TP=4 and PP=2xDP=2 (Megatron's 1F1B schedule, tied embeddings), built and
+    trained interleaved in scopes with no group passed, equal bit for bit vanilla Megatron solo and
+    GPTModel(pg_collection=state.process_group_collection()) with the schedule given the same collection."""
+    want = set(_example().MODELS)
     for rank, report in enumerate(world.run(rank_gpt_runs, 3, timeout=600)):
+        assert set(report) == want, f"rank {rank}: models run {sorted(report)}, expected {sorted(want)}"
         for name, result in report.items():
             assert result["vanilla"] == [], f"rank {rank} {name}: scoped vs vanilla solo: expected no difference, got {result['vanilla']}"
             assert result["explicit"] == [], f"rank {rank} {name}: scoped vs explicit groups: expected no difference, got {result['explicit']}"
