@@ -215,7 +215,12 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         _build.create_groups(self, split)
 
     def destroy(self) -> None:
-        """Release this state's groups (a shared group dies with its last user). Idempotent."""
+        """Release this state's groups (a shared group dies with its last user). Idempotent.
+
+        Local, like torch's ``destroy_process_group``: no rank waits for another. Destroy a
+        state after its ranks have used it (or passed a barrier); a gloo group destroyed right
+        after its creation can close the sockets of a slower peer that is still connecting it.
+        """
         if self._destroyed:
             return
         self._destroyed = True

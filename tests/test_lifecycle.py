@@ -34,6 +34,11 @@ def rank_many_states(rank, count, share):
         s = ParallelState(name=f"s{i}", share_groups=share, timeout=t, **layouts[i % 3])
         with s.activate():
             s.get_data_parallel_group()
+        # Every rank finishes constructing s before any rank destroys it, as in real use (a
+        # state is used before it is destroyed). Destroying is local, as torch's is: a gloo
+        # group destroyed right after creation can close the sockets of a slower peer still
+        # in its connect ("Connection closed by peer"), with torch's own new_group too.
+        dist.barrier()
         s.destroy()
 
     for i in range(20):  # warm up allocator and caches
