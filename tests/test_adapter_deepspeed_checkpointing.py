@@ -5,7 +5,9 @@ with ``partition_activations``: the saved input is split over the model-parallel
 group and gathered back in backward. Unpatched, the last ``configure`` wins and the
 actor gathers its input over the critic's group, mixing in other data-parallel
 ranks' data; with the adapter each model uses its own group, and interleaved steps
-are bit-identical to vanilla DeepSpeed configured for that model alone.
+are bit-identical to vanilla DeepSpeed configured for that model alone. The same holds
+for ``checkpoint`` (``CheckpointFunction``) and for ``non_reentrant_checkpoint``, whose
+saved-tensor hooks read the configuration at backward time, after the call returned.
 """
 
 from __future__ import annotations
@@ -33,28 +35,22 @@ def _input(state: Any, step: int, seed: int) -> torch.Tensor:
     return torch.randn(4, 8, generator=generator).requires_grad_(True)
 
 
-def _step(checkpointing: Any, block: nn.Module, x: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
-    out = checkpointing.checkpoint(block, x)
-    loss = out.pow(2).mean()
-    loss.backward()
-    loss = loss.detach()
-    grads = [p.grad.detach().clone() for p in block.parameters()]
-    with torch.no_grad():
-        for p in block.parameters():
-            p -= 0.1 * p.grad
-            p.grad = None
-    return float(loss), grads
-
-
-def _train(checkpointing: Any, models: dict[str, Any], order: list[str], steps: int) -> dict[str, Any]:
+def _train(checkpointing: Any, models: dict[str, Any], order: list[str], steps: int, how: str) -> dict[str, Any]:
+    """Interleaved steps: the checkpointed forward inside the model's scope, backward after it
+    (where the configuration is read again: the recompute and the gather of the partitions)."""
     results: dict[str, Any] = {name: {"losses": [], "grads": []} for name in order}
     for i in range(steps):
         for name in order:
             state, block, seed = models[name]
             with state.activate():
-                loss, grads = _step(checkpointing, block, _input(state, i, seed))
-            results[name]["losses"].append(loss)
-            results[name]["grads"].append(grads)
+                loss = getattr(checkpointing, how)(block, _input(state, i, seed)).pow(2).mean()
+            loss.backward()
+            results[name]["losses"].append(float(loss.detach()))
+            results[name]["grads"].append([p.grad.detach().clone() for p in block.parameters()])
+            with torch.no_grad():
+                for p in block.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
     return results
 
 
@@ -69,7 +65,7 @@ def _module_globals(checkpointing: Any) -> tuple[Any, ...]:
     return tuple(module[k] for k in ("mpu", "mp_size", "mp_group", "PARTITION_ACTIVATIONS"))
 
 
-def _rank_checkpointing(rank: int, steps: int) -> dict[str, Any]:
+def _rank_checkpointing(rank: int, steps: int, how: str) -> dict[str, Any]:
     import deepspeed
 
     checkpointing = deepspeed.checkpointing
@@ -85,20 +81,24 @@ def _rank_checkpointing(rank: int, steps: int) -> dict[str, Any]:
                 for name in ("actor", "critic"):  # vanilla DeepSpeed, one model at a time
                     checkpointing.configure(mpu_=states[name], partition_activations=True)
                     models = {name: (states[name], _block(seeds[name]), seeds[name])}
-                    alone[name] = _train(checkpointing, models, [name], steps)[name]
+                    alone[name] = _train(checkpointing, models, [name], steps, how)[name]
                 checkpointing.configure(mpu_=actor, partition_activations=True)
                 checkpointing.configure(mpu_=critic, partition_activations=True)  # the last one wins
                 models = {n: (states[n], _block(seeds[n]), seeds[n]) for n in states}
-                unpatched = _train(checkpointing, models, ["actor", "critic"], steps)
-            checkpointing.configure(mpu_=None)  # back to DeepSpeed's defaults
+                unpatched = _train(checkpointing, models, ["actor", "critic"], steps, how)
+            # The process-wide configuration is the critic's (as code outside any scope may
+            # leave it): inside its scope each model must use its own, whenever the
+            # configuration is read (non_reentrant_checkpoint reads it in backward too).
+            checkpointing.configure(mpu_=critic, partition_activations=True)
             before = _module_globals(checkpointing)
             with support.installed():
                 for name, state in states.items():
                     with state.activate():
                         checkpointing.configure(mpu_=state, partition_activations=True)
                 models = {n: (states[n], _block(seeds[n]), seeds[n]) for n in states}
-                patched = _train(checkpointing, models, ["actor", "critic"], steps)
+                patched = _train(checkpointing, models, ["actor", "critic"], steps, how)
                 out["module globals untouched"] = _module_globals(checkpointing) == before
+            checkpointing.configure(mpu_=None)  # back to DeepSpeed's defaults
             for name in states:
                 out[name] = {
                     "unpatched equal": _same(unpatched[name], alone[name]),
@@ -113,9 +113,10 @@ def _rank_checkpointing(rank: int, steps: int) -> dict[str, Any]:
 
 @pytest.mark.world
 @pytest.mark.slow
-def test_partitioned_activation_checkpointing_uses_each_models_own_tp_group(world):
+@pytest.mark.parametrize("how", ["checkpoint", "non_reentrant_checkpoint"])
+def test_partitioned_activation_checkpointing_uses_each_models_own_tp_group(world, how):
     """Actor TP=2 and critic TP=4 checkpointing interleaved match vanilla DeepSpeed alone, bitwise."""
-    for rank, out in enumerate(world.run(_rank_checkpointing, 3, timeout=WORLD_TIMEOUT)):
+    for rank, out in enumerate(world.run(_rank_checkpointing, 3, how, timeout=WORLD_TIMEOUT)):
         assert not out["actor"]["unpatched equal"], (
             f"rank {rank}: unpatched, expected the actor to gather over the critic's TP group and differ "
             "from training alone (the bug), but it matched"

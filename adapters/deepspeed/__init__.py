@@ -33,8 +33,8 @@ with every other ``deepspeed.*`` module binding the same function object (e.g. t
 star re-export in ``deepspeed.utils``). Every change goes through the adapters'
 ledger, and every patched function finds its state with the scope's ``dispatching``.
 
-Not re-pointed: the cloned WORLD group (shared by every model), ``non_reentrant_checkpoint``,
-pipeline ``p2p`` and Domino globals, and the step-time paths themselves: run each engine's
+Not re-pointed: the cloned WORLD group (shared by every model), pipeline ``p2p`` and
+Domino globals, and the step-time paths themselves: run each engine's
 ``forward``/``backward``/``step`` inside its state's scope, because ZeRO-0, BF16 and
 gradient clipping look the data-parallel group up at step time.
 """

@@ -17,14 +17,21 @@ of its forward on the autograd context, so its backward (the recompute and the g
 of partitioned activations) uses the same state wherever ``loss.backward()`` runs,
 autograd threads included. Outside any scope the module behaves as unpatched.
 
-Not re-pointed: ``non_reentrant_checkpoint``, whose saved-tensor hooks read the globals
-at backward time outside any call of ours; it keeps DeepSpeed's process-wide
-configuration.
+``non_reentrant_checkpoint`` cannot be served by a swap: its saved-tensor hooks are
+closures that read the module globals at backward time, after the call has returned.
+Inside a scope it runs as a copy of DeepSpeed's function whose globals are the state's
+namespace (``Namespace``: the state's copy of ``GLOBALS`` and copies of the
+module's functions, every other name read live from the module), so the closures it
+creates, and the module functions they call (the gather of partitioned activations,
+the RNG tracker), read and write that state's values whenever backward runs. The same
+namespace holds what ``configure`` set for the state, so both paths see one
+configuration per state.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 from scoped_parallel._scope import current_state_or_none, dispatching
@@ -71,9 +78,25 @@ CTX_STATE = "_scoped_parallel_state"
 
 
 class _Module:
-    """The checkpointing module (set by :func:`install`)."""
+    """The checkpointing module and its original functions (set by :func:`install`)."""
 
     module: Any = None
+    functions: dict[str, types.FunctionType] = {}
+
+
+class Namespace(dict):  # type: ignore[type-arg]
+    """One state's globals for copies of the checkpointing module's functions.
+
+    It holds the state's values of :data:`GLOBALS` and a copy of each of the module's own
+    functions bound to this namespace; any other name is read from the live module
+    (``__missing__``), so imports and constants need no copy. Code running with these
+    globals writes its ``global`` assignments here, never to the module.
+    """
+
+    __slots__ = ("live",)
+
+    def __missing__(self, name: str) -> Any:
+        return self.live[name]
 
 
 def _defaults(module: Any) -> dict[str, Any]:
@@ -98,12 +121,20 @@ def _defaults(module: Any) -> dict[str, Any]:
     }
 
 
-def values_of(state: Any) -> dict[str, Any]:
-    """The state's copy of the checkpointing globals, created with DeepSpeed's defaults."""
+def values_of(state: Any) -> Namespace:
+    """The state's :class:`Namespace`: its checkpointing globals (DeepSpeed's defaults until
+    configured) and its copies of the module's functions."""
     rec = record_of(state)
     if rec.checkpointing is None:
-        rec.checkpointing = _defaults(_Module.module)
-    return rec.checkpointing
+        namespace = Namespace(_defaults(_Module.module))
+        namespace.live = vars(_Module.module)
+        for name, fn in _Module.functions.items():
+            copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+            copy.__kwdefaults__ = fn.__kwdefaults__
+            copy.__qualname__ = fn.__qualname__
+            namespace[name] = copy
+        rec.checkpointing = namespace
+    return rec.checkpointing  # type: ignore[no-any-return]
 
 
 def _swapped_call(state: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -111,10 +142,27 @@ def _swapped_call(state: Any, fn: Callable[..., Any], args: Any, kwargs: Any) ->
     values = values_of(state)
     final: dict[str, Any] = {}
     try:
-        with Mods.ledger.swapped(OWNER, _Module.module, values) as final:
+        with Mods.ledger.swapped(OWNER, _Module.module, {name: values[name] for name in GLOBALS}) as final:
             return fn(*args, **kwargs)
     finally:
         values.update(final)  # what the call rebound (configure, reset, ...) stays with the state
+
+
+def _own_functions(module: Any) -> dict[str, types.FunctionType]:
+    """The module's own plain functions (defined there, reading its globals), by name."""
+    namespace = vars(module)
+    return {
+        name: obj
+        for name, obj in namespace.items()
+        if type(obj) is types.FunctionType and obj.__globals__ is namespace
+    }
+
+
+def _non_reentrant(original: Callable[..., Any]) -> Callable[..., Any]:
+    def inside(state: Any, *args: Any, **kwargs: Any) -> Any:
+        return values_of(state)["non_reentrant_checkpoint"](*args, **kwargs)
+
+    return dispatching(original, inside, f"{_Module.module.__name__}.non_reentrant_checkpoint")
 
 
 def _in_state(original: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -161,7 +209,10 @@ def install(ledger: Any) -> None:
     function_class = require(OWNER, module, "CheckpointFunction")
     forward = require(OWNER, function_class, "forward")
     backward = require(OWNER, function_class, "backward")
+    non_reentrant = require(OWNER, module, "non_reentrant_checkpoint")
+    _Module.functions = _own_functions(module)  # before any is replaced: the originals
     replacements = {name: _in_state(require(OWNER, module, name), name) for name in FUNCTIONS}
+    replacements["non_reentrant_checkpoint"] = _non_reentrant(non_reentrant)
     ledger.patch_everywhere(OWNER, module, replacements, "deepspeed")
     ledger.patch(OWNER, function_class, "forward", _forward(forward))
     ledger.patch(OWNER, function_class, "backward", _backward(backward))
