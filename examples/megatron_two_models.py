@@ -3,14 +3,16 @@ pipeline stages, in one process world.
 
     torchrun --standalone --nproc-per-node 4 examples/megatron_two_models.py --verify
 
-Model "wide" runs TP=2 x DP=2, model "narrow" TP=4, model "deep" PP=2 x DP=2 (one
-layer per stage, word embeddings tied between the first and the last stage); each is
-megatron-core's own ``GPTModel`` (local layer spec, 2 layers) built inside its state's
-scope with no group passed anywhere. The training step is legacy Megatron-style code:
-Megatron's own schedule from ``get_forward_backward_func()`` (1F1B across the stages
-for "deep", two micro-batches), then gradients summed over
-``parallel_state.get_data_parallel_group()`` and, for the tied embeddings, over
-``get_embedding_group()``. The three models are trained interleaved, one step each.
+Model "wide" runs TP=2 x DP=2, model "narrow" TP=4, model "deep" PP=2 x DP=2 with two
+virtual pipeline stages per stage (4 layers, one per model chunk; word embeddings tied
+between the first and the last stage); each is megatron-core's own ``GPTModel`` (local
+layer spec; "deep" is one ``GPTModel`` per chunk, ``vp_stage=0, 1``) built inside its
+state's scope with no group passed anywhere. Legacy Megatron-style code throughout: the
+virtual pipeline size is set with ``parallel_state.set_virtual_pipeline_model_parallel_world_size``
+inside the scope (it stays that state's), and the training step is Megatron's own
+schedule from ``get_forward_backward_func()`` (the interleaved 1F1B schedule for "deep",
+four micro-batches), then gradients summed over ``parallel_state.get_data_parallel_group()``
+and, for the tied embeddings, over ``get_embedding_group()``. The three models are trained interleaved, one step each.
 ``--verify`` then trains each model alone under vanilla Megatron
 (``initialize_model_parallel`` with its sizes, no adapter) and once more with explicit
 groups (``GPTModel(..., pg_collection=state.process_group_collection())`` and the same
@@ -49,7 +51,9 @@ if ROOT not in sys.path:
 #: name -> (tensor parallel size, pipeline parallel size); 4 ranks, so "wide" and
 #: "deep" have data parallel size 2
 MODELS = {"wide": (2, 1), "narrow": (4, 1), "deep": (1, 2)}
-VOCAB, SEQ, BATCH, MICROBATCHES, LR = 64, 8, 2, 2, 0.1
+#: name -> virtual pipeline stages per pipeline stage (model chunks per rank), where > 1
+VIRTUAL = {"deep": 2}
+VOCAB, SEQ, BATCH, MICROBATCHES, LR = 64, 8, 2, 4, 0.1
 
 
 def _quiet_import() -> Any:
@@ -104,20 +108,22 @@ def cpu_shims() -> Any:
         CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor, torch.cuda.current_device = saved  # type: ignore[method-assign]
 
 
-def build_gpt(tp: int, pp: int = 1, pg_collection: Any = None) -> Any:
-    """A tiny GPTModel (local spec, 2 layers over ``pp`` stages), weights from a fixed seed;
-    groups from the scope (or Megatron's globals) unless ``pg_collection`` is given."""
+def build_gpt(tp: int, pp: int = 1, vpp: int = 1, pg_collection: Any = None) -> list[Any]:
+    """A tiny GPTModel (local spec, 2 layers per virtual stage over ``pp`` stages) as this
+    rank's model chunks (one per virtual stage), weights from a fixed seed; groups from the
+    scope (or Megatron's globals) unless ``pg_collection`` is given."""
     ps = _quiet_import()
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=2,
+        num_layers=2 * vpp,
         hidden_size=32,
         num_attention_heads=4,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         pipeline_dtype=torch.float32,
         batch_p2p_sync=False,  # batched send/receive without torch.cuda.synchronize()
         use_cpu_initialization=True,
@@ -134,23 +140,30 @@ def build_gpt(tp: int, pp: int = 1, pg_collection: Any = None) -> Any:
         cross_entropy_loss_fusion=True,
         cross_entropy_fusion_impl="native",
     )
-    if pg_collection is None:
-        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        kwargs = {}
-    else:
-        stage, stages = dist.get_rank(pg_collection.pp), dist.get_world_size(pg_collection.pp)
-        first, last = stage == 0, stage == stages - 1
-        kwargs = {explicit_keyword(): pg_collection}
     torch.manual_seed(1234)
-    return GPTModel(
-        config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=first,
-        post_process=last,
-        **kwargs,
-    )
+    chunks = []
+    for chunk in range(vpp):
+        vp_stage = chunk if vpp > 1 else None
+        if pg_collection is None:
+            first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            kwargs = {}
+        else:
+            stage, stages = dist.get_rank(pg_collection.pp), dist.get_world_size(pg_collection.pp)
+            first, last = stage == 0 and chunk == 0, stage == stages - 1 and chunk == vpp - 1
+            kwargs = {explicit_keyword(): pg_collection}
+        if vp_stage is not None:
+            kwargs["vp_stage"] = vp_stage
+        chunks.append(GPTModel(
+            config,
+            transformer_layer_spec=get_gpt_layer_local_spec(),
+            vocab_size=VOCAB,
+            max_sequence_length=SEQ,
+            pre_process=first,
+            post_process=last,
+            **kwargs,
+        ))
+    return chunks
 
 
 def explicit_keyword() -> str | None:
@@ -186,12 +199,13 @@ def _forward_step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
 
     def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = per_token.float().mean()
-        return loss, {"loss": loss.detach()}
+        # a copy: Megatron's schedule divides the returned loss by the micro-batch count in place
+        return loss, {"loss": loss.detach().clone()}
 
     return output, loss_func
 
 
-def train_step(model: Any, step: int, pg_collection: Any = None) -> float:
+def train_step(chunks: list[Any], step: int, pg_collection: Any = None) -> float:
     """One SGD step through Megatron's schedule; returns the loss averaged over micro-batches
     and data parallel ranks (on every rank).
 
@@ -212,15 +226,18 @@ def train_step(model: Any, step: int, pg_collection: Any = None) -> float:
 
         dp, pp = pg_collection.dp, pg_collection.pp
         embedding = getattr(pg_collection, "embd", None)  # None off the embedding stages
-        schedule = get_forward_backward_func(pp_size=dist.get_world_size(pp))
-        explicit = {"pg_collection": pg_collection, "p2p_communicator": P2PCommunicator(pp_group=pp, config=model.config)}
+        vpp = len(chunks) if len(chunks) > 1 else None
+        schedule = get_forward_backward_func(pp_size=dist.get_world_size(pp), vp_size=vpp)
+        communicator = P2PCommunicator(pp_group=pp, config=chunks[0].config)
+        explicit = {"pg_collection": pg_collection, "p2p_communicator": communicator}
     dp_rank, dp_size = dist.get_rank(dp), dist.get_world_size(dp)
-    micro = iter([batch(MICROBATCHES * step + m, dp_rank) for m in range(MICROBATCHES)])
-    model.zero_grad(set_to_none=True)
+    micro = [batch(MICROBATCHES * step + m, dp_rank) for m in range(MICROBATCHES)]
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
     results = schedule(
         forward_step_func=_forward_step,
-        data_iterator=micro,
-        model=[model],
+        data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
+        model=chunks,
         num_microbatches=MICROBATCHES,
         seq_length=SEQ,
         micro_batch_size=BATCH,
@@ -228,10 +245,11 @@ def train_step(model: Any, step: int, pg_collection: Any = None) -> float:
     )
     with torch.no_grad():
         if embedding is not None and dist.get_world_size(pp) > 1:
-            # the first stage's word embedding and the last stage's output layer are one weight
-            shared = model.shared_embedding_or_output_weight()
-            dist.all_reduce(shared.grad, group=embedding)
-        for param in model.parameters():
+            # the first chunk's word embedding and the last chunk's output layer are one weight
+            for chunk in chunks:
+                if chunk.pre_process or chunk.post_process:
+                    dist.all_reduce(chunk.shared_embedding_or_output_weight().grad, group=embedding)
+        for param in (p for chunk in chunks for p in chunk.parameters()):
             if param.grad is not None:
                 dist.all_reduce(param.grad, group=dp)
                 param.sub_(LR * param.grad / dp_size)
@@ -242,14 +260,16 @@ def train_step(model: Any, step: int, pg_collection: Any = None) -> float:
     return float(reported / dp_size)
 
 
-def snapshot(model: Any) -> dict[str, torch.Tensor]:
-    """This rank's parameter shards, detached copies."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+def snapshot(chunks: list[Any]) -> dict[str, torch.Tensor]:
+    """This rank's parameter shards, detached copies, named by chunk."""
+    return {f"{i}.{name}": p.detach().clone() for i, chunk in enumerate(chunks) for name, p in chunk.named_parameters()}
 
 
 def run_scoped(steps: int) -> dict[str, Any]:
-    """Both models in one process world, interleaved, each in its own scope, no group passed."""
+    """The models in one process world, interleaved, each in its own scope, no group passed."""
     from scoped_parallel import ParallelState, adapters
+
+    ps = _quiet_import()
 
     states = {
         name: ParallelState(name=name, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -261,7 +281,9 @@ def run_scoped(steps: int) -> dict[str, Any]:
             models = {}
             for name, (tp, pp) in MODELS.items():
                 with states[name].activate():
-                    models[name] = build_gpt(tp, pp)
+                    if name in VIRTUAL:  # as initialize_model_parallel(virtual_pipeline_model_parallel_size=...)
+                        ps.set_virtual_pipeline_model_parallel_world_size(VIRTUAL[name])
+                    models[name] = build_gpt(tp, pp, VIRTUAL.get(name, 1))
             for step in range(steps):
                 for name, model in models.items():
                     with states[name].activate():
@@ -279,10 +301,11 @@ def run_vanilla(name: str, steps: int) -> dict[str, Any]:
     ps = _quiet_import()
     tp, pp = MODELS[name]
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=VIRTUAL.get(name), create_gloo_process_groups=False,
     )
     try:
-        model = build_gpt(tp, pp)
+        model = build_gpt(tp, pp, VIRTUAL.get(name, 1))
         losses = [train_step(model, step) for step in range(steps)]
         return {"losses": losses, "params": snapshot(model)}
     finally:
@@ -310,7 +333,7 @@ def run_explicit(name: str, steps: int) -> dict[str, Any] | None:
         if getattr(ps, "_GLOBAL_MEMORY_BUFFER", None) is None:
             ps._set_global_memory_buffer()
             created_buffer = True
-        model = build_gpt(tp, pp, pg_collection=collection)
+        model = build_gpt(tp, pp, VIRTUAL.get(name, 1), pg_collection=collection)
         losses = [train_step(model, step, pg_collection=collection) for step in range(steps)]
         return {"losses": losses, "params": snapshot(model)}
     finally:
@@ -348,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (tp, pp) in MODELS.items():
             if rank == 0:
                 dp = dist.get_world_size() // (tp * pp)
-                print(f"{name:7} TP={tp} PP={pp} DP={dp} losses {scoped[name]['losses']}")
+                virtual = f" VPP={VIRTUAL[name]}" if name in VIRTUAL else ""
+                print(f"{name:7} TP={tp} PP={pp}{virtual} DP={dp} losses {scoped[name]['losses']}")
         if not args.verify:
             return 0
         failed = 0

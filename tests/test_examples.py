@@ -57,7 +57,7 @@ def test_layouts_example_prints_every_state():
 
 @pytest.mark.slow
 def test_megatron_two_models_example_trains_and_verifies_bit_identical():
-    """Three GPTModels (TP=2xDP=2, TP=4, PP=2xDP=2) interleaved; --verify finds each identical to vanilla solo and explicit groups."""
+    """Three GPTModels (TP=2xDP=2, TP=4, PP=2xVPP=2xDP=2) interleaved; --verify finds each identical to vanilla solo and explicit groups."""
     pytest.importorskip("megatron.core")
     done = _torchrun("megatron_two_models.py", "--steps", "2", "--verify")
     assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"

@@ -1,7 +1,7 @@
 """megatron-core's own GPTModel, unchanged, for three layouts in one process (4 gloo ranks).
 
-The model code, the CPU shims and the training step (Megatron's own schedule, 1F1B for the
-pipeline model) are those of ``examples/megatron_two_models.py`` (its docstring lists the
+The model code, the CPU shims and the training step (Megatron's own schedule, interleaved
+1F1B for the pipeline model with two virtual stages per stage) are those of ``examples/megatron_two_models.py`` (its docstring lists the
 shims: a no-op RNG-tracker fork with dropout 0, a CPU memory buffer, CPU tensors where
 Megatron asks for CUDA ones, CPU initialization, no fusions, an explicit causal mask; the
 same in every run). Also: the per-state RNG tracker and seeds, the
@@ -49,7 +49,7 @@ def rank_gpt_runs(rank, steps):
 @pytest.mark.world
 @pytest.mark.slow
 def test_gpt_models_interleaved_in_scopes_train_bitwise_like_vanilla_solo_and_explicit_groups(world):
-    """GPTModel TP=2xDP=2, TP=4 and PP=2xDP=2 (Megatron's 1F1B schedule, tied embeddings), built and
+    """GPTModel TP=2xDP=2, TP=4 and PP=2xVPP=2xDP=2 (Megatron's interleaved 1F1B schedule, tied embeddings), built and
     trained interleaved in scopes with no group passed, equal bit for bit vanilla Megatron solo and
     GPTModel(pg_collection=state.process_group_collection()) with the schedule given the same collection."""
     want = set(_example().MODELS)
