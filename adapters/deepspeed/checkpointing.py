@@ -25,7 +25,9 @@ module's functions, every other name read live from the module), so the closures
 creates, and the module functions they call (the gather of partitioned activations,
 the RNG tracker), read and write that state's values whenever backward runs. The same
 namespace holds what ``configure`` set for the state, so both paths see one
-configuration per state.
+configuration per state. The other functions keep the swap rather than running as
+namespace copies: some are decorated in DeepSpeed (``checkpoint`` is wrapped by
+``compiler.lazy_disable``), and a copy of the inner function would drop the decorator.
 """
 
 from __future__ import annotations
