@@ -15,7 +15,7 @@ lazily and skipped when the target is not installed:
 
 Every change to another library goes through one :class:`~._ledger.Ledger`
 (``_ledger.py``), and every patched function finds its state with the scope's
-``dispatching``/``resolve`` (``scoped_parallel._scope``).
+``dispatching``/``resolve`` (``scoped_parallel.scope``).
 
 Usage::
 
@@ -31,7 +31,7 @@ import importlib
 import importlib.util
 from typing import Iterator
 
-from scoped_parallel.adapters._common import is_strict, set_strict
+from scoped_parallel.dispatch import is_strict, set_strict
 from scoped_parallel.adapters._ledger import LEDGER
 from scoped_parallel.errors import AdapterError
 

@@ -9,12 +9,12 @@ objects by identity):
 * **The engine's entry point** ``torch.autograd.graph._engine_run_backward`` (and its
   copy in ``torch.autograd``), which ``Tensor.backward``, ``torch.autograd.backward``
   and ``torch.autograd.grad`` all call (and so DeepSpeed's ``engine.backward``), is
-  wrapped with :func:`scoped_parallel._scope.carrying_backward`: a backward called
+  wrapped with :func:`scoped_parallel.scope.carrying_backward`: a backward called
   inside state A's scope records A in the process-wide picture while it runs (one
   entry per call, nothing per hook), and a thread with no scope of its own resolves
   to A meanwhile. Backwards of two different states at once stay ambiguous.
 * **Hook registration** (:data:`REGISTRARS`): a hook registered inside a scope runs in
-  that scope wherever it runs (:func:`scoped_parallel._scope.hook_in_scope`). This is
+  that scope wherever it runs (:func:`scoped_parallel.scope.hook_in_scope`). This is
   what the backward record alone gets wrong: one backward that reaches two models'
   hooks (a summed actor + critic loss, a reward computed through another model),
   and two concurrent backwards of different states, where each ZeRO hook still
@@ -24,7 +24,7 @@ objects by identity):
 Why an adapter and not the core: both patch torch objects process-wide, which the
 core never does on import; the ledger makes them reversible and detects conflicts,
 and ``install()`` is where a user opts in. The core keeps the rule
-(:mod:`scoped_parallel._scope`, standard library only) and never imports torch for it.
+(:mod:`scoped_parallel.scope`, standard library only) and never imports torch for it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from scoped_parallel._scope import carrying_backward, hook_in_scope
+from scoped_parallel.scope import carrying_backward, hook_in_scope
 from scoped_parallel.adapters._ledger import require
 
 __all__ = ["REGISTRARS", "install"]

@@ -1,7 +1,7 @@
 """Re-point ``megatron.core.parallel_state`` (and Megatron's RNG tracker) at the active scope.
 
-Inside ``with state.activate():`` each getter listed in :data:`GETTERS` answers
-from the state (same name, same meaning, Megatron's answer for the same
+Inside ``with state.activate():`` each getter of the getter table's ``megatron``
+family (:mod:`scoped_parallel.getters.table`) answers from the state (same name, same meaning, Megatron's answer for the same
 configuration, checked against megatron-core by ``tests/test_megatron_oracle.py``);
 outside any scope it is Megatron's own function, unchanged (or raises, with
 ``install(strict=True)``). So ``ProcessGroupCollection.use_mpu_process_groups()`` and
@@ -20,9 +20,26 @@ parallel, the separate all-gather group) answer as Megatron does when the state 
 built without the option (``None``, or the dp-cp group as the partial group with one
 instance) and are real groups when it was built with it. The per-process side state
 (``set_*`` overrides, virtual pipeline rank/size, the CUDA RNG tracker, the global
-memory buffer) is per state: :mod:`scoped_parallel.adapters._megatron_side`.
+memory buffer) is per state:
 
-Still not per state (:data:`UNSUPPORTED`, an error inside a scope):
+* the ``set_*_world_size`` / ``set_*_rank`` setters and
+  ``set_virtual_pipeline_model_parallel_rank/world_size`` write the active state's
+  override (``state.set_override``), never Megatron's globals; the getters answer it
+  first, as Megatron reads its ``_MPU_*`` globals, so interleaved virtual-pipeline code
+  keeps one value per model;
+* ``tensor_parallel.get_cuda_rng_tracker()`` returns the state's own tracker (built
+  by Megatron's ``initialize_rng_tracker``, so the tracker class is Megatron's choice),
+  and ``model_parallel_cuda_manual_seed(seed)`` seeds that tracker from the state's
+  TP/EP/expert-TP ranks. Megatron's functions run unchanged with the module's two
+  tracker globals bound to the state's for the call (one lock; threads reading those
+  globals outside any scope meanwhile see the state's tracker);
+* ``get_global_memory_buffer()`` returns one ``GlobalMemoryBuffer`` shared by every
+  state of the process (scratch space: a buffer is reused only within one call, and
+  models in one thread run one at a time), separate from Megatron's own, which code
+  outside any scope keeps using. ``destroy_global_memory_buffer()`` inside a scope
+  drops the shared one.
+
+Still not per state (rows with ``supported=False``, an error inside a scope):
 ``get_global_symmetric_memory_buffer`` (a CUDA symmetric-memory allocation over the
 TP group, built by Megatron only for its NVLS inference path; there is nothing to
 build it on CPU and no per-state version of the allocation).
@@ -30,79 +47,27 @@ build it on CPU and no per-state version of the allocation).
 
 from __future__ import annotations
 
+import inspect
+import threading
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from scoped_parallel._scope import dispatching
 from scoped_parallel.adapters._ledger import require
-from scoped_parallel.errors import GroupNotAvailableError
+from scoped_parallel.dispatch import dispatching
+from scoped_parallel.errors import GroupNotAvailableError, describe_state
+from scoped_parallel.getters.table import SETTERS, family
 
-__all__ = ["GETTERS", "NEWER_GETTERS", "UNSUPPORTED", "install", "uninstall"]
+__all__ = ["GETTERS", "NEWER_GETTERS", "RNG_FUNCTIONS", "SETTERS", "UNSUPPORTED", "install", "uninstall"]
 
 OWNER = "megatron"
 
-#: Megatron getters answered by the active state (megatron-core 0.16). The side-state
-#: getters (overrides, virtual pipeline, stages) are in ``_megatron_side``.
-GETTERS: tuple[str, ...] = (
-    "get_all_ranks",
-    "get_amax_reduction_group",
-    "get_context_parallel_global_ranks",
-    "get_context_parallel_group",
-    "get_context_parallel_rank",
-    "get_context_parallel_world_size",
-    "get_data_modulo_expert_parallel_group",
-    "get_data_parallel_group",
-    "get_data_parallel_group_gloo",
-    "get_data_parallel_src_rank",
-    "get_data_parallel_world_size",
-    "get_embedding_group",
-    "get_expert_data_parallel_group",
-    "get_expert_data_parallel_group_gloo",
-    "get_expert_data_parallel_rank",
-    "get_expert_data_parallel_world_size",
-    "get_expert_model_parallel_group",
-    "get_expert_model_parallel_src_rank",
-    "get_expert_tensor_and_model_parallel_group",
-    "get_expert_tensor_and_model_parallel_rank",
-    "get_expert_tensor_and_model_parallel_world_size",
-    "get_expert_tensor_model_pipeline_parallel_group",
-    "get_expert_tensor_parallel_group",
-    "get_hierarchical_context_parallel_groups",
-    "get_hybrid_data_context_parallel_groups",
-    "get_inter_distributed_optimizer_instance_group",
-    "get_intra_distributed_optimizer_instance_group",
-    "get_model_parallel_group",
-    "get_model_parallel_src_rank",
-    "get_pipeline_model_parallel_first_rank",
-    "get_pipeline_model_parallel_group",
-    "get_pipeline_model_parallel_last_rank",
-    "get_pipeline_model_parallel_next_rank",
-    "get_pipeline_model_parallel_prev_rank",
-    "get_position_embedding_group",
-    "get_tensor_and_context_parallel_group",
-    "get_tensor_and_context_parallel_rank",
-    "get_tensor_and_context_parallel_world_size",
-    "get_tensor_and_data_parallel_group",
-    "get_tensor_model_parallel_group",
-    "get_tensor_model_parallel_src_rank",
-    "has_separate_all_gather_group",
-    "is_initialized",
-    "is_rank_in_position_embedding_group",
-    "model_parallel_is_initialized",
-)
-
-#: Names of :data:`GETTERS` / :data:`UNSUPPORTED` that older megatron-core minors lack
-#: (0.13/0.14; patched where present).
-NEWER_GETTERS: frozenset[str] = frozenset(
-    {
-        "get_hybrid_data_context_parallel_groups",
-        "has_separate_all_gather_group",
-        "get_global_symmetric_memory_buffer",
-        "get_expert_model_parallel_src_rank",
-    }
-)
-
-#: Megatron functions with no per-state answer: an error inside a scope.
-UNSUPPORTED: tuple[str, ...] = ("get_global_symmetric_memory_buffer",)
+#: ``megatron.core.parallel_state`` getters answered by the active state (the table's rows).
+GETTERS: tuple[str, ...] = tuple(n for n, row in family("megatron").items() if row.supported)
+#: Names with no per-state answer: an error inside a scope.
+UNSUPPORTED: tuple[str, ...] = tuple(n for n, row in family("megatron").items() if not row.supported)
+#: Names that older supported megatron-core minors lack (patched where present).
+NEWER_GETTERS: frozenset[str] = frozenset(n for n, row in family("megatron").items() if row.newer)
 
 
 def _inside(name: str, supported: bool, params: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -123,34 +88,117 @@ def _inside(name: str, supported: bool, params: tuple[str, ...] = ()) -> Callabl
 
     def refuse(state: Any, *args: Any, **kwargs: Any) -> Any:
         raise GroupNotAvailableError(
-            f"megatron.core.parallel_state.{name}() inside the scope of {state!r}: scoped_parallel "
-            "has no per-state version of it (see scoped_parallel.adapters.megatron), and Megatron's "
-            "global one belongs to another layout; call it outside any scope if the global layout "
-            "is meant."
+            f"megatron.core.parallel_state.{name}() inside the scope of {describe_state(state)}: "
+            "scoped_parallel has no per-state version of it (see scoped_parallel.adapters.megatron), "
+            "and Megatron's global one belongs to another layout; call it outside any scope if the "
+            "global layout is meant."
         )
 
     return refuse
 
 
-def install(ledger: Any) -> None:
-    """Patch :data:`GETTERS`, :data:`UNSUPPORTED` and the side state, and their copies in ``megatron.*``."""
-    import inspect
-    import warnings
+def _setter(key: str) -> Callable[..., Any]:
+    def write(state: Any, value: Any) -> None:
+        state.set_override(key, value)
 
+    return write
+
+
+# ---------------------------------------------------------------------- the shared memory buffer
+
+
+class _Buffer:
+    """The memory buffer every state shares (see module docstring)."""
+
+    lock = threading.Lock()
+    buffer: Any = None
+
+
+def _shared_buffer(factory: Callable[[], Any]) -> Any:
+    with _Buffer.lock:
+        if _Buffer.buffer is None:
+            _Buffer.buffer = factory()
+        return _Buffer.buffer
+
+
+def _drop_buffer(*_: Any) -> None:
+    with _Buffer.lock:
+        _Buffer.buffer = None
+
+
+def uninstall() -> None:
+    """Drop what the adapter holds besides its patches (the shared memory buffer)."""
+    _drop_buffer()
+
+
+# ---------------------------------------------------------------------- RNG tracker
+
+
+@dataclass
+class RngRecord:
+    """One state's CUDA RNG tracker (its ``adapter_record("megatron", RngRecord)``)."""
+
+    state: Any = None
+    tracker: Any = None
+    initialized: bool = False
+
+
+class _Swap:
+    """Which state's tracker the current thread has bound Megatron's globals to."""
+
+    local = threading.local()
+
+
+_RNG_GLOBALS = ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+RNG_FUNCTIONS = ("get_cuda_rng_tracker", "initialize_rng_tracker", "model_parallel_cuda_manual_seed", "get_all_rng_states")
+
+
+def _rng_replacements(ledger: Any, random: Any) -> dict[str, Callable[..., Any]]:
+    """``tensor_parallel.random``'s tracker functions, run on the active state's tracker."""
+
+    def on_state_tracker(original: Callable[..., Any]) -> Callable[..., Any]:
+        def inside(state: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(_Swap.local, "state", None) is state:  # nested call: globals already bound
+                return original(*args, **kwargs)
+            rec = state.adapter_record(OWNER, RngRecord)
+            values = dict(zip(_RNG_GLOBALS, (rec.tracker, rec.initialized)))
+            previous = getattr(_Swap.local, "state", None)
+            with ledger.swapped(OWNER, random, values) as final:
+                _Swap.local.state = state
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    _Swap.local.state = previous
+            rec.tracker, rec.initialized = (final[n] for n in _RNG_GLOBALS)
+            return result
+
+        return inside
+
+    out = {}
+    for name in RNG_FUNCTIONS:
+        original = require(OWNER, random, name)
+        out[name] = dispatching(original, on_state_tracker(original), f"megatron.core.tensor_parallel.random.{name}()")
+    return out
+
+
+# ---------------------------------------------------------------------- install
+
+
+def install(ledger: Any) -> None:
+    """Patch the table's getters, the setters, the buffer and the RNG tracker, and their copies in ``megatron.*``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about Apex/TE on CPU
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel  # noqa: F401  (loads the RNG tracker module)
-
-    from scoped_parallel.adapters import _megatron_side
+        from megatron.core.tensor_parallel import random
+        from megatron.core.utils import GlobalMemoryBuffer
 
     replacements = {}
     for name in GETTERS + UNSUPPORTED:
         if name in NEWER_GETTERS and not hasattr(ps, name):
             continue
         original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
-        # A state's answers never change while it lives, so argument-free calls of the
-        # supported getters are memoized per state (the state forgets them on destroy()).
+        # A state's answers change only through its overrides, which forget the memo, so
+        # argument-free calls of the supported getters are memoized per state.
         # exact=True: each replacement is compiled with the getter's own parameters (no
         # argument packing; introspection shows Megatron's signature).
         params = tuple(inspect.signature(original).parameters)
@@ -158,12 +206,12 @@ def install(ledger: Any) -> None:
             original, _inside(name, name in GETTERS, params), f"megatron.core.parallel_state.{name}()",
             memoize=name in GETTERS, exact=True,
         )
+    side: dict[str, Callable[..., Any]] = {name: _setter(key) for name, key in SETTERS.items()}
+    side["get_global_memory_buffer"] = lambda state: _shared_buffer(GlobalMemoryBuffer)
+    side["destroy_global_memory_buffer"] = _drop_buffer
+    for name, fn in side.items():
+        replacements[name] = dispatching(require(OWNER, ps, name), fn, f"megatron.core.parallel_state.{name}()")
+    for name in _RNG_GLOBALS:
+        require(OWNER, random, name)
     ledger.patch_everywhere(OWNER, ps, replacements, package="megatron")
-    _megatron_side.install(ledger, ps)
-
-
-def uninstall() -> None:
-    """Drop what the adapter holds besides its patches (the shared memory buffer)."""
-    from scoped_parallel.adapters import _megatron_side
-
-    _megatron_side.uninstall()
+    ledger.patch_everywhere(OWNER, random, _rng_replacements(ledger, random), package="megatron")

@@ -34,14 +34,14 @@ DeepSpeed-agnostic.
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 import weakref
 from typing import Any, Callable
 
-from scoped_parallel._scope import resolve
+from scoped_parallel.dispatch import resolve
 from scoped_parallel.adapters._ledger import Ledger
-from scoped_parallel.adapters._ulysses_build import build_instance, check_core, model_config
-from scoped_parallel.errors import AdapterError, LayoutError, ScopedParallelError
+from scoped_parallel.errors import AdapterError, DistributedNotInitializedError, LayoutError, ScopedParallelError
 
 __all__ = ["install", "uninstall", "instance_for"]
 
@@ -68,16 +68,32 @@ class _Installed:
 
     ledger: Ledger | None = None
     register: Any = None
+    generation = 0  # counts uninstalls: per-state records of an earlier install are stale
 
 
 class _StateRecord:
-    """What one state registered: instances by build key, and the scope default per core."""
+    """What one state registered: instances by build key, and the scope default per core.
 
-    __slots__ = ("instances", "default")
+    Kept in ``state.adapter_record("ulysses", ...)``; ``generation`` is the install it
+    belongs to (an uninstall makes every record stale: its registrations are gone).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("instances", "default", "generation")
+
+    def __init__(self, state: Any = None) -> None:
         self.instances: dict[tuple[Any, ...], Any] = {}
         self.default: dict[str, Any] = {}  # core -> instance, or None for SP size 1
+        self.generation = _Installed.generation
+
+
+def _record(state: Any) -> _StateRecord:
+    """The state's record of the current install (a stale one starts over)."""
+    record: _StateRecord = state.adapter_record(OWNER, _StateRecord)
+    if record.generation != _Installed.generation:
+        record.instances.clear()
+        record.default.clear()
+        record.generation = _Installed.generation
+    return record
 
 
 class _Binding:
@@ -115,7 +131,6 @@ class _Dispatch:
         self.wrapper = wrapper
 
 
-_STATES: weakref.WeakKeyDictionary[Any, _StateRecord] = weakref.WeakKeyDictionary()
 _MODULES: weakref.WeakKeyDictionary[Any, _Binding] = weakref.WeakKeyDictionary()
 # Configs define __eq__ (so they are unhashable): keyed by id, checked by a weak reference.
 _CONFIGS: dict[int, tuple[weakref.ref[Any], _Binding]] = {}
@@ -162,7 +177,7 @@ def uninstall() -> None:
 def _reset() -> None:
     with _LOCK:
         _DISPATCH.clear()
-        _STATES.clear()
+        _Installed.generation += 1
         _MODULES.clear()
         _CONFIGS.clear()
         _Installed.ledger = _Installed.register = None
@@ -195,8 +210,7 @@ def _resolve(core: str, module: Any) -> Any:
     state = resolve(f"the {core!r} attention dispatcher (a model not registered with Ulysses)")
     if state is None:
         return None
-    record = _STATES.get(state)
-    return None if record is None else record.default.get(core)
+    return _record(state).default.get(core)
 
 
 def instance_for(module: Any, core: str = "sdpa") -> Any:
@@ -334,9 +348,7 @@ def _register(
 
     with _LOCK:
         original = _core_function(core)
-        record = _STATES.get(state)
-        if record is None:
-            record = _STATES[state] = _StateRecord()
+        record = _record(state)
         instance = None
         if sp_size > 1:
             instance = build_instance(
@@ -348,3 +360,105 @@ def _register(
         if is_model:
             _bind(model_name_or_path, config, _Binding(state, core, instance))
     return state
+
+
+# ---------------------------------------------------------------------- building an instance
+
+
+# Attention implementations DeepSpeed refuses: they need a full 4D mask.
+_UNSUPPORTED = ("eager", "paged|eager")
+# "org/name", optionally "@revision" and ":function": a hub kernel name.
+_HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+
+def model_config(model_name_or_path: Any, core: str) -> tuple[Any, bool]:
+    """The model's config and whether a model (not a name or path) was given."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    is_model = hasattr(model_name_or_path, "config") or isinstance(model_name_or_path, PreTrainedModel)
+    if not is_model:
+        return AutoConfig.from_pretrained(model_name_or_path), False
+    config = model_name_or_path.config
+    # Only a loaded model's config holds the implementation resolved at load time.
+    resolved = getattr(config, "_attn_implementation", None)
+    if resolved is not None and resolved != core:
+        raise ValueError(
+            f"register_with_transformers: core_attn_implementation={core!r} but the model was "
+            f"loaded with attn_implementation={resolved!r}; use the same value for both so the "
+            "sequence-parallel dispatcher sits on the attention path the model calls."
+        )
+    return config, True
+
+
+def check_core(core: str) -> None:
+    """Refuse a core attention implementation Ulysses cannot wrap, or one that is not registered."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if core in _UNSUPPORTED:
+        raise ValueError(
+            f"register_with_transformers: {core!r} attention needs a 4D attention mask (O(n^2) "
+            "memory), which Ulysses sequence parallelism cannot use; choose 'sdpa', "
+            "'flex_attention', a flash attention variant or a hub kernel."
+        )
+    if isinstance(core, str) and _HUB_KERNEL.search(core) is not None:
+        from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+        lazy_import_flash_attention(core)  # hub kernels register themselves lazily
+    if core not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"register_with_transformers: {core!r} is not a registered attention implementation; "
+            f"valid ones: {ALL_ATTENTION_FUNCTIONS.valid_keys()}"
+        )
+
+
+def build_instance(
+    cls: Any,
+    instances: dict[tuple[Any, ...], Any],
+    state: Any,
+    core: str,
+    original: Callable[..., Any],
+    model_config: Any,
+    micro_batch_size: int,
+    seq_length: int | None,
+    seq_length_is_variable: bool,
+    disable_in_eval: bool,
+) -> Any:
+    """The state's instance for this model shape, from ``instances`` or built (and kept there)."""
+    import deepspeed.comm
+
+    arch = model_config.get_text_config()
+    heads = arch.num_attention_heads
+    head_size = getattr(arch, "head_dim", None) or arch.hidden_size // heads
+    sp_size = state.get_sequence_parallel_world_size()
+    local = glob = None
+    if not seq_length_is_variable:
+        local, glob = seq_length // sp_size, seq_length
+    key = (
+        cls, core, heads, head_size, arch.num_key_value_heads, arch.num_hidden_layers,
+        micro_batch_size, seq_length_is_variable, local, glob, disable_in_eval,
+    )  # fmt: skip
+    instance = instances.get(key)
+    if instance is not None:
+        return instance
+    if not deepspeed.comm.is_initialized():
+        raise DistributedNotInitializedError(
+            "UlyssesSPAttentionHF runs its collectives through deepspeed.comm, which is not "
+            "initialized in this process: call deepspeed.init_distributed() (it reuses an "
+            "initialized torch.distributed) before register_with_transformers."
+        )
+    instance = cls(
+        attn=original,
+        batch_size=micro_batch_size,
+        attn_head_count=heads,
+        attn_head_size=head_size,
+        kv_head_count=arch.num_key_value_heads,
+        num_hidden_layers=arch.num_hidden_layers,
+        process_group=state.get_sequence_parallel_group(),
+        seq_length_is_variable=seq_length_is_variable,
+        local_seq_length=local,
+        global_seq_length=glob,
+        disable_in_eval=disable_in_eval,
+    )
+    instance.core_attn_implementation = core
+    instances[key] = instance
+    return instance

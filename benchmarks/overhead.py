@@ -12,7 +12,7 @@ This accounting does not depend on noise:
    the adapters patched (each ledger record of a function: DeepSpeed and Megatron getters,
    autograd's engine entry point, hook registrations, Ulysses dispatchers) is wrapped by a
    counter, and so are ``Activation.__enter__`` (scope switches) and the wrappers
-   :func:`~scoped_parallel._scope.hook_in_scope` returns (hook calls). The counts of the
+   :func:`~scoped_parallel.scope.hook_in_scope` returns (hook calls). The counts of the
    last step are kept (steady state); the counters are removed afterwards.
 3. **unit costs**, measured in this process (``benchmarks/run.py``'s interleaved best-of
    timing): a patched getter called in a scope (its *whole* cost, not the difference to

@@ -311,8 +311,8 @@ def bench_switch(state: Any, n: int, r: int) -> None:
 def bench_scope(quick: bool) -> None:
     """The profile of one switch: each step of __enter__/__exit__ added to a bare set+reset."""
     print("2. scope switch profile (cumulative, ns per with-block; stub state)")
-    from scoped_parallel import _scope
-    from scoped_parallel._scope_registry import ACTIVE, LOCAL
+    from scoped_parallel import scope as _scope
+    from scoped_parallel.scope import _ACTIVE as ACTIVE, _LOCAL as LOCAL
 
     class Stub:
         name = "stub"
@@ -408,7 +408,8 @@ def _count_new_group_calls(fn: Callable[[], Any]) -> tuple[int, float]:
 
 def bench_creation(quick: bool) -> None:
     print("3. group creation, one rank's view (fake backend)")
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
     from scoped_parallel.testing import fake_world
 
     with warnings.catch_warnings():
@@ -465,7 +466,8 @@ def bench_creation(quick: bool) -> None:
 
 def bench_sharing(quick: bool) -> None:
     print("4. group sharing: actor TP=2, critic TP=2, reference SP=2 on 8 ranks")
-    from scoped_parallel import ParallelLayout, ParallelState, _groups
+    from scoped_parallel import ParallelLayout, ParallelState
+    from scoped_parallel.groups import create as _groups
     from scoped_parallel.testing import fake_world
 
     specs = [

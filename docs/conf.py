@@ -84,7 +84,7 @@ public_docstrings_exempt = {
 # Every cross-reference to this project must resolve. References into other
 # projects cannot (no intersphinx: the build must work offline), so they are not
 # checked; Sphinx itself already accepts builtins and typing names.
-# References into private modules or classes (``scoped_parallel._config``,
+# References into private modules or classes (``scoped_parallel.layout.config``,
 # ``_ledger.Ledger``, a base class ``_Mixin``) are not in the reference either; they
 # render as plain names.
 _EXTERNAL = ("torch", "deepspeed", "megatron", "transformers", *sorted(sys.stdlib_module_names))

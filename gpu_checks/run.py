@@ -61,7 +61,8 @@ def check_groups(world: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
 
     tp = 2 if world % 2 == 0 else 1
     start = time.perf_counter()

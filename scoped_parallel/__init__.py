@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from scoped_parallel import errors
-from scoped_parallel._inspect import shared_groups
-from scoped_parallel._scope import Activation, current_state, current_state_or_none, propagate
+from scoped_parallel.layout.report import shared_groups
+from scoped_parallel.scope import Activation, current_state, current_state_or_none, propagate
 from scoped_parallel.errors import (
     AdapterError,
     AmbiguousStateError,

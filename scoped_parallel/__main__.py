@@ -1,5 +1,5 @@
-"""``python -m scoped_parallel``: see :mod:`scoped_parallel._cli`."""
+"""``python -m scoped_parallel``: see :mod:`scoped_parallel.layout.cli`."""
 
-from scoped_parallel._cli import main
+from scoped_parallel.layout.cli import main
 
 raise SystemExit(main())

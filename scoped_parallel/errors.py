@@ -30,6 +30,7 @@ __all__ = [
     "ScopedParallelError",
     "StateMismatchError",
     "UnsupportedSetupError",
+    "describe_state",
 ]
 
 
@@ -75,3 +76,15 @@ class DistributedNotInitializedError(ScopedParallelError, RuntimeError):
 
 class UnsupportedSetupError(ScopedParallelError, RuntimeError):
     """The distributed setup cannot support member-only group creation safely."""
+
+
+def describe_state(state: object) -> str:
+    """How every message names a state: ``ParallelState 'actor'``, or its ``repr`` without a name.
+
+    The one naming rule of the library and its adapters (a message about a wrong group
+    must say which model's state it is about).
+    """
+    name = getattr(state, "name", None)
+    if name:
+        return f"{type(state).__name__} {name!r}"
+    return repr(state)

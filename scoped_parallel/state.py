@@ -1,14 +1,13 @@
 """``ParallelState``: one model's process groups, switched in with a scope.
 
 A state is built collectively by the ranks of its layout (each rank creates only
-the groups it belongs to), answers Megatron's and DeepSpeed's getter names from
-its own groups (the mixins :class:`~scoped_parallel._megatron_getters.MegatronGetters`
-and :class:`~scoped_parallel._deepspeed_getters.DeepSpeedGetters`), and is made
+the groups it belongs to; :func:`scoped_parallel.groups.table.build` returns the one
+:class:`~scoped_parallel.groups.table.GroupTable` the state keeps), answers every
+getter name of :mod:`scoped_parallel.getters.table` from that table (Megatron's and
+DeepSpeed's names, through :class:`~scoped_parallel.getters.Getters`), and is made
 current with ``with state.activate():``. It is a complete DeepSpeed ``mpu``:
-``deepspeed.initialize(model=..., mpu=state)``. Planning and the agreement check
-live in :mod:`scoped_parallel._plan`, group creation in :mod:`scoped_parallel._groups`,
-engine binding in :mod:`scoped_parallel._bind`, the DeviceMesh view in
-:mod:`scoped_parallel._mesh`.
+``deepspeed.initialize(model=..., mpu=state)``. This module also checks the
+constructor's arguments before any communication and builds the DeviceMesh view.
 
 Worked example on 8 ranks, ``ParallelState(name="actor", tensor_model_parallel_size=2,
 pipeline_model_parallel_size=2)`` (so data parallel size 2). On rank 5:
@@ -25,31 +24,40 @@ getter                                       rank 5 sees
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
 
-from scoped_parallel import _bind, _build, _groups, _mesh
-from scoped_parallel import _torch_compat as compat
-from scoped_parallel._deepspeed_getters import DeepSpeedGetters
-from scoped_parallel._kinds import normalise_kind
-from scoped_parallel._megatron_getters import MegatronGetters
-from scoped_parallel._megatron_optional import MegatronOptionalGetters
-from scoped_parallel._optional_groups import OptionalGroups
-from scoped_parallel._plan import StateSpec, agree_with_peers, construction_tag
-from scoped_parallel._scope import Activation
-from scoped_parallel._state_args import check_world, keyword_signature, layout_in_world, per_kind
-from scoped_parallel.errors import GroupNotAvailableError, RankNotInLayoutError, ScopedParallelError
-from scoped_parallel.layout import ParallelLayout
+from scoped_parallel import scope
+from scoped_parallel.errors import (
+    DistributedNotInitializedError,
+    GroupNotAvailableError,
+    LayoutError,
+    RankNotInLayoutError,
+    ScopedParallelError,
+    UnsupportedSetupError,
+    describe_state,
+)
+from scoped_parallel.getters import Getters
+from scoped_parallel.getters.table import OVERRIDE_KEYS
+from scoped_parallel.groups import table as group_table
+from scoped_parallel.groups import torch_compat as compat
+from scoped_parallel.groups.plan import StateSpec
+from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.checks import DEFAULT_ORDER, as_int
+from scoped_parallel.layout.grid import DENSE_AXES, ParallelLayout
+from scoped_parallel.layout.kinds import normalise_kind
+from scoped_parallel.layout.optional import OptionalGroups
 
-__all__ = ["BOUND_METHODS", "ParallelState"]
+__all__ = ["ParallelState"]
 
-BOUND_METHODS = _bind.BOUND_METHODS
+R = TypeVar("R")
 
 
-class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
+class ParallelState(Getters):
     """The process groups of one model's parallel layout.
 
     Build it from a :class:`~scoped_parallel.ParallelLayout`, or with the layout's
@@ -80,7 +88,7 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         hierarchical_context_parallel_sizes: Megatron's option (CP sub-groups per level).
         hybrid_context_parallel: Megatron's option (power-of-two slices of dp-cp).
         create_all_gather_group: Megatron's option (a second dp-cp communicator); all four
-            as in :mod:`scoped_parallel._optional_groups`, with Megatron's rank sets.
+            as in :mod:`scoped_parallel.layout.optional`, with Megatron's rank sets.
 
     A rank outside the layout's ranks may construct the state (it builds nothing and
     waits for nobody); every getter then raises
@@ -117,8 +125,8 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
             hybrid_context_parallel,
             create_all_gather_group,
         )
-        world = check_world()
-        self._layout = layout_in_world(layout, name, world, layout_keywords)
+        world = _check_world()
+        self._layout = _layout_in_world(layout, name, world, layout_keywords)
         optional.check(self._layout)
         self._optional = optional
         self._spec = StateSpec(
@@ -127,57 +135,26 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
             backend=backend,
             timeout=timeout,
             share=bool(share_groups),
-            backends=per_kind(backends, "backends"),
-            options=per_kind(pg_options, "pg_options"),
+            backends=_per_kind(backends, "backends"),
+            options=_per_kind(pg_options, "pg_options"),
             gloo_twins=bool(create_gloo_process_groups),
             optional=optional.fingerprint(),
         )
         self._name = name
         self._rank = dist.get_rank()
-        self._groups: dict[str, Any] = {}
-        self._gloo: dict[str, Any] = {}
-        #: groups derived from the layout for an adapter (hpZ, all-to-all): (purpose, ranks) -> group
-        self._derived: dict[tuple[str, tuple[int, ...]], Any] = {}
-        self._ranks_of: dict[str, tuple[int, ...]] = {}
-        #: Megatron's optional groups (slot -> ranks / group), see scoped_parallel._optional_groups
-        self._opt_ranks: dict[str, tuple[int, ...]] = {}
-        self._opt_groups: dict[str, Any] = {}
-        self._opt_alias: dict[str, str] = {}
-        self._live_ranks: dict[str, tuple[int, ...]] = {}  # empty unless usable
-        self._my_index: dict[str, int] = {}
         self._destroyed = False
-        #: per-state data of the adapters (keyed by adapter name); opaque to the core
-        self._adapter_slots: dict[str, Any] = {}
-        #: answers memoized by scoped_parallel._scope.dispatching(memoize=True)
+        #: per-state data of the adapters, by owner (see adapter_record); cleared by destroy()
+        self._adapter_records: dict[str, Any] = {}
+        #: answers memoized by scoped_parallel.dispatch.dispatching(memoize=True)
         self._memo: dict[Any, Any] = {}
-        self._tag = ""
-        self._parents: list[Any] = []  # split mode: the parent group over the state's ranks
-        bound = compat.bound_device() is not None
-        member = self._layout.contains(self._rank)
-        if not bound and not member:
-            return  # member-only creation: a non-member takes part in nothing
-        if member:
-            self._ranks_of = dict(self._layout.groups_of(self._rank))
-            self._plan_optional_groups(optional, bound)
-        # With a device-bound default group the whole world splits together (see _split).
-        self._tag = construction_tag(self._layout, (0, world) if bound else None)
-        if str(dist.get_backend()) != "fake":
-            agree_with_peers(
-                self._spec,
-                self._rank,
-                {"world": tuple(range(world))} if bound else self._planned_ranks(),
-                self._tag,
-                compat.default_store(),
-                timeout or compat.default_timeout(),
-                self._label,
-                span_size=world if bound else None,
-            )
-        split: dict[str, Any] = self._create_by_split(world) if bound else {}
-        if not member:
-            return
-        self._create_groups(split)
-        self._live_ranks = dict(self._ranks_of)
-        self._my_index = {k: r.index(self._rank) for k, r in self._ranks_of.items()}
+        #: values set with Megatron's setters in this state's scope (see set_override)
+        self._overrides: dict[str, Any] = {}
+        self._table = group_table.GroupTable()
+        self._entries = self._table.entries  # the hot getters' one dict lookup
+        self._table, self._tag = group_table.build(
+            self._spec, optional, self._rank, world, lambda: describe_state(self)
+        )
+        self._entries = self._table.entries
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> ParallelState:
@@ -185,7 +162,7 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
 
         Sizes come from ``overrides`` first, then the config (``tensor_parallel.autotp_size``,
         ``sequence_parallel_size``, a ``scoped_parallel`` section, ... see
-        :mod:`scoped_parallel._config`), then the defaults. Contradictory or unknown values
+        :mod:`scoped_parallel.layout.config`), then the defaults. Contradictory or unknown values
         raise :class:`~scoped_parallel.errors.LayoutError` naming the key, before any
         communication.
 
@@ -194,25 +171,13 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
             ParallelState.from_config({"train_batch_size": 8, "sequence_parallel_size": 2},
                                       name="actor")
         """
-        from scoped_parallel._config import check_data_parallel_size, load_config, sizes_from_config
+        from scoped_parallel.layout.config import check_data_parallel_size, load_config, sizes_from_config
 
         kwargs = sizes_from_config(load_config(config), overrides)
         expected_dp = kwargs.pop("_data_parallel_size", None)
         if expected_dp is not None and dist.is_available() and dist.is_initialized():
             check_data_parallel_size(kwargs, expected_dp, dist.get_world_size())
         return cls(**kwargs)
-
-    def _create_by_split(self, world: int) -> dict[str, Any]:
-        return _build.create_by_split(self, world)
-
-    def _plan_optional_groups(self, optional: Any, bound: bool) -> None:
-        _build.plan_optional_groups(self, optional, bound)
-
-    def _planned_ranks(self) -> dict[str, tuple[int, ...]]:
-        return _build.planned_ranks(self)
-
-    def _create_groups(self, split: dict[str, Any]) -> None:
-        _build.create_groups(self, split)
 
     def destroy(self) -> None:
         """Release this state's groups (a shared group dies with its last user). Idempotent.
@@ -224,19 +189,53 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         if self._destroyed:
             return
         self._destroyed = True
-        self._live_ranks = {}
-        self._my_index = {}
-        self._adapter_slots.clear()  # adapters may cache answers derived from the groups
+        self._adapter_records.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
-        held = list(self._groups.values()) + list(self._gloo.values()) + list(self._opt_groups.values())
-        held += list(self._derived.values()) + self._parents
-        self._groups.clear()
-        self._gloo.clear()
-        self._opt_groups.clear()
-        self._derived.clear()
-        self._parents = []
-        for group in held:
-            _groups.release(group)
+        self._table.release()
+
+    def set_override(self, key: str, value: Any) -> None:
+        """Set (``None``: clear) one of Megatron's per-process override values, for this state.
+
+        Megatron's ``set_tensor_model_parallel_world_size`` and friends write module globals
+        that its getters answer first; here every state has its own: the keys are those of
+        :data:`scoped_parallel.getters.table.SETTERS` (``"tp_size"``, ``"vpp_rank"``, ...), and
+        the getters whose table row names the key answer the value first. The Megatron and
+        DeepSpeed adapters and ``compat`` route their setters here. Example::
+
+            state.set_override("tp_size", 4)
+            state.get_tensor_model_parallel_world_size()   # 4
+        """
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"unknown override key {key!r}; the keys are {sorted(OVERRIDE_KEYS)}")
+        if value is None:
+            self._overrides.pop(key, None)
+        else:
+            self._overrides[key] = value
+        self._memo.clear()  # memoized getter answers may depend on it
+
+    def override(self, key: str) -> Any:
+        """The value :meth:`set_override` set for ``key`` in this state, or ``None``."""
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"unknown override key {key!r}; the keys are {sorted(OVERRIDE_KEYS)}")
+        return self._overrides.get(key)
+
+    def adapter_record(self, owner: str, factory: Callable[[ParallelState], R]) -> R:
+        """The per-state data of adapter ``owner``: ``factory(state)`` on first use, then the same object.
+
+        The one storage contract for adapters (and compat): whatever an adapter derives from
+        a state lives here, under the adapter's name, and :meth:`destroy` drops it. Example::
+
+            record = state.adapter_record("deepspeed", Record)   # Record(state) once per state
+        """
+        try:
+            return self._adapter_records[owner]  # type: ignore[no-any-return]
+        except KeyError:
+            if self._destroyed:
+                raise GroupNotAvailableError(
+                    f"{describe_state(self)} was destroyed; adapter {owner!r} cannot keep data for it"
+                ) from None
+            record = self._adapter_records[owner] = factory(self)
+            return record
 
     # ------------------------------------------------------------------ identity
 
@@ -265,9 +264,6 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         """Whether :meth:`destroy` was called."""
         return self._destroyed
 
-    def _label(self) -> str:
-        return f"ParallelState {self._name!r}" if self._name else "ParallelState"
-
     def __repr__(self) -> str:
         sizes = repr(self._layout)[len("ParallelLayout(") : -1]
         where = f"rank {self._rank}" if self.is_member else f"rank {self._rank} (not a member)"
@@ -275,7 +271,7 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         head = f"{self._name!r}, " if self._name else ""
         return f"ParallelState({head}{sizes}; {where}{gone})"
 
-    def activate(self) -> Activation:
+    def activate(self) -> scope.Activation:
         """A context manager / decorator making this state the current one.
 
         ``with actor.activate(): ...`` — nestable, exception-safe, per thread and per
@@ -283,25 +279,25 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         """
         if self._destroyed:
             raise ScopedParallelError(
-                f"{self._label()} was destroyed and cannot be activated; build a new ParallelState "
+                f"{describe_state(self)} was destroyed and cannot be activated; build a new ParallelState "
                 "(with the same arguments on every rank) if you need its layout again"
             )
-        return Activation(self)
+        return scope.Activation(self)
 
     def bind(self, engine: Any) -> Any:
         """Make ``engine``'s calls run inside this state's scope; return the engine.
 
         Wraps ``engine(...)`` (``__call__``) and, where the engine has them,
-        ``BOUND_METHODS`` (forward, backward, step, train/eval batch, checkpoint
+        ``scoped_parallel.scope.BOUND_METHODS`` (forward, backward, step, train/eval batch, checkpoint
         save/load), so a training loop need not wrap every call in ``with``.
         Reversible with :meth:`unbind`; binding an engine that another state holds
         raises ``ScopedParallelError``.
         """
-        return _bind.bind(self, engine)
+        return scope.bind(self, engine)
 
     def unbind(self, engine: Any) -> Any:
         """Undo :meth:`bind`; return the engine."""
-        return _bind.unbind(self, engine)
+        return scope.unbind(self, engine)
 
     def device_mesh(self, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
         """A ``torch.distributed.device_mesh.DeviceMesh`` over this state's own groups.
@@ -312,42 +308,43 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         (e.g. ``("pp", "dp", "tp")`` for the default order), or ``("dp",)`` when all are 1.
         Every axis of size > 1 must be named, so the mesh covers exactly the state's ranks.
         """
-        return _mesh.device_mesh(self, dims, device_type)
+        return _device_mesh(self, dims, device_type)
 
     # ------------------------------------------------------------------ groups by kind
 
     def _require(self, kind: str) -> str:
+        """``kind`` canonical, when this rank holds its group; else the explanatory error."""
         if self._destroyed:
             raise GroupNotAvailableError(
-                f"{self._label()} was destroyed; its groups are gone. Build a new ParallelState "
+                f"{describe_state(self)} was destroyed; its groups are gone. Build a new ParallelState "
                 "to use this layout again"
             )
         if not self.is_member:
             lo = self._layout.rank_offset
             raise RankNotInLayoutError(
-                f"rank {self._rank} is not part of {self._label()} (ranks {lo}..{lo + self._layout.world_size - 1}), "
+                f"rank {self._rank} is not part of {describe_state(self)} (ranks {lo}..{lo + self._layout.world_size - 1}), "
                 "so it holds none of its groups; only call its getters on its own ranks "
                 "(check state.is_member)."
             )
         kind = normalise_kind(kind)
-        if kind not in self._ranks_of:
+        if kind not in self._entries:
             if kind in ("embd", "pos-embd"):
                 raise GroupNotAvailableError(
-                    f"rank {self._rank} is not in an {kind!r} group of {self._label()} (only the "
+                    f"rank {self._rank} is not in an {kind!r} group of {describe_state(self)} (only the "
                     "first/last pipeline stages are); check is_rank_in_embedding_group() first."
                 )
             raise GroupNotAvailableError(
-                f"{self._label()} holds no {kind!r} group; it holds {sorted(self._ranks_of)}."
+                f"{describe_state(self)} holds no {kind!r} group; it holds {sorted(self._table.kinds())}."
             )
         return kind
 
     def group(self, kind: str) -> Any:
         """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
-        return self._groups[self._require(kind)]
+        return self._entries[self._require(kind)].group
 
     def ranks(self, kind: str) -> tuple[int, ...]:
         """Global ranks of this rank's ``kind`` group."""
-        return self._ranks_of[self._require(kind)]
+        return self._entries[self._require(kind)].ranks
 
     def size(self, kind: str) -> int:
         """How many ranks this rank's ``kind`` group has."""
@@ -355,21 +352,25 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
 
     def rank_in(self, kind: str) -> int:
         """This rank's index inside its ``kind`` group."""
-        return self.ranks(kind).index(self._rank)
+        return self._entries[self._require(kind)].index
 
     def kinds(self) -> tuple[str, ...]:
         """The group kinds this rank holds."""
-        return tuple(self._ranks_of)
+        return self._table.kinds()
 
     def gloo_group(self, kind: str) -> Any:
         """The gloo twin of ``kind`` (dp, dp-cp or edp) built with ``create_gloo_process_groups=True``."""
-        kind = self._require(kind)
-        if kind not in self._gloo:
+        if kind.startswith("intra-"):  # the twin of a partial (one optimizer instance) group
+            self._require("tp")
+        else:
+            kind = self._require(kind)
+        entry = self._entries.get(group_table.GLOO + kind)
+        if entry is None:
             raise GroupNotAvailableError(
-                f"{self._label()} has no gloo twin of {kind!r}; build it with "
+                f"{describe_state(self)} has no gloo twin of {kind!r}; build it with "
                 "create_gloo_process_groups=True (twins exist for dp, dp-cp and edp)."
             )
-        return self._gloo[kind]
+        return entry.group
 
     def derived_groups(self, purpose: str, rank_sets: Any) -> tuple[Any, ...]:
         """Process groups over ``rank_sets`` (each a subset of the state's ranks holding this rank).
@@ -377,37 +378,183 @@ class ParallelState(MegatronOptionalGetters, MegatronGetters, DeepSpeedGetters):
         For groups an adapter derives from the layout that are no layout kind (ZeRO++'s hpZ
         and all-to-all groups), built like the state's own: member-only (every member of a set
         calls this with the same ``purpose``), shared with an identical group, in the one
-        global order, once per ``(purpose, ranks)``, released by :meth:`destroy`. Returns
-        the groups in the order of ``rank_sets``.
+        global order, once per ``(purpose, ranks)``, kept in the state's group table and
+        released by :meth:`destroy`. Returns the groups in the order of ``rank_sets``.
         """
-        return _build.derived_groups(self, purpose, rank_sets)
+        self._require("dp")  # destroyed or not a member: the explanatory error
+        if compat.bound_device() is not None:
+            raise UnsupportedSetupError(
+                f"derived_groups({purpose!r}) on {describe_state(self)}: the default group is bound to a "
+                "device, so groups can only be split collectively from it, and derived groups are created "
+                "on their members only. Initialize the default group without device_id to use them."
+            )
+        wanted = _derived_rank_sets(purpose, rank_sets, self._rank, self._layout, describe_state(self))
+        return group_table.derive(self._table, self._spec, self._tag, purpose, wanted)
 
-    # Fast versions of group/ranks/size/rank_in for the getter mixins: ``kind`` is
-    # canonical there, so a dict lookup answers; anything unusual (destroyed,
-    # non-member, missing kind) takes the slow path, which raises the explanatory error.
+    # Fast versions of group/ranks/size/rank_in for the getters: ``kind`` is canonical
+    # there, so one dict lookup answers; anything unusual (destroyed, non-member,
+    # missing kind) takes the slow path, which raises the explanatory error.
     def _kind_group(self, kind: str) -> Any:
         try:
-            return self._groups[kind]
+            return self._entries[kind].group
         except KeyError:
             return self.group(kind)
 
     def _kind_ranks(self, kind: str) -> tuple[int, ...]:
         try:
-            return self._live_ranks[kind]
+            return self._entries[kind].ranks
         except KeyError:
             return self.ranks(kind)
 
     def _kind_size(self, kind: str) -> int:
         try:
-            return len(self._live_ranks[kind])
+            return len(self._entries[kind].ranks)
         except KeyError:
             return self.size(kind)
 
     def _kind_rank(self, kind: str) -> int:
         try:
-            return self._my_index[kind]
+            return self._entries[kind].index
         except KeyError:
             return self.rank_in(kind)
 
 
-ParallelState.__init__.__signature__ = keyword_signature(ParallelState.__init__)  # type: ignore[attr-defined]
+# ---------------------------------------------------------------------- constructor arguments
+#
+# Checked and normalised before any communication, in this order: torch.distributed is
+# up, the layout (given or built from the keyword form) fits the world, per-kind
+# backends and options under canonical kinds.
+
+def _per_kind(mapping: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping from group kind to value, got {mapping!r}")
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        try:
+            out[normalise_kind(key)] = value
+        except LayoutError as err:
+            raise LayoutError(f"{what}: {err}") from None
+    return out
+
+
+def _check_world() -> int:
+    """The world size; raises when torch.distributed is not initialized."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise DistributedNotInitializedError(
+            "ParallelState needs torch.distributed to be initialized first: call "
+            "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) "
+            "before building a state."
+        )
+    return dist.get_world_size()
+
+
+def _layout_in_world(
+    layout: ParallelLayout | None, name: str | None, world: int, keywords: dict[str, Any]
+) -> ParallelLayout:
+    """The state's layout: given, or built from the keyword form on the rest of the world."""
+    if layout is not None:
+        if not isinstance(layout, ParallelLayout):
+            raise TypeError(f"layout must be a ParallelLayout, got {layout!r}")
+        if keywords:
+            raise TypeError(
+                f"ParallelState got a layout and also {sorted(keywords)}; the layout already fixes "
+                "the sizes, order, world_size and rank_offset: pass one or the other"
+            )
+        rank_offset, world_size = layout.rank_offset, layout.world_size
+    else:
+        rank_offset = as_int("rank_offset", keywords.pop("rank_offset", 0))
+        world_size = keywords.pop("world_size", None)
+        world_size = world - rank_offset if world_size is None else as_int("world_size", world_size)
+    if rank_offset >= world or rank_offset + world_size > world:
+        raise LayoutError(
+            f"ParallelState {name!r} spans ranks {rank_offset}..{rank_offset + world_size - 1} "
+            f"(rank_offset={rank_offset}, world_size={world_size}) but the process world has "
+            f"{world} ranks (0..{world - 1}); lower world_size or rank_offset."
+        )
+    if layout is None:
+        layout = ParallelLayout(world_size, rank_offset=rank_offset, **keywords)
+    return layout
+
+
+def _keyword_signature(init: Any) -> inspect.Signature:
+    """``ParallelState.__init__`` as introspection shows it: the layout keywords spelled out."""
+    base = inspect.signature(init)
+    params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    P = inspect.Parameter
+    params += [
+        P(axis.keyword, P.KEYWORD_ONLY, default=axis.default, annotation="int | None" if axis.default is None else "int")
+        for axis in AXES
+    ]
+    params += [
+        P("order", P.KEYWORD_ONLY, default=DEFAULT_ORDER, annotation="str"),
+        P("world_size", P.KEYWORD_ONLY, default=None, annotation="int | None"),
+        P("rank_offset", P.KEYWORD_ONLY, default=0, annotation="int"),
+    ]
+    return base.replace(parameters=params)
+
+
+def _derived_rank_sets(
+    purpose: str, rank_sets: Any, rank: int, layout: ParallelLayout, label: str
+) -> list[tuple[int, ...]]:
+    """Check the rank sets of ``ParallelState.derived_groups``: each holds ``rank``, inside the layout."""
+    wanted: list[tuple[int, ...]] = []
+    for ranks in rank_sets:
+        ranks = tuple(int(r) for r in ranks)
+        if rank not in ranks or len(set(ranks)) != len(ranks):
+            raise ValueError(
+                f"derived_groups({purpose!r}): {ranks} must be distinct ranks holding this rank "
+                f"({rank}); pass only the groups this rank belongs to"
+            )
+        outside = [r for r in ranks if not layout.contains(r)]
+        if outside:
+            raise ValueError(
+                f"derived_groups({purpose!r}): ranks {outside} of {ranks} are not ranks of "
+                f"{label}; derived groups stay inside the state's ranks"
+            )
+        wanted.append(ranks)
+    return wanted
+
+
+# ---------------------------------------------------------------------- the DeviceMesh view
+
+
+def _device_mesh(state: ParallelState, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
+    """:meth:`ParallelState.device_mesh` (see there): no communicator is created."""
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
+    state._require("tp")
+    sizes = state.layout.sizes()
+    tokens = [t for t in state.layout.order.split("-") if t in DENSE_AXES]
+    if dims is None:
+        dims = tuple(t for t in reversed(tokens) if sizes[t] > 1) or ("dp",)
+    dims = tuple(dims)
+    bad = [d for d in dims if d not in tokens]
+    missing = [t for t in tokens if sizes[t] > 1 and t not in dims]
+    if bad or missing or len(set(dims)) != len(dims):
+        raise LayoutError(
+            f"device_mesh(dims={dims!r}): dims must be distinct axes from {tokens} and include "
+            f"every axis of size > 1 ({[t for t in tokens if sizes[t] > 1]}); "
+            f"unknown: {bad}, missing: {missing}"
+        )
+    # Ranks of the state as a grid with one dimension per order token, slowest first.
+    grid = torch.arange(state.layout.world_size, dtype=torch.int).reshape(
+        [sizes[t] for t in reversed(tokens)]
+    ) + state.layout.rank_offset
+    axes = list(reversed(tokens))
+    keep = list(dims) + [t for t in axes if t not in dims]
+    mesh = grid.permute([axes.index(t) for t in keep]).reshape([sizes[t] for t in dims])
+    if device_type is None:
+        device_type = "cuda" if str(dist.get_backend(state.group(dims[0]))) == "nccl" else "cpu"
+    groups = [state.group(d) for d in dims]
+    return DeviceMesh.from_group(
+        groups if len(groups) > 1 else groups[0],
+        device_type,
+        mesh=mesh if len(groups) > 1 else mesh.reshape(-1).tolist(),
+        mesh_dim_names=dims,
+    )
+
+
+ParallelState.__init__.__signature__ = _keyword_signature(ParallelState.__init__)  # type: ignore[attr-defined]

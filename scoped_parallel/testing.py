@@ -38,7 +38,7 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
     """
     import torch.distributed as dist
 
-    from scoped_parallel._torch_compat import fake_store
+    from scoped_parallel.groups.torch_compat import fake_store
 
     if dist.is_initialized():
         raise RuntimeError("fake_world(): torch.distributed is already initialized in this process")
@@ -53,7 +53,7 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
 
 def live_process_groups() -> int:
     """Process groups created by scoped_parallel that are still alive in this process."""
-    from scoped_parallel import _groups
+    from scoped_parallel.groups import create as _groups
 
     return _groups.live_groups()
 
@@ -76,7 +76,7 @@ def _check_no_scope(when: str) -> None:
 
     Forgetting them means a leak is reported once: whatever runs next starts clean.
     """
-    from scoped_parallel._scope import _forget_all_scopes, active_states
+    from scoped_parallel.scope import _forget_all_scopes, active_states
 
     states = active_states()
     if states:

@@ -22,7 +22,7 @@ class Stub:
         self._memo: dict[Any, Any] = {}
 
     def activate(self) -> Any:
-        from scoped_parallel._scope import Activation
+        from scoped_parallel.scope import Activation
 
         return Activation(self)
 

@@ -74,9 +74,9 @@ def _worker(rank: int, size: int, port: int, conn: Any, env: dict[str, str]) -> 
         world_size=size,
         timeout=timedelta(seconds=60),
     )
-    from scoped_parallel import _groups
-    from scoped_parallel._scope import _forget_all_scopes, active_states
-    from scoped_parallel._plan import reset_construction_count as _reset_agreement
+    from scoped_parallel.groups import create as _groups
+    from scoped_parallel.scope import _forget_all_scopes, active_states
+    from scoped_parallel.groups.plan import reset_construction_count as _reset_agreement
 
     calls = 0
 

@@ -183,7 +183,10 @@ def test_the_record_lives_in_the_state_and_goes_with_destroy(fake_states):
     with tp2.activate():
         groups.set_tensor_model_parallel_world_size(7)
         assert groups.get_tensor_model_parallel_world_size() == 7
-    record = tp2._adapter_slots.get("deepspeed")
-    assert record is not None and record.tp_world_size == 7, f"record in the state's slot: {record!r}"
+    assert tp2.override("tp_size") == 7, f"the setter writes the state's override: {tp2.override('tp_size')!r}"
+    from scoped_parallel.adapters.deepspeed._records import record_of
+
+    record = record_of(tp2)
+    assert tp2._adapter_records.get("deepspeed") is record, f"record in the state's storage: {tp2._adapter_records!r}"
     tp2.destroy()
-    assert "deepspeed" not in tp2._adapter_slots, "destroy() must drop the adapter's record"
+    assert "deepspeed" not in tp2._adapter_records, "destroy() must drop the adapter's record"

@@ -197,7 +197,7 @@ def test_all_to_all_groups_are_cut_from_each_engines_own_data_parallel_ranks(wor
 
 
 def _rank_bad_hpz(rank: int) -> dict[str, Any]:
-    from scoped_parallel._groups import creation_count
+    from scoped_parallel.groups.create import creation_count
 
     out: dict[str, Any] = {}
     with support.isolated():

@@ -426,9 +426,15 @@ class _StubState:
 
     def __init__(self, sp: int) -> None:
         self.sp = sp
+        self.records: dict = {}
 
     def get_sequence_parallel_world_size(self) -> int:
         return self.sp
+
+    def adapter_record(self, owner: str, factory: Any) -> Any:
+        if owner not in self.records:
+            self.records[owner] = factory(self)
+        return self.records[owner]
 
 
 def test_install_uninstall_round_trip_restores_by_identity() -> None:
@@ -437,7 +443,7 @@ def test_install_uninstall_round_trip_restores_by_identity() -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from scoped_parallel import adapters
-    from scoped_parallel._scope import Activation
+    from scoped_parallel.scope import Activation
 
     core = ALL_ATTENTION_FUNCTIONS["sdpa"]
     method = vars(UlyssesSPAttentionHF)["register_with_transformers"]
@@ -468,7 +474,7 @@ def test_outside_any_scope_the_original_runs() -> None:
 def test_mismatch_with_the_scope_raises_before_any_collective() -> None:
     """A requested SP size that differs from the active state's is refused with both sizes named."""
     from scoped_parallel import LayoutError, adapters
-    from scoped_parallel._scope import Activation
+    from scoped_parallel.scope import Activation
 
     with adapters.installed(targets=("ulysses",)), Activation(_StubState(2)):
         with pytest.raises(LayoutError, match=r"sequence_parallel_size=4.*sequence parallel size is 2"):
@@ -482,7 +488,7 @@ def test_attention_entry_replaced_after_the_dispatcher_is_restored_and_reported(
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from scoped_parallel import adapters
-    from scoped_parallel._scope import Activation
+    from scoped_parallel.scope import Activation
     from scoped_parallel.errors import AdapterError
 
     core = ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -16,7 +16,7 @@ import pytest
 import torch.distributed as dist
 
 from scoped_parallel import ParallelLayout, StateMismatchError
-from scoped_parallel._agree import agree
+from scoped_parallel.groups.agree import agree
 
 
 class CountingStore:

@@ -21,8 +21,8 @@ from scoped_parallel import (
     RankNotInLayoutError,
     ScopedParallelError,
 )
-from scoped_parallel._cli import main as cli
-from scoped_parallel._config import sizes_from_config
+from scoped_parallel.layout.cli import main as cli
+from scoped_parallel.layout.config import sizes_from_config
 from scoped_parallel.errors import DistributedNotInitializedError
 from scoped_parallel.testing import fake_world
 
@@ -127,7 +127,7 @@ STATE_CASES: list[tuple[str, Callable[[], Any], type, str]] = [
 
 
 def _check(call: Callable[[], Any], exc: type, text: str) -> None:
-    from scoped_parallel._scope import current_state_or_none
+    from scoped_parallel.scope import current_state_or_none
 
     with pytest.raises(exc) as info:
         call()
@@ -226,7 +226,8 @@ def test_corpus_has_at_least_forty_cases():
 )
 def test_bad_megatron_option_raises_layout_error_naming_it_before_any_group(kwargs, needle):
     """Megatron's optional-group options are checked before any group or store key exists."""
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
     from scoped_parallel.errors import LayoutError
     from scoped_parallel.testing import fake_world
 

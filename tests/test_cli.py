@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from scoped_parallel._cli import main
+from scoped_parallel.layout.cli import main
 
 
 def test_rank_view_shows_coordinates_and_groups(capsys):

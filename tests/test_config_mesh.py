@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 
 from scoped_parallel import LayoutError
-from scoped_parallel._config import load_config, sizes_from_config
+from scoped_parallel.layout.config import load_config, sizes_from_config
 
 
 def test_explicit_arguments_beat_config_beat_defaults():
@@ -73,7 +73,8 @@ def rank_from_config_and_mesh(rank):
     import torch
     import torch.distributed as dist
 
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
 
     t = timedelta(seconds=20)
     actor = ParallelState.from_config(

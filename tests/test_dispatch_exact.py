@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dispatch_originals import GLOBAL as _GLOBAL  # noqa: E402
 from _dispatch_originals import no_return, positional, reader  # noqa: E402
 
-from scoped_parallel._scope import Activation, dispatching, set_strict  # noqa: E402
+from scoped_parallel.dispatch import dispatching, set_strict  # noqa: E402
+from scoped_parallel.scope import Activation  # noqa: E402
 from scoped_parallel.errors import NoActiveStateError  # noqa: E402
 
 

@@ -9,9 +9,9 @@ import pytest
 
 PURE_MODULES = (
     "scoped_parallel.layout",
-    "scoped_parallel._kinds",
-    "scoped_parallel._layout_checks",
-    "scoped_parallel._inspect",
+    "scoped_parallel.layout.kinds",
+    "scoped_parallel.layout.checks",
+    "scoped_parallel.layout.report",
 )
 
 

@@ -474,7 +474,7 @@ def test_table_lists_every_kind():
 
 def test_table_of_huge_world_lists_only_the_first_groups(monkeypatch):
     """For more than 4096 ranks table() shows counts and draws only the first few groups per kind."""
-    from scoped_parallel._inspect import TABLE_HEAD_GROUPS
+    from scoped_parallel.layout.grid import TABLE_HEAD_GROUPS
 
     layout = ParallelLayout(131072, tensor_model_parallel_size=8, pipeline_model_parallel_size=4)
     drawn = []

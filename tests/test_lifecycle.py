@@ -24,7 +24,8 @@ def rank_many_states(rank, count, share):
 
     import torch.distributed as dist
 
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
 
     pg_map = dist.distributed_c10d._world.pg_map
     layouts = [dict(tensor_model_parallel_size=2), dict(sequence_parallel_size=2), dict()]

@@ -25,7 +25,7 @@ from scoped_parallel import (
     current_state_or_none,
     propagate,
 )
-from scoped_parallel._scope import Activation, active_states
+from scoped_parallel.scope import Activation, active_states
 
 
 class Stub:
@@ -373,7 +373,7 @@ def test_exit_in_another_task_raises_nesting_error():
 
     asyncio.run(main())
     # clean the bookkeeping that the child task left (its context is gone)
-    from scoped_parallel import _scope
+    from scoped_parallel import scope as _scope
 
     token, frame = act._entries.pop()
     _scope._thread_stack().remove(frame)

@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _backward_scenario import Stub, catch, concurrent_read, holding, read_during  # noqa: E402
 
 from scoped_parallel import AmbiguousStateError, adapters, current_state  # noqa: E402
-from scoped_parallel._scope import active_states, dispatching  # noqa: E402
-from scoped_parallel._scope_registry import BACKWARDS  # noqa: E402
+from scoped_parallel.dispatch import dispatching  # noqa: E402
+from scoped_parallel.scope import active_states  # noqa: E402
+from scoped_parallel.scope import _BACKWARDS as BACKWARDS  # noqa: E402
 
 
 A, B, C = Stub("A"), Stub("B"), Stub("C")

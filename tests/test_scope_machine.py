@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from scoped_parallel import ScopeNestingError, current_state_or_none, propagate
-from scoped_parallel._scope import Activation, active_states
+from scoped_parallel.scope import Activation, active_states
 
 
 class Stub:

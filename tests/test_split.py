@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from scoped_parallel import ParallelLayout, ParallelState, _groups
-from scoped_parallel import _torch_compat as compat
-from scoped_parallel._plan import StateSpec
-from scoped_parallel._split import plan_splits
+from scoped_parallel import ParallelLayout, ParallelState
+from scoped_parallel.groups import create as _groups
+from scoped_parallel.groups import torch_compat as compat
+from scoped_parallel.groups.plan import StateSpec
+from scoped_parallel.groups.split import plan_splits
 from scoped_parallel.errors import RankNotInLayoutError
 from scoped_parallel.testing import fake_world
 

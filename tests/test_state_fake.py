@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from scoped_parallel import ParallelLayout, ParallelState, _groups
+from scoped_parallel import ParallelLayout, ParallelState
+from scoped_parallel.groups import create as _groups
 from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS
 from scoped_parallel.testing import fake_world
 
@@ -43,7 +44,7 @@ def test_rank_creates_only_its_own_distinct_groups(world_size, rank, sizes):
             mine = ParallelLayout(world_size, **sizes).groups_of(rank)
             # plus Megatron's optional groups a state always has (the distributed-optimizer
             # instance group: every rank of the state, a new group only when no kind spans it)
-            distinct = set(mine.values()) | set(state._opt_ranks.values())
+            distinct = set(mine.values()) | {e.ranks for e in state._table.with_prefix("opt:").values()}
             assert _groups.creation_count() - before == len(distinct), (
                 f"expected one creation per distinct rank set ({len(distinct)}), got {_groups.creation_count() - before}"
             )
@@ -61,7 +62,9 @@ def test_share_groups_false_creates_one_group_per_kind():
         state = ParallelState(share_groups=False, **MEGATRON_BIG)
         try:
             held = state.kinds()
-            expected = len(held) + len(state._opt_groups)  # kinds + Megatron's optional groups of their own
+            kind_groups = {id(state._table[k].group) for k in held}
+            own = {id(e.group) for e in state._table.with_prefix("opt:").values()} - kind_groups
+            expected = len(held) + len(own)  # kinds + Megatron's optional groups of their own
             assert _groups.creation_count() - before == expected, (expected, _groups.creation_count() - before)
             assert set(DENSE_KINDS + EXPERT_KINDS) <= set(held)
         finally:
@@ -117,9 +120,12 @@ def test_megatron_creates_every_group_on_every_rank():
         before = _groups.creation_count()
         state = ParallelState(share_groups=False, **sizes)
         ours = _groups.creation_count() - before
+        kinds = state.kinds()
+        optional = state._table.with_prefix("opt:")
+        kind_groups = {id(state._table[k].group) for k in kinds}
+        own_optional = len({id(e.group) for e in optional.values()} - kind_groups)  # not equal to a kind
         state.destroy()
-    own_optional = len(state._opt_ranks) - len(state._opt_alias)  # optional groups not equal to a kind
-    assert ours == len(state.kinds()) + own_optional, (ours, state.kinds(), state._opt_ranks)
+    assert ours == len(kinds) + own_optional, (ours, kinds, sorted(optional))
     assert len(calls) > 5 * ours, (len(calls), ours)
 
 

@@ -14,7 +14,7 @@ import inspect
 import pytest
 
 from scoped_parallel import ParallelLayout, ParallelState
-from scoped_parallel._axes import AXES
+from scoped_parallel.layout.axes import AXES
 
 
 def test_state_is_never_mistaken_for_deepspeeds_sequence_parallel_module():

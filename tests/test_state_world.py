@@ -131,7 +131,8 @@ def rank_agreement_leaves_no_store_keys(rank):
 
 
 def rank_sharing(rank):
-    from scoped_parallel import ParallelState, _groups
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
 
     a = ParallelState(name="a", tensor_model_parallel_size=2, timeout=T)
     b = ParallelState(name="b", tensor_model_parallel_size=2, timeout=T)
@@ -178,7 +179,8 @@ def _index_of(obj, seen):
 
 
 def rank_mismatched_layout(rank):
-    from scoped_parallel import ParallelState, StateMismatchError, _groups
+    from scoped_parallel import ParallelState, StateMismatchError
+    from scoped_parallel.groups import create as _groups
 
     tp = 1 if rank == 3 else 2
     try:
@@ -191,7 +193,8 @@ def rank_mismatched_layout(rank):
 def rank_missing_peer(rank):
     import time
 
-    from scoped_parallel import ParallelState, StateMismatchError, _groups
+    from scoped_parallel import ParallelState, StateMismatchError
+    from scoped_parallel.groups import create as _groups
 
     first = ParallelState(name="first", tensor_model_parallel_size=2, timeout=T)
     try:
@@ -236,7 +239,7 @@ def rank_per_kind_backend_and_options(rank):
         create_gloo_process_groups=True,
     )
     try:
-        from scoped_parallel import _groups
+        from scoped_parallel.groups import create as _groups
 
         tp = s.get_tensor_model_parallel_group()
         entry = _groups._BY_GROUP[tp][1]

@@ -45,7 +45,7 @@ import inspect
 import types
 from typing import Any, Callable
 
-from scoped_parallel._scope import dispatching
+from scoped_parallel.dispatch import dispatching
 from scoped_parallel.adapters._ledger import require
 from scoped_parallel.adapters.deepspeed import autotp, checkpointing, experts, readers, sequence, zeropp  # noqa: F401
 from scoped_parallel.adapters.deepspeed._records import scoped_release

@@ -1,7 +1,7 @@
 """The per-state record: what DeepSpeed keeps in module globals, kept for one state.
 
 One :class:`Record` per state lives in the state's adapter storage,
-``state._adapter_slots["deepspeed"]``, so it goes away with ``state.destroy()``
+``state.adapter_record("deepspeed", ...)``, so it goes away with ``state.destroy()``
 (and survives an uninstall/install cycle). A weak set of every record lets
 DeepSpeed's teardown hook, ``_release_process_group_references``, reach them all.
 
@@ -17,7 +17,7 @@ import threading
 import weakref
 from typing import Any
 
-from scoped_parallel._scope import forget_memo
+from scoped_parallel.dispatch import forget_memo
 from scoped_parallel.adapters._ledger import MISSING
 from scoped_parallel.adapters.deepspeed._shared import OWNER
 
@@ -36,8 +36,6 @@ class Record:
         "edp",
         "edp_ranks",
         "expert_tp_world_size",
-        "tp_world_size",
-        "tp_rank",
         "sp_size",
         "hpz",
         "hpz_ranks",
@@ -56,8 +54,6 @@ class Record:
         self.edp: dict[str, Any] = {}
         self.edp_ranks: dict[str, Any] = {}
         self.expert_tp_world_size = 1
-        self.tp_world_size: int | None = None  # set_tensor_model_parallel_world_size
-        self.tp_rank: int | None = None  # set_tensor_model_parallel_rank
         self.sp_size: int | None = None  # initialize_sequence_parallel
         #: ZeRO++ hpZ: the state's secondary-partition group and its ranks (see zeropp)
         self.hpz: Any = None
@@ -114,15 +110,14 @@ _LOCK = threading.Lock()
 
 def record_of(state: Any) -> Record:
     """The state's record, created on first use."""
-    slots = state._adapter_slots
-    rec = slots.get(OWNER)
-    if rec is None:
-        with _LOCK:
-            rec = slots.get(OWNER)
-            if rec is None:
-                rec = slots[OWNER] = Record(state)
-                _ALL.add(rec)
-    return rec  # type: ignore[no-any-return]
+    return state.adapter_record(OWNER, _new_record)  # type: ignore[no-any-return]
+
+
+def _new_record(state: Any) -> Record:
+    rec = Record(state)
+    with _LOCK:
+        _ALL.add(rec)
+    return rec
 
 
 def all_records() -> list[Record]:

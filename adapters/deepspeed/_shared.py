@@ -51,11 +51,6 @@ def impl(
     return register
 
 
-def label(state: Any) -> str:
-    name = getattr(state, "name", None)
-    return f"ParallelState {name!r}" if name else "the active ParallelState"
-
-
 @functools.lru_cache(maxsize=None)
 def state_class() -> type:
     from scoped_parallel.state import ParallelState

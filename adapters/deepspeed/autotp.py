@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from scoped_parallel.adapters.deepspeed._records import record_of
-from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, impl, label
-from scoped_parallel.errors import LayoutError
+from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, impl
+from scoped_parallel.errors import LayoutError, describe_state
 
 
 @impl(GROUPS_IMPL, "get_tensor_model_parallel_group", "get_model_parallel_group")
@@ -36,14 +36,12 @@ def public_dp_group(state: Any) -> Any:
 
 @impl(GROUPS_IMPL, "get_tensor_model_parallel_world_size", "get_model_parallel_world_size")
 def tp_world_size(state: Any) -> int:
-    override = record_of(state).tp_world_size
-    return state.get_tensor_model_parallel_world_size() if override is None else override  # type: ignore[no-any-return]
+    return state.get_tensor_model_parallel_world_size()  # type: ignore[no-any-return]
 
 
 @impl(GROUPS_IMPL, "get_tensor_model_parallel_rank", "get_model_parallel_rank")
 def tp_rank(state: Any) -> int:
-    override = record_of(state).tp_rank
-    return state.get_tensor_model_parallel_rank() if override is None else override  # type: ignore[no-any-return]
+    return state.get_tensor_model_parallel_rank()  # type: ignore[no-any-return]
 
 
 @impl(GROUPS_IMPL, "get_tensor_model_parallel_src_rank")
@@ -63,12 +61,12 @@ def public_dp_rank(state: Any) -> int:
 
 @impl(GROUPS_IMPL, "set_tensor_model_parallel_world_size")
 def set_tp_world_size(state: Any, world_size: Any) -> None:
-    record_of(state).tp_world_size = world_size
+    state.set_override("tp_size", world_size)  # the state's one store of Megatron-style overrides
 
 
 @impl(GROUPS_IMPL, "set_tensor_model_parallel_rank")
 def set_tp_rank(state: Any, rank: Any) -> None:
-    record_of(state).tp_rank = rank
+    state.set_override("tp_rank", rank)
 
 
 @impl(GROUPS_IMPL, "_init_tp_mesh_device", "_init_tp_groups_with_new_group")
@@ -77,7 +75,7 @@ def init_tp(state: Any, tensor_model_parallel_size: int = 1, data_parallel_size:
     if tensor_model_parallel_size != tp:
         raise LayoutError(
             f"DeepSpeed asked for tensor parallel size {tensor_model_parallel_size} (AutoTP "
-            f"autotp_size / tp_model_init tp_size) inside the scope of {label(state)}, whose tensor "
+            f"autotp_size / tp_model_init tp_size) inside the scope of {describe_state(state)}, whose tensor "
             f"parallel size is {tp}. Build the state with "
             f"tensor_model_parallel_size={tensor_model_parallel_size}, or set autotp_size to {tp}."
         )
@@ -85,7 +83,7 @@ def init_tp(state: Any, tensor_model_parallel_size: int = 1, data_parallel_size:
     if data_parallel_size is not None and data_parallel_size != dp:
         raise LayoutError(
             f"DeepSpeed asked for data parallel size {data_parallel_size} with tensor parallel size "
-            f"{tensor_model_parallel_size} inside the scope of {label(state)}, whose data parallel "
+            f"{tensor_model_parallel_size} inside the scope of {describe_state(state)}, whose data parallel "
             f"size is {dp}. Build the state with the sizes DeepSpeed expects, or pass "
             f"data_parallel_size={dp}."
         )

@@ -36,7 +36,8 @@ import functools
 import types
 from typing import Any, Callable
 
-from scoped_parallel._scope import current_state_or_none, dispatching
+from scoped_parallel.scope import current_state_or_none
+from scoped_parallel.dispatch import dispatching
 from scoped_parallel.adapters._ledger import require
 from scoped_parallel.adapters.deepspeed._records import record_of
 from scoped_parallel.adapters.deepspeed._shared import OWNER, Mods

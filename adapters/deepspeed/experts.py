@@ -36,10 +36,9 @@ from scoped_parallel.adapters.deepspeed._shared import (
     OWNER,
     Mods,
     impl,
-    label,
     spans_world,
 )
-from scoped_parallel.errors import LayoutError
+from scoped_parallel.errors import LayoutError, describe_state
 
 #: DeepSpeed's module global -> the record field holding the state's own value
 EXPERT_GLOBALS = (
@@ -54,7 +53,7 @@ EXPERT_GLOBALS = (
 def _lookup(table: dict[str, Any], name: str, what: str, state: Any) -> Any:
     if name not in table:
         raise AssertionError(
-            f"{what} {name!r} is not initialized for {label(state)} (it has {sorted(table)}); "
+            f"{what} {name!r} is not initialized for {describe_state(state)} (it has {sorted(table)}); "
             "create the MoE layers / engine inside this state's scope"
         )
     return table[name]
@@ -168,7 +167,7 @@ def _run_creator_on_state_dicts(
     """Run DeepSpeed's creator with the module globals bound to the state's record."""
     if not spans_world(state):
         raise LayoutError(
-            f"DeepSpeed asked for expert parallel size {ep_size} inside the scope of {label(state)}, "
+            f"DeepSpeed asked for expert parallel size {ep_size} inside the scope of {describe_state(state)}, "
             f"whose expert_model_parallel_size is {state.get_expert_model_parallel_world_size()} and "
             "which does not span the whole world, so DeepSpeed cannot build the groups itself. Build "
             f"the state with expert_model_parallel_size={ep_size}."

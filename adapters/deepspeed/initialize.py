@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from scoped_parallel._scope import current_state_or_none
+from scoped_parallel.scope import current_state_or_none
 from scoped_parallel.adapters.deepspeed._shared import state_class
 
 
@@ -66,7 +66,7 @@ def state_may_be_mpu(arguments: Mapping[str, Any]) -> bool:
     if config is None:
         config = arguments.get("config_params")
     if isinstance(config, (str, os.PathLike)):
-        from scoped_parallel._config import load_config
+        from scoped_parallel.layout.config import load_config
 
         try:
             config = load_config(config)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from scoped_parallel._scope import current_state_or_none
+from scoped_parallel.scope import current_state_or_none
 from scoped_parallel.adapters._ledger import MISSING
 from scoped_parallel.adapters.deepspeed._records import mpu_of, record_of
-from scoped_parallel.adapters.deepspeed._shared import label, state_class
-from scoped_parallel.errors import AdapterError
+from scoped_parallel.adapters.deepspeed._shared import state_class
+from scoped_parallel.errors import AdapterError, describe_state
 
 #: the module attributes this turns into properties
 ATTRIBUTES = ("mpu", "mesh_device")
@@ -52,7 +52,7 @@ def _module_attribute(name: str) -> property:
         elif name == "mpu":
             if value is not state and type(value) is state_class():
                 raise AdapterError(
-                    f"groups.mpu = {label(value)} inside the scope of {label(state)}: another "
+                    f"groups.mpu = {describe_state(value)} inside the scope of {describe_state(state)}: another "
                     "state's groups would answer this scope's DeepSpeed lookups. Assign it inside "
                     f"`with {getattr(value, 'name', None) or 'that state'}.activate():` instead."
                 )

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from scoped_parallel.errors import describe_state
 from scoped_parallel.adapters.deepspeed._records import mpu_of, record_of
-from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, Mods, impl, is_sp_only, label
+from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, Mods, impl, is_sp_only
 
 
 @impl(GROUPS_IMPL, "_get_data_parallel_group", memoize=True)
@@ -104,7 +105,7 @@ def sp_group(state: Any) -> Any:
         return mpu.get_sequence_parallel_group()
     if rec.mesh_device is not None:
         return rec.mesh_device.get_group(mesh_dim="sequence_parallel")
-    raise KeyError(f"no sequence parallel group: the mpu of {label(state)} has none and no mesh was set")
+    raise KeyError(f"no sequence parallel group: the mpu of {describe_state(state)} has none and no mesh was set")
 
 
 @impl(GROUPS_IMPL, "_get_sequence_data_parallel_world_size", memoize=True)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from scoped_parallel.adapters.deepspeed._records import record_of
-from scoped_parallel.adapters.deepspeed._shared import SP_IMPL, impl, label
-from scoped_parallel.errors import LayoutError
+from scoped_parallel.adapters.deepspeed._shared import SP_IMPL, impl
+from scoped_parallel.errors import LayoutError, describe_state
 
 
 @impl(SP_IMPL, "initialize_sequence_parallel")
@@ -29,7 +29,7 @@ def initialize(state: Any, sequence_parallel_size: int) -> None:
     if sequence_parallel_size != have:
         raise LayoutError(
             f"initialize_sequence_parallel({sequence_parallel_size}) was called inside the scope of "
-            f"{label(state)}, whose sequence parallel size is {have}; groups are never re-created "
+            f"{describe_state(state)}, whose sequence parallel size is {have}; groups are never re-created "
             f"inside a scope. Build the state with sequence_parallel_size={sequence_parallel_size}, "
             f"or pass {have}."
         )

@@ -38,8 +38,8 @@ import os
 from typing import Any
 
 from scoped_parallel.adapters.deepspeed._records import record_of
-from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, Mods, impl, label
-from scoped_parallel.errors import LayoutError
+from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, Mods, impl
+from scoped_parallel.errors import LayoutError, describe_state
 
 #: the ``derived_groups`` purposes of the two ZeRO++ families
 HPZ, ALL_TO_ALL = "zero-hpz", "zero-all-to-all"
@@ -62,7 +62,7 @@ def hpz_block(state: Any, group_size: Any) -> tuple[int, ...]:
     if len(ranks) % size:
         raise LayoutError(
             f"zero_hpz_partition_size={group_size} does not divide the ZeRO data-parallel size "
-            f"{len(ranks)} of {label(state)} (ranks {ranks}); use a divisor of {len(ranks)}"
+            f"{len(ranks)} of {describe_state(state)} (ranks {ranks}); use a divisor of {len(ranks)}"
         )
     at = ranks.index(state.rank) // size * size
     return ranks[at : at + size]
@@ -75,7 +75,7 @@ def create_hpz(state: Any, group_size: Any) -> None:
     if rec.hpz is not None:
         if rec.hpz_ranks != block:
             raise LayoutError(
-                f"the hpZ group of {label(state)} already exists with {len(rec.hpz_ranks)} ranks "
+                f"the hpZ group of {describe_state(state)} already exists with {len(rec.hpz_ranks)} ranks "
                 f"{rec.hpz_ranks}; zero_hpz_partition_size={group_size} asks for {block}. Give every "
                 "engine of one state the same zero_hpz_partition_size, or build another state"
             )
@@ -152,7 +152,7 @@ def all_to_all_blocks(state: Any, per_node: int) -> dict[str, tuple[int, ...]]:
         sizes = {len(v) for v in by_node.values()}
         if len(sizes) != 1:
             raise LayoutError(
-                f"the ZeRO data-parallel ranks {ranks} of {label(state)} are spread unevenly over "
+                f"the ZeRO data-parallel ranks {ranks} of {describe_state(state)} are spread unevenly over "
                 f"nodes of {per_node} ranks ({ {n: tuple(v) for n, v in by_node.items()} }); qgZ's "
                 "two-level all-to-all needs the same count on every node"
             )

@@ -43,13 +43,14 @@ DeepSpeed is imported lazily, only by the all-to-all functions.
 
 from __future__ import annotations
 
+import inspect
 import threading
-import weakref
 from datetime import timedelta
 from typing import Any, Callable
 
-from scoped_parallel._scope import Activation, current_state_or_none
 from scoped_parallel.errors import LayoutError, ScopedParallelError
+from scoped_parallel.getters.table import GETTERS as _TABLE
+from scoped_parallel.scope import Activation, current_state_or_none
 from scoped_parallel.state import ParallelState
 
 __all__ = [
@@ -202,10 +203,14 @@ class ParallelStateInstance:
 
 _LOCK = threading.Lock()
 _REGISTRY: dict[str, ParallelStateInstance] = {}
-#: handles of states built elsewhere, found as the current scope's state
-_HANDLES: weakref.WeakKeyDictionary[ParallelState, ParallelStateInstance] = weakref.WeakKeyDictionary()
-#: set_tensor_model_parallel_world_size / _rank overrides, per state
-_TP_OVERRIDES: weakref.WeakKeyDictionary[ParallelState, dict[str, int]] = weakref.WeakKeyDictionary()
+#: the owner name of this module's per-state record (a handle of a state built elsewhere)
+_OWNER = "compat"
+
+
+def _handle_of(state: ParallelState) -> ParallelStateInstance:
+    handle = ParallelStateInstance(None)
+    handle._state = state
+    return handle
 
 
 def get_parallel_state_instance(name: str | None = None) -> ParallelStateInstance:
@@ -234,11 +239,7 @@ def get_current_parallel_state() -> ParallelStateInstance:
         for instance in _REGISTRY.values():
             if instance._state is state:
                 return instance
-        handle = _HANDLES.get(state)
-        if handle is None:
-            handle = _HANDLES[state] = ParallelStateInstance(None)
-            handle._state = state
-        return handle
+        return state.adapter_record(_OWNER, _handle_of)
 
 
 def get_parallel_state(name: str | None = None) -> ParallelStateInstance:
@@ -257,12 +258,12 @@ def is_initialized(name: str | None = None) -> bool:
 
 def set_tensor_model_parallel_world_size(world_size: int, name: str | None = None) -> None:
     """Override what ``get_tensor_model_parallel_world_size`` (and the model-parallel one) answers for the state."""
-    _TP_OVERRIDES.setdefault(_state(name), {})["world_size"] = world_size
+    _state(name).set_override("tp_size", world_size)
 
 
 def set_tensor_model_parallel_rank(rank: int, name: str | None = None) -> None:
     """Override what ``get_tensor_model_parallel_rank`` (and the model-parallel one) answers for the state."""
-    _TP_OVERRIDES.setdefault(_state(name), {})["rank"] = rank
+    _state(name).set_override("tp_rank", rank)
 
 
 def initialize_all_to_all_groups(name: str | None = None) -> dict[str, Any]:
@@ -280,7 +281,176 @@ def _get_local_all_to_all_group(name: str | None = None) -> dict[str, Any]:
     return initialize_all_to_all_groups(name)
 
 
-from scoped_parallel.compat._wrapper_getters import GETTERS, initialize_parallel_state_from_config  # noqa: E402
+# ---------------------------------------------------------------------- the PR's module-level getters
+#
+# Every getter takes ``name=None`` first (then the PR's flags) and asks the named
+# instance's state, or the current scope's. Which state method answers and its doc
+# come from the getter table (scoped_parallel.getters.table); the flags are the PR's
+# signature. As in the PR, ``get_model_parallel_world_size``/``_rank`` report the
+# tensor-parallel size and rank, while ``get_model_parallel_group`` is the
+# model-parallel (tp x pp) group.
 
+_WRAPPERS = __name__
+_NAME = inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+_DP = ("with_context_parallel", "partial_data_parallel")
+_EDP = ("partial_expert_data_parallel",)
+#: the PR's getter -> its flags (the PR's signature after ``name``)
+_PR_GETTERS: dict[str, tuple[str, ...]] = {
+    "get_tensor_model_parallel_group": (),
+    "get_tensor_model_parallel_world_size": (),
+    "get_tensor_model_parallel_rank": (),
+    "get_tensor_model_parallel_src_rank": (),
+    "get_model_parallel_group": (),
+    "get_model_parallel_world_size": (),
+    "get_model_parallel_rank": (),
+    "get_data_parallel_group": _DP,
+    "get_data_parallel_world_size": _DP,
+    "get_data_parallel_rank": _DP,
+    "get_pipeline_model_parallel_group": (),
+    "get_pipeline_model_parallel_world_size": (),
+    "get_pipeline_model_parallel_rank": (),
+    "get_context_parallel_group": (),
+    "get_context_parallel_world_size": (),
+    "get_context_parallel_rank": (),
+    "get_sequence_parallel_group": (),
+    "get_sequence_parallel_world_size": (),
+    "get_sequence_parallel_rank": (),
+    "get_sequence_data_parallel_group": (),
+    "get_sequence_data_parallel_world_size": (),
+    "get_sequence_data_parallel_rank": (),
+    "get_expert_model_parallel_group": (),
+    "get_expert_model_parallel_world_size": (),
+    "get_expert_model_parallel_rank": (),
+    "get_expert_tensor_parallel_group": (),
+    "get_expert_tensor_parallel_world_size": (),
+    "get_expert_tensor_parallel_rank": (),
+    "get_expert_data_parallel_group": _EDP,
+    "get_expert_data_parallel_world_size": _EDP,
+    "get_expert_data_parallel_rank": _EDP,
+    "get_embedding_group": (),
+    "get_tensor_and_data_parallel_group": ("with_context_parallel",),
+    "get_tensor_and_context_parallel_group": (),
+}
+#: the PR's model-parallel size and rank are the tensor-parallel ones
+_ANSWERED_BY = {
+    "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+    "get_model_parallel_rank": "get_tensor_model_parallel_rank",
+}
+
+
+def _flag(flag: str) -> inspect.Parameter:
+    return inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False)
+
+
+def _getter(public: str, flags: tuple[str, ...]) -> Callable[..., Any]:
+    method = _ANSWERED_BY.get(public, public)
+    if method not in _TABLE:
+        raise TypeError(f"compat getter {public!r} answers with {method!r}, which the getter table lacks")
+
+    def getter(name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        bound = dict(zip(flags, args))
+        bound.update(kwargs)
+        unknown = sorted(set(bound) - set(flags))
+        if unknown or len(args) > len(flags):
+            raise TypeError(f"{public}() got unexpected arguments {unknown or args[len(flags):]}; it takes name, {flags}")
+        return getattr(_state(name), method)(**bound)
+
+    what = (getattr(ParallelState, method).__doc__ or method).strip().splitlines()[0]
+    getter.__name__ = getter.__qualname__ = public
+    getter.__module__ = _WRAPPERS
+    getter.__doc__ = f"The named instance's state answers, or the current scope's (``name=None``): {what}"
+    getter.__signature__ = inspect.Signature([_NAME, *map(_flag, flags)])  # type: ignore[attr-defined]
+    return getter
+
+
+GETTERS: dict[str, Callable[..., Any]] = {public: _getter(public, flags) for public, flags in _PR_GETTERS.items()}
 globals().update(GETTERS)
 __all__ += sorted(GETTERS)
+
+#: ``initialize_parallel_state_from_config`` keywords that set a layout size or the order
+_SIZE_OVERRIDES = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "sequence_parallel_size",
+    "order",
+)
+
+
+def initialize_parallel_state_from_config(
+    config: Any,
+    name: str | None = None,
+    tensor_model_parallel_size: int | None = None,
+    pipeline_model_parallel_size: int | None = None,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    pipeline_model_parallel_comm_backend: str | None = None,
+    context_parallel_size: int | None = None,
+    hierarchical_context_parallel_sizes: list[int] | None = None,
+    expert_model_parallel_size: int | None = None,
+    num_distributed_optimizer_instances: int | None = None,
+    expert_tensor_parallel_size: int | None = None,
+    sequence_parallel_size: int | None = None,
+    nccl_communicator_config_path: str | None = None,
+    distributed_timeout_minutes: int | None = None,
+    order: str | None = None,
+    create_gloo_process_groups: bool | None = None,
+    high_priority_stream_groups: list[str] | None = None,
+) -> Any:
+    """Initialise the named instance from a DeepSpeed config (dict, JSON path or ``DeepSpeedConfig``).
+
+    Arguments > config > defaults. Sizes are read from the config keys
+    :meth:`ParallelState.from_config <scoped_parallel.ParallelState.from_config>` reads
+    (dotted paths such as ``tensor_parallel.autotp_size`` included). An instance
+    initialised already is returned when its layout is the requested one, else a
+    :class:`~scoped_parallel.errors.LayoutError` names both. Returns the instance (an
+    mpu for ``deepspeed.initialize``).
+    """
+    from scoped_parallel.layout.config import load_config, sizes_from_config
+
+    for argument, value in (
+        ("nccl_communicator_config_path", nccl_communicator_config_path),
+        ("high_priority_stream_groups", high_priority_stream_groups),
+    ):
+        if value is not None:
+            raise LayoutError(
+                f"{argument}={value!r} is not supported by scoped_parallel; build a ParallelState with "
+                "pg_options={kind: options} for per-group backend options instead"
+            )
+    local = locals()
+    overrides = {key: local[key] for key in _SIZE_OVERRIDES if local[key] is not None}
+    sizes = sizes_from_config(load_config(config), overrides)
+    sizes.pop("name", None)
+    expected_dp = sizes.pop("_data_parallel_size", None)
+    instance = get_parallel_state_instance(name)
+    if instance.is_initialized():
+        requested = {k: v for k, v in sizes.items() if k != "order"}
+        have = instance.state.layout
+        differ = {k: (v, getattr(have, k)) for k, v in requested.items() if getattr(have, k) != v}
+        if differ:
+            raise LayoutError(
+                f"parallel state {instance.name!r} is already initialized with another layout: "
+                + ", ".join(f"{k} requested {v[0]}, has {v[1]}" for k, v in differ.items())
+                + "; destroy() it first, or use another name"
+            )
+        return instance
+    extra = {
+        "virtual_pipeline_model_parallel_size": virtual_pipeline_model_parallel_size,
+        "pipeline_model_parallel_comm_backend": pipeline_model_parallel_comm_backend,
+        "hierarchical_context_parallel_sizes": hierarchical_context_parallel_sizes,
+        "num_distributed_optimizer_instances": num_distributed_optimizer_instances,
+        "distributed_timeout_minutes": distributed_timeout_minutes,
+        "create_gloo_process_groups": create_gloo_process_groups,
+    }
+    kwargs = {**sizes, **{k: v for k, v in extra.items() if v is not None}}
+    if expected_dp is not None:
+        import torch.distributed as dist
+
+        from scoped_parallel.layout.config import check_data_parallel_size
+
+        check_data_parallel_size({k: v for k, v in sizes.items()}, expected_dp, dist.get_world_size())
+    instance.initialize_model_parallel(**kwargs)
+    return instance
+
+

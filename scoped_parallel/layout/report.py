@@ -13,11 +13,10 @@ import math
 from typing import Mapping, Sequence
 
 from scoped_parallel.errors import LayoutError
-from scoped_parallel._axes import AXES
-from scoped_parallel._kinds import EMBEDDING_KINDS, EXPERT_KIND_TOKENS, parse_kind
-from scoped_parallel.layout import DENSE_AXES, DENSE_KINDS, EXPERT_KINDS, ParallelLayout
+from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.grid import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
 
-__all__ = ["layout_table", "parse_state_spec", "rank_report", "diff_report", "shared_groups", "svg"]
+__all__ = ["parse_state_spec", "rank_report", "diff_report", "shared_groups", "svg"]
 
 # --state spec key -> ParallelLayout keyword (the sizes come from the axis table)
 _SPEC_KEYS = {axis.token: axis.keyword for axis in AXES}
@@ -27,10 +26,6 @@ _SPEC_KEYS.update({
     "order": "order",
     "dp": "dp",
 })
-# Above this many ranks ``layout_table()`` prints only the first few groups.
-TABLE_FULL_LIMIT = 4096
-TABLE_HEAD_GROUPS = 4
-TABLE_MAX_MEMBERS = 16
 _PALETTE = (
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
     "#9c755f", "#bab0ac", "#86bcb6", "#d37295", "#a0cbe8", "#ffbe7d", "#8cd17d", "#f1ce63",
@@ -188,52 +183,3 @@ def svg(states: Mapping[str, ParallelLayout], kinds: Sequence[str] = ("tp", "pp"
         y += panel_h + 30 + gap
     out.append("</svg>")
     return "\n".join(out)
-
-
-def layout_table(layout: ParallelLayout, max_groups: int | None = None) -> str:
-    """A readable multi-line rendering of the sizes and the groups of every kind.
-
-    ``max_groups`` caps the groups shown per kind; by default all are shown
-    up to 4096 ranks and the first few beyond.
-    """
-    if max_groups is None:
-        max_groups = (
-            layout.world_size if layout.world_size <= TABLE_FULL_LIMIT else TABLE_HEAD_GROUPS
-        )
-    s = layout.sizes()
-    first = layout.rank_offset
-    lines = [
-        repr(layout),
-        f"ranks {first}..{first + layout.world_size - 1}, order {layout.order}",
-        "dense  " + " ".join(f"{k}={s[k]}" for k in DENSE_AXES),
-        "expert " + " ".join(f"{k}={s[k]}" for k in EXPERT_KIND_TOKENS),
-    ]
-    kinds = DENSE_KINDS + EXPERT_KINDS + EMBEDDING_KINDS
-    width = max(len(k) for k in kinds)
-    for kind in kinds:
-        _, family, kind_tokens = parse_kind(kind)
-        if family in EMBEDDING_KINDS:
-            count = layout.world_size // layout.pipeline_model_parallel_size
-            size_text = "2" if (family == "embd" and layout.pipeline_model_parallel_size > 1) else "1"
-        else:
-            sizes, _, masked = layout._generator(family, kind_tokens)
-            group_size = 1
-            for i in masked:
-                group_size *= sizes[i]
-            count = layout.world_size // group_size
-            size_text = str(group_size)
-            if group_size == 1:
-                lines.append(f"{kind:<{width}}  {count} x 1  (every rank alone)")
-                continue
-        shown = [
-            _render_group(g) for g in itertools.islice(layout.iter_groups(kind), max_groups)
-        ]
-        more = f" ... (+{count - len(shown)} more)" if count > len(shown) else ""
-        lines.append(f"{kind:<{width}}  {count} x {size_text}  {' '.join(shown)}{more}")
-    return "\n".join(lines)
-
-def _render_group(group: tuple[int, ...]) -> str:
-    if len(group) <= TABLE_MAX_MEMBERS:
-        return "(" + ",".join(str(r) for r in group) + ")"
-    head = ",".join(str(r) for r in group[:3])
-    return f"({head},...,{group[-1]})"

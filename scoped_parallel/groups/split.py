@@ -3,7 +3,7 @@
 With ``init_process_group(..., device_id=...)`` torch creates NCCL subgroups by
 splitting a parent communicator (``ncclCommSplit``): every rank of the parent
 must call the split, with the same partition. Member-only creation (the
-default path, :mod:`scoped_parallel._groups`) is impossible there, so a state
+default path, :mod:`scoped_parallel.groups.create`) is impossible there, so a state
 plans its creation as a sequence of collective splits instead:
 
 1. when the state covers only part of the world, one split of the default group
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
-from scoped_parallel import _groups
-from scoped_parallel._groups import GroupRequest
-from scoped_parallel._kinds import DENSE_KINDS, EMBEDDING_KINDS, EXPERT_KINDS
-from scoped_parallel._plan import StateSpec
+from scoped_parallel.groups import create as _groups
+from scoped_parallel.groups.create import GroupRequest
+from scoped_parallel.layout.kinds import DENSE_KINDS, EMBEDDING_KINDS, EXPERT_KINDS
+from scoped_parallel.groups.plan import StateSpec
 
 __all__ = ["SplitStep", "create_by_split", "plan_splits", "split_kinds"]
 

@@ -10,7 +10,7 @@ group held (and under torch's fake backend at any world size):
   shares; its :meth:`~StateSpec.fingerprint` is what peers compare;
 * :func:`plan_requests` lists the rank's group requests in the one global order
   every rank uses, each named by the agreed tag;
-* :func:`agree_with_peers` runs :func:`scoped_parallel._agree.agree` over the
+* :func:`agree_with_peers` runs :func:`scoped_parallel.groups.agree.agree` over the
   default store before any group exists.
 
 Worked example: on 8 ranks, rank 5 of ``ParallelState(tensor_model_parallel_size=2,
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Collection, Mapping
 
-from scoped_parallel._agree import agree
-from scoped_parallel._groups import GroupRequest
+from scoped_parallel.groups.agree import agree
+from scoped_parallel.groups.create import GroupRequest
 from scoped_parallel.layout import ParallelLayout
 
 __all__ = [
@@ -94,7 +94,7 @@ class StateSpec:
     backends: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     gloo_twins: bool = False
-    #: fingerprint of the Megatron optional-group options (scoped_parallel._optional_groups)
+    #: fingerprint of the Megatron optional-group options (scoped_parallel.layout.optional)
     optional: str = ""
 
     def fingerprint(self) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from scoped_parallel import _torch_compat as compat
+from scoped_parallel.groups import torch_compat as compat
 
 __all__ = ["GroupRequest", "acquire", "adopt", "creation_count", "live_groups", "release", "retain"]
 

@@ -31,12 +31,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from scoped_parallel._axes import AXES, SIZE_KEYWORDS
+from scoped_parallel.layout.axes import AXES, SIZE_KEYWORDS
 from scoped_parallel.errors import LayoutError
 
 __all__ = ["SIZE_KEYS", "check_data_parallel_size", "load_config", "sizes_from_config"]
 
-#: The size keywords, from the axis table (scoped_parallel._axes).
+#: The size keywords, from the axis table (scoped_parallel.layout.axes).
 SIZE_KEYS = SIZE_KEYWORDS
 _SECTION = "scoped_parallel"
 _SECTION_KEYS = frozenset(SIZE_KEYS + ("order", "name", "data_parallel_size"))
@@ -117,7 +117,7 @@ def sizes_from_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -
 
 def check_data_parallel_size(kwargs: Mapping[str, Any], expected_dp: Any, world: int) -> None:
     """Raise LayoutError if the config's ``data_parallel_size`` contradicts the other sizes."""
-    from scoped_parallel.layout import ParallelLayout
+    from scoped_parallel.layout.grid import ParallelLayout
 
     offset = kwargs.get("rank_offset", 0)
     layout_keys = set(SIZE_KEYS) | {"order", "rank_offset"}

@@ -12,8 +12,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from scoped_parallel._axes import AXES
-from scoped_parallel._kinds import token_problems
+from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.kinds import token_problems
 from scoped_parallel.errors import LayoutError
 
 __all__ = ["DEFAULT_ORDER", "Derived", "as_int", "derive", "normalise_order"]
@@ -93,7 +93,7 @@ def prefix_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
 def derive(world_size: Any, sizes: Mapping[str, Any], order: Any, rank_offset: Any) -> Derived:
     """Run every check on the constructor's arguments and return the layout's fields.
 
-    ``sizes`` maps size keywords (:data:`scoped_parallel._axes.SIZE_KEYWORDS`) to values;
+    ``sizes`` maps size keywords (:data:`scoped_parallel.layout.axes.SIZE_KEYWORDS`) to values;
     absent keywords take their axis default.
     """
     ws, given_sizes, offset = _check_types(world_size, sizes, rank_offset)

@@ -8,9 +8,9 @@ The rank numbering follows Megatron-Core's ``RankGenerator`` so that the
 groups listed here are exactly the groups Megatron would build for the same
 sizes and ``order``.
 
-The sizes a layout takes are listed once, in :mod:`scoped_parallel._axes`; the
-checks it runs before it exists live in :mod:`scoped_parallel._layout_checks`;
-group kinds in :mod:`scoped_parallel._kinds`. The module imports only the
+The sizes a layout takes are listed once, in :mod:`scoped_parallel.layout.axes`; the
+checks it runs before it exists live in :mod:`scoped_parallel.layout.checks`;
+group kinds in :mod:`scoped_parallel.layout.kinds`. The module imports only the
 standard library; it is safe to use before (or without) ``torch.distributed``.
 """
 
@@ -20,15 +20,16 @@ import inspect
 import itertools
 from typing import Any, Iterator
 
-from scoped_parallel._axes import AXES
-from scoped_parallel._kinds import (
+from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.checks import DEFAULT_ORDER, as_int, derive
+from scoped_parallel.layout.kinds import (
     DENSE_KINDS,
     EMBEDDING_KINDS,
+    EXPERT_KIND_TOKENS,
     EXPERT_KINDS,
     canonical_kind,
     parse_kind,
 )
-from scoped_parallel._layout_checks import DEFAULT_ORDER, as_int, derive
 from scoped_parallel.errors import LayoutError, RankNotInLayoutError
 
 __all__ = ["DENSE_AXES", "DENSE_KINDS", "EMBEDDING_KINDS", "EXPERT_KINDS", "ParallelLayout", "canonical_kind"]
@@ -38,7 +39,6 @@ _EXPERT_TOKEN_TO_ORDER = {"etp": "tp", "ep": "ep", "edp": "dp", "pp": "pp"}
 #: The dense axes in Megatron's rank-generator sequence: keys of ``coordinates()``,
 #: what ``rank_at()`` accepts, the dense line of ``table()``, DeviceMesh dimensions.
 DENSE_AXES = ("tp", "cp", "sp", "dp", "pp")
-_DENSE_AXES = DENSE_AXES
 _EXPERT_AXES = ("etp", "ep", "edp")
 # Keys of ``sizes()``, and the sizes ``repr`` shows when they are not 1.
 _SIZE_ORDER = ("tp", "cp", "sp", "dp", "pp", "ep", "etp", "edp")
@@ -156,7 +156,7 @@ class ParallelLayout:
         return f"ParallelLayout({', '.join(parts)})"
 
     # ------------------------------------------------------------------ sizes
-    # One property per axis of scoped_parallel._axes.AXES is added after the class.
+    # One property per axis of scoped_parallel.layout.axes.AXES is added after the class.
 
     @property
     def world_size(self) -> int:
@@ -232,7 +232,7 @@ class ParallelLayout:
         local = self._local(rank)
         coords: dict[str, int] = {}
         index = {t: i for i, t in enumerate(self._tokens)}
-        for axis in _DENSE_AXES:
+        for axis in DENSE_AXES:
             i = index[axis]
             coords[axis] = (local // self._dense_strides[i]) % self._dense_sizes[i]
         for axis in _EXPERT_AXES:
@@ -242,10 +242,10 @@ class ParallelLayout:
 
     def rank_at(self, **coords: int) -> int:
         """Global rank at the given dense coordinates (tp, cp, sp, dp, pp; absent = 0)."""
-        unknown = sorted(set(coords) - set(_DENSE_AXES))
+        unknown = sorted(set(coords) - set(DENSE_AXES))
         if unknown:
             raise TypeError(
-                f"rank_at() got unknown axes {', '.join(unknown)}; use {', '.join(_DENSE_AXES)}"
+                f"rank_at() got unknown axes {', '.join(unknown)}; use {', '.join(DENSE_AXES)}"
             )
         local = 0
         for i, token in enumerate(self._tokens):
@@ -369,9 +369,7 @@ class ParallelLayout:
         ``max_groups`` caps the groups shown per kind; by default all are shown
         up to 4096 ranks and the first few beyond.
         """
-        from scoped_parallel._inspect import layout_table
-
-        return layout_table(self, max_groups)
+        return _layout_table(self, max_groups)
 
     def iter_groups(self, kind: str) -> Iterator[tuple[int, ...]]:
         """The groups of ``kind`` one at a time (what :meth:`groups` collects)."""
@@ -412,3 +410,56 @@ ParallelLayout.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-
     ],
     return_annotation=None,
 )
+
+
+# ---------------------------------------------------------------------- the table of one layout
+
+# Above this many ranks ``layout_table()`` prints only the first few groups.
+TABLE_FULL_LIMIT = 4096
+TABLE_HEAD_GROUPS = 4
+TABLE_MAX_MEMBERS = 16
+
+
+def _layout_table(layout: ParallelLayout, max_groups: int | None = None) -> str:
+    """:meth:`ParallelLayout.table` (see there)."""
+    if max_groups is None:
+        max_groups = (
+            layout.world_size if layout.world_size <= TABLE_FULL_LIMIT else TABLE_HEAD_GROUPS
+        )
+    s = layout.sizes()
+    first = layout.rank_offset
+    lines = [
+        repr(layout),
+        f"ranks {first}..{first + layout.world_size - 1}, order {layout.order}",
+        "dense  " + " ".join(f"{k}={s[k]}" for k in DENSE_AXES),
+        "expert " + " ".join(f"{k}={s[k]}" for k in EXPERT_KIND_TOKENS),
+    ]
+    kinds = DENSE_KINDS + EXPERT_KINDS + EMBEDDING_KINDS
+    width = max(len(k) for k in kinds)
+    for kind in kinds:
+        _, family, kind_tokens = parse_kind(kind)
+        if family in EMBEDDING_KINDS:
+            count = layout.world_size // layout.pipeline_model_parallel_size
+            size_text = "2" if (family == "embd" and layout.pipeline_model_parallel_size > 1) else "1"
+        else:
+            sizes, _, masked = layout._generator(family, kind_tokens)
+            group_size = 1
+            for i in masked:
+                group_size *= sizes[i]
+            count = layout.world_size // group_size
+            size_text = str(group_size)
+            if group_size == 1:
+                lines.append(f"{kind:<{width}}  {count} x 1  (every rank alone)")
+                continue
+        shown = [
+            _render_group(g) for g in itertools.islice(layout.iter_groups(kind), max_groups)
+        ]
+        more = f" ... (+{count - len(shown)} more)" if count > len(shown) else ""
+        lines.append(f"{kind:<{width}}  {count} x {size_text}  {' '.join(shown)}{more}")
+    return "\n".join(lines)
+
+def _render_group(group: tuple[int, ...]) -> str:
+    if len(group) <= TABLE_MAX_MEMBERS:
+        return "(" + ",".join(str(r) for r in group) + ")"
+    head = ",".join(str(r) for r in group[:3])
+    return f"({head},...,{group[-1]})"

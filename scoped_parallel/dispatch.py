@@ -1,29 +1,55 @@
-"""The one resolver/dispatch template of the adapters (re-exported by :mod:`scoped_parallel._scope`).
+"""The public API for adapter authors: patched callables that answer from the active state.
 
-Patched library functions answer from the active state. Their wrappers are built
-here, from one template, so that the resolution rule of
-:mod:`scoped_parallel._scope` and its fast path exist once: adapters say what to
-call inside a scope and what outside, nothing else. This module reads the scope's
-ContextVar only through ``_scope._get`` (its bound ``get``) and never writes it.
-Standard library only.
+A library function re-pointed at the scope is built here, from one template, so the
+resolution rule of :mod:`scoped_parallel.scope` and its fast path exist once: an
+adapter says what to call inside a scope and what outside, nothing else.
+
+* :func:`dispatching` builds the replacement of a library callable;
+* :func:`resolve` is the full rule for cold paths (and strict mode's error);
+* :func:`forget_memo` drops a state's memoized answers when their inputs change;
+* :func:`set_strict` / :func:`is_strict`: whether patched callables raise outside
+  every scope;
+* :func:`carrying_backward` / :func:`hook_in_scope` (from :mod:`scoped_parallel.scope`)
+  carry a scope into autograd's threads;
+* per-state data of an adapter lives in ``state.adapter_record(owner, factory)``.
+
+Worked example, an adapter re-pointing a DeepSpeed getter on 8 ranks, where the actor
+has TP=2 (DP=4) and the critic DP=8::
+
+    groups._get_data_parallel_group = dispatching(
+        original, lambda state: state.get_data_parallel_group(),
+        "deepspeed.utils.groups._get_data_parallel_group", memoize=True)
+    with actor.activate():
+        groups._get_data_parallel_group()   # rank 0: the actor's group (0, 2, 4, 6)
+    with critic.activate():
+        groups._get_data_parallel_group()   # rank 0: the critic's group (0..7)
+    groups._get_data_parallel_group()       # outside: DeepSpeed's own function
+
+This module reads the scope's ContextVar only through ``scope._get`` and never
+writes it. Standard library only.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import inspect
+import itertools
+import linecache
 import types
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from scoped_parallel._scope import _get, current_state_or_none
-from scoped_parallel._scope_registry import ACTIVE as _ACTIVE
 from scoped_parallel.errors import NoActiveStateError
+from scoped_parallel.scope import _ACTIVE, _get, carrying_backward, current_state_or_none, hook_in_scope
 
-if TYPE_CHECKING:  # pragma: no cover
-    from scoped_parallel.state import ParallelState
-
-__all__ = ["dispatching", "forget_memo", "is_strict", "resolve", "set_strict"]
+__all__ = [
+    "carrying_backward",
+    "dispatching",
+    "forget_memo",
+    "hook_in_scope",
+    "is_strict",
+    "resolve",
+    "set_strict",
+]
 
 
 class _Strict:
@@ -48,7 +74,7 @@ def is_strict() -> bool:
     return _STRICT.on
 
 
-def resolve(what: str) -> ParallelState | None:
+def resolve(what: str) -> Any:
     """The state a patched function named ``what`` answers from, or ``None`` to fall through.
 
     The full rule (innermost scope, then the fallback of :func:`current_state_or_none`),
@@ -177,8 +203,9 @@ def dispatching(
 # original's own parameter list, so a call costs no ``*args``/``**kwargs`` packing and
 # introspection shows the original's signature. Outside every scope it calls the original:
 # one C call (``ContextVar.get``), two tests and one Python call more than the original.
-# (Inlining the original's body would save that call, but it means recompiling another
-# project's source at run time; we do not.)
+# The generated source is ours and says so: it is compiled under a file name of its own,
+# ``<scoped_parallel.dispatch:N what>``, registered in ``linecache`` (tracebacks, ``inspect``
+# and profilers show the generated lines), and its frames run in this module's globals.
 
 _CO_NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_VARARGS \
     | inspect.CO_VARKEYWORDS
@@ -186,6 +213,7 @@ _CO_NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_G
 _EXACT_TEMPLATE = """\
 def _sp_factory(_sp_get, _sp_active, _sp_strict, _sp_resolve, _sp_what, _sp_original, _sp_inside, _sp_key, {defaults}):
     def {name}({params}):
+        # scoped_parallel.dispatch: the replacement of {what}
         _sp_frame = _sp_get()
         if _sp_frame is not None:
             _sp_state = _sp_frame[0]
@@ -194,7 +222,7 @@ def _sp_factory(_sp_get, _sp_active, _sp_strict, _sp_resolve, _sp_what, _sp_orig
             if _sp_state is None:
                 return _sp_original({call})
         else:
-            _sp_BODY
+            return _sp_original({call})
 {memo}        return _sp_inside(_sp_state{comma}{call})
     return {name}
 """
@@ -207,6 +235,8 @@ _MEMO_TEMPLATE = """\
                 _sp_answer = _sp_state._memo[_sp_key] = _sp_inside(_sp_state)
                 return _sp_answer
 """
+
+_SERIAL = itertools.count()
 
 
 def _exact(original: Any, inside: Callable[..., Any], what: str, memoize: bool) -> Callable[..., Any] | None:
@@ -242,23 +272,17 @@ def _exact(original: Any, inside: Callable[..., Any], what: str, memoize: bool) 
         memo = _MEMO_TEMPLATE.format(all_default=" and ".join(tests) or "True")
     source = _EXACT_TEMPLATE.format(
         name=original.__name__, params=", ".join(params), call=", ".join(call), comma=", " if call else "",
-        defaults=", ".join(defaults) or "_sp_none=None", memo=memo,
+        defaults=", ".join(defaults) or "_sp_none=None", memo=memo, what=what,
     )
-    tree = ast.parse(source)
-    line = original.__code__.co_firstlineno
-    inner = tree.body[0].body[0]  # type: ignore[attr-defined]
-    branch = inner.body[1].orelse[0]
-    branch.orelse = ast.parse(f"return _sp_original({', '.join(call)})").body
-    for node in ast.walk(tree):  # the template's lines point at the original's ``def``
-        if "lineno" in node._attributes:
-            node.lineno = node.end_lineno = line  # type: ignore[attr-defined]
-            node.col_offset = node.end_col_offset = 0  # type: ignore[attr-defined]
-    ast.fix_missing_locations(tree)
-    namespace: dict[str, Any] = {}
-    exec(compile(tree, original.__code__.co_filename, "exec"), {"__builtins__": __builtins__}, namespace)  # noqa: S102
+    filename = f"<scoped_parallel.dispatch:{next(_SERIAL)} {what}>"
+    # mtime None: linecache.checkcache keeps the entry (there is no file to compare with).
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"__builtins__": __builtins__, "__name__": __name__}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102
     default_values = [p.default for p in parameters if p.default is not P.empty]
     fn = namespace["_sp_factory"](_get, _ACTIVE, _STRICT, resolve, what, original, inside, object(), *default_values)
     fn.__defaults__ = original.__defaults__
     fn.__kwdefaults__ = original.__kwdefaults__
     functools.update_wrapper(fn, original)
+    fn.__module__ = __name__  # the function is ours; __wrapped__ leads to the original
     return fn

@@ -19,9 +19,9 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from scoped_parallel._axes import AXES
+from scoped_parallel.layout.axes import AXES
 from scoped_parallel.errors import LayoutError
-from scoped_parallel.layout import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
+from scoped_parallel.layout.grid import DENSE_KINDS, EXPERT_KINDS, ParallelLayout
 
 __all__ = ["main"]
 
@@ -82,7 +82,7 @@ def _rank_view(layout: ParallelLayout, rank: int) -> dict[str, object]:
 
 
 def _several(args: argparse.Namespace) -> int:
-    from scoped_parallel import _inspect
+    from scoped_parallel.layout import report as _inspect
 
     states = dict(_inspect.parse_state_spec(spec, args.world_size) for spec in args.state)
     if args.svg:

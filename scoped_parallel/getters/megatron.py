@@ -1,0 +1,419 @@
+"""The Megatron getters that are more than one kind's group: variants, optional groups, collections.
+
+:class:`MegatronMethods` is the one base class of a state's getters: its methods
+answer the ``METHOD`` rows of :mod:`scoped_parallel.getters.table` (variant keywords
+such as ``with_context_parallel``, the embedding groups, Megatron's optional groups and
+``process_group_collection()``); :mod:`scoped_parallel.getters` adds a method per simple
+row. Everything is answered from the state's :class:`~scoped_parallel.groups.table.GroupTable`
+through the state's primitives ``_kind_group``, ``_kind_ranks``, ``_kind_size``,
+``_kind_rank`` (canonical kinds, fast) and ``_require`` (the explanatory errors).
+
+Optional groups answer what megatron-core's getter of the same name answers after
+``initialize_model_parallel`` with the same options (checked against megatron-core by
+``tests/test_megatron_oracle.py``): a group the state's options did not ask for is
+``None`` with ``check_initialized=False`` (Megatron's answer), or the group Megatron
+uses in its place (the dp-cp group as the "partial" group with one
+distributed-optimizer instance); asked for with ``check_initialized=True``, where
+Megatron's assertion fails, it raises :class:`~scoped_parallel.errors.GroupNotAvailableError`
+naming the option to set. :meth:`~MegatronMethods.process_group_collection` is the one
+place the core imports megatron-core, lazily, inside the method.
+
+On rank 5 of 8 with ``tensor_model_parallel_size=2, pipeline_model_parallel_size=2``:
+``get_data_parallel_group()`` spans (5, 7), ``get_data_parallel_src_rank()`` is 5,
+``is_pipeline_last_stage()`` is true and ``get_pipeline_model_parallel_next_rank()`` is 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from scoped_parallel.errors import GroupNotAvailableError, UnsupportedSetupError, describe_state
+
+__all__ = ["COLLECTION_FIELDS", "MegatronMethods"]
+
+#: ``ProcessGroupCollection`` field -> (state method, keyword arguments): what
+#: ``ProcessGroupCollection.use_mpu_process_groups()`` asks parallel_state for.
+COLLECTION_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tp": ("get_tensor_model_parallel_group", {}),
+    "pp": ("get_pipeline_model_parallel_group", {}),
+    "mp": ("get_model_parallel_group", {}),
+    "embd": ("get_embedding_group", {"check_initialized": False}),
+    "pos_embd": ("get_position_embedding_group", {"check_initialized": False}),
+    "cp": ("get_context_parallel_group", {}),
+    "tp_cp": ("get_tensor_and_context_parallel_group", {}),
+    "hcp": ("get_hierarchical_context_parallel_groups", {"check_initialized": False}),
+    "ep": ("get_expert_model_parallel_group", {}),
+    "expt_tp": ("get_expert_tensor_parallel_group", {}),
+    "tp_ep": ("get_expert_tensor_and_model_parallel_group", {}),
+    "tp_ep_pp": ("get_expert_tensor_model_pipeline_parallel_group", {}),
+    "tp_dp_cp": ("get_tensor_and_data_parallel_group", {"with_context_parallel": True}),
+    "dp": ("get_data_parallel_group", {}),
+    "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True}),
+    "expt_dp": ("get_expert_data_parallel_group", {}),
+    "intra_dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, "partial_data_parallel": True}),
+    "intra_expt_dp": ("get_expert_data_parallel_group", {"partial_expert_data_parallel": True}),
+    "inter_dist_opt": ("get_inter_distributed_optimizer_instance_group", {"check_initialized": False}),
+    "intra_dist_opt": ("get_intra_distributed_optimizer_instance_group", {"check_initialized": False}),
+}
+
+
+class MegatronMethods:
+    """Megatron's getters with variants, optional groups and collections (see the module doc)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # the state's primitives (scoped_parallel.state.ParallelState)
+        _rank: int
+        _optional: Any
+        _destroyed: bool
+        _entries: dict[str, Any]
+        _overrides: dict[str, Any]
+
+        def _kind_group(self, kind: str) -> Any: ...
+        def _kind_ranks(self, kind: str) -> tuple[int, ...]: ...
+        def _kind_size(self, kind: str) -> int: ...
+        def _kind_rank(self, kind: str) -> int: ...
+        def _require(self, kind: str) -> str: ...
+        def gloo_group(self, kind: str) -> Any: ...
+        @property
+        def is_member(self) -> bool: ...
+
+    # ------------------------------------------------------------------ tensor / pipeline
+
+    def is_initialized(self) -> bool:
+        """Whether the state still holds its groups (false after :meth:`destroy`)."""
+        return not self._destroyed
+
+    def model_parallel_is_initialized(self) -> bool:
+        """Whether the state holds groups on this rank (a live member)."""
+        return not self._destroyed and self.is_member
+
+    def get_pipeline_model_parallel_next_rank(self) -> int:
+        """Global rank of the next pipeline stage (the last wraps to the first)."""
+        ranks = self._kind_ranks("pp")
+        return ranks[(self._kind_rank("pp") + 1) % len(ranks)]
+
+    def get_pipeline_model_parallel_prev_rank(self) -> int:
+        """Global rank of the previous pipeline stage (the first wraps to the last)."""
+        ranks = self._kind_ranks("pp")
+        return ranks[(self._kind_rank("pp") - 1) % len(ranks)]
+
+    def get_virtual_pipeline_model_parallel_rank(self) -> int | None:
+        """The virtual pipeline rank set with Megatron's setter in this state's scope (``None`` unset)."""
+        return self._overrides.get("vpp_rank")  # type: ignore[no-any-return]
+
+    def get_virtual_pipeline_model_parallel_world_size(self) -> int | None:
+        """The virtual pipeline size set with Megatron's setter in this state's scope (``None`` unset)."""
+        return self._overrides.get("vpp_size")  # type: ignore[no-any-return]
+
+    def _virtual_stage_is(self, ignore_virtual: bool, vp_stage: int | None, wanted: int) -> bool:
+        """Megatron's virtual-stage test: true unless virtual stages count and ``vp_stage`` is not ``wanted``."""
+        vpp = self._overrides.get("vpp_size")
+        if ignore_virtual or vpp is None:
+            return True
+        assert vp_stage is not None, "vp_stage must be passed if virtual pipeline is enabled"
+        return vp_stage == (wanted if wanted >= 0 else vpp + wanted)
+
+    def is_pipeline_first_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank is in the first pipeline stage (and, with virtual stages counted, ``vp_stage`` 0)."""
+        if not self._virtual_stage_is(ignore_virtual, vp_stage, 0):
+            return False
+        return self.get_pipeline_model_parallel_rank() == 0  # type: ignore[attr-defined, no-any-return]
+
+    def is_pipeline_last_stage(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank is in the last pipeline stage (and, with virtual stages counted, the last ``vp_stage``)."""
+        if not self._virtual_stage_is(ignore_virtual, vp_stage, -1):
+            return False
+        rank = self.get_pipeline_model_parallel_rank()  # type: ignore[attr-defined]
+        return rank == self.get_pipeline_model_parallel_world_size() - 1  # type: ignore[attr-defined, no-any-return]
+
+    def _dp_kind(self, with_context_parallel: bool, partial_data_parallel: bool = False) -> str:
+        if partial_data_parallel and not with_context_parallel:
+            raise GroupNotAvailableError(
+                "partial_data_parallel=True needs with_context_parallel=True (Megatron: the "
+                "partial data parallel group of a distributed-optimizer instance includes CP)"
+            )
+        return "dp-cp" if with_context_parallel else "dp"
+
+    def get_data_parallel_group(
+        self,
+        with_context_parallel: bool = False,
+        partial_data_parallel: bool = False,
+        independent_all_gather: bool = False,
+    ) -> Any:
+        """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data.
+
+        ``partial_data_parallel=True`` (with context parallel): the dp-cp ranks of this
+        rank's distributed-optimizer instance; ``independent_all_gather=True``: the
+        separate all-gather twin of dp-cp (``create_all_gather_group=True``).
+        """
+        if not (with_context_parallel or partial_data_parallel):
+            entry = self._entries.get("dp")  # hot: DeepSpeed asks at every step
+            if entry is not None:
+                return entry.group
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        if partial_data_parallel:
+            return self._intra_group("dp-cp")
+        if with_context_parallel and independent_all_gather:
+            return self._all_gather_group()
+        return self._kind_group(kind)
+
+    def get_data_parallel_group_gloo(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> Any:
+        """The gloo twin of this rank's data parallel group, dp x cp with ``with_context_parallel=True`` (``create_gloo_process_groups=True``)."""
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        return self._intra_group(kind, gloo=True) if partial_data_parallel else self.gloo_group(kind)
+
+    def get_data_parallel_world_size(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        """Size of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        return len(self._intra_ranks(kind)) if partial_data_parallel else self._kind_size(kind)
+
+    def get_data_parallel_rank(
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+    ) -> int:
+        """This rank's index in its data parallel group (dp x cp with ``with_context_parallel=True``).
+
+        A value set with Megatron's ``set_data_parallel_rank`` in this state's scope answers first.
+        """
+        value = self._overrides.get("dp_rank")
+        if value is not None:
+            return value  # type: ignore[no-any-return]
+        kind = self._dp_kind(with_context_parallel, partial_data_parallel)
+        if partial_data_parallel:
+            return self._intra_ranks(kind).index(self._rank)
+        return self._kind_rank(kind)
+
+    def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
+        """Global rank of the first member of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        return self._kind_ranks(self._dp_kind(with_context_parallel))[0]
+
+    def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
+        """Global ranks of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        return self._kind_ranks(self._dp_kind(with_context_parallel))
+
+    def get_tensor_and_data_parallel_group(
+        self, check_initialized: bool = True, with_context_parallel: bool = False
+    ) -> Any:
+        """This rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
+        """Size of this rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        return self._kind_size("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
+        """This rank's index in its tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
+        return self._kind_rank("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_expert_data_parallel_group(
+        self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
+    ) -> Any:
+        """This rank's expert data parallel group (of its distributed-optimizer instance with ``partial_expert_data_parallel=True``)."""
+        if partial_expert_data_parallel:
+            return self._intra_group("edp")
+        return self._kind_group("edp")
+
+    def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
+        """The gloo twin of this rank's expert data parallel group (``create_gloo_process_groups=True``)."""
+        if partial_expert_data_parallel:
+            return self._intra_group("edp", gloo=True)
+        return self.gloo_group("edp")
+
+    def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+        """Size of this rank's expert data parallel group."""
+        return len(self._intra_ranks("edp")) if partial_expert_data_parallel else self._kind_size("edp")
+
+    def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+        """This rank's index in its expert data parallel group."""
+        if partial_expert_data_parallel:
+            return self._intra_ranks("edp").index(self._rank)
+        return self._kind_rank("edp")
+
+    def is_rank_in_embedding_group(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
+        """Whether this rank holds a word-embedding group (first or last pipeline stage).
+
+        With virtual stages counted (``ignore_virtual=False``), only for the first virtual
+        stage on the first rank of the group and the last one on its last rank, as in Megatron.
+        """
+        self._require("tp")
+        entry = self._entries.get("embd")
+        if entry is None:
+            return False
+        if ignore_virtual:
+            return True
+        if self._rank == entry.ranks[0]:
+            return self.is_pipeline_first_stage(False, vp_stage)
+        if self._rank == entry.ranks[-1]:
+            return self.is_pipeline_last_stage(False, vp_stage)
+        return True
+
+    def is_rank_in_position_embedding_group(self) -> bool:
+        """Whether this rank holds a position-embedding group (first pipeline stage)."""
+        self._require("tp")
+        return "pos-embd" in self._entries
+
+    def get_embedding_group(self, check_initialized: bool = True) -> Any:
+        """This rank's word-embedding group (``None`` off the embedding stages with ``check_initialized=False``, as in Megatron)."""
+        if not check_initialized and self._require("tp") and "embd" not in self._ranks_of:
+            return None
+        return self._kind_group("embd")
+
+    def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
+        """This rank's position-embedding group (``None`` off the first stage with ``check_initialized=False``, as in Megatron)."""
+        if not check_initialized and self._require("tp") and "pos-embd" not in self._ranks_of:
+            return None
+        return self._kind_group("pos-embd")
+
+    # ------------------------------------------------------------------ optional groups
+
+    def _opt_group(self, slot: str) -> Any:
+        self._require("tp")  # destroyed / not a member: the explanatory error
+        return self._entries["opt:" + slot].group
+
+    def _missing(self, what: str, option: str) -> GroupNotAvailableError:
+        return GroupNotAvailableError(
+            f"{describe_state(self)} has no {what}: Megatron builds it only with {option}; build the "
+            f"state with ParallelState(..., {option}) (check_initialized=False answers None, as "
+            "Megatron does)"
+        )
+
+    def _intra_ranks(self, kind: str) -> tuple[int, ...]:
+        """Ranks of the partial (one optimizer instance) ``kind`` group: ``dp-cp`` or ``edp``."""
+        self._require("tp")
+        entry = self._entries.get("opt:intra-" + kind)
+        return entry.ranks if entry is not None else self._kind_ranks(kind)
+
+    def _intra_group(self, kind: str, gloo: bool = False) -> Any:
+        """The partial ``kind`` group; with one instance Megatron's answer is the full group."""
+        slot = "intra-" + kind
+        if "opt:" + slot not in self._entries:
+            return self.gloo_group(kind) if gloo else self._kind_group(kind)
+        if gloo:
+            return self.gloo_group(slot)
+        return self._opt_group(slot)
+
+    def get_intra_distributed_optimizer_instance_group(self, check_initialized: bool = True) -> Any:
+        """Every rank of this rank's distributed-optimizer instance (all the state's ranks with one)."""
+        return self._opt_group("dist-opt")
+
+    def get_inter_distributed_optimizer_instance_group(self, check_initialized: bool = True) -> Any:
+        """The group across distributed-optimizer instances (expert data parallel ranks that
+        hold the same shard); ``None`` with one instance, as in Megatron."""
+        if "opt:inter-edp" in self._entries:
+            return self._opt_group("inter-edp")
+        self._require("tp")
+        if check_initialized:
+            raise self._missing("inter distributed-optimizer instance group", "num_distributed_optimizer_instances=2")
+        return None
+
+    def get_hierarchical_context_parallel_groups(self, check_initialized: bool = True) -> Any:
+        """The context parallel sub-groups of each level (``hierarchical_context_parallel_sizes``)."""
+        levels = len(self._optional.hierarchical_context_parallel_sizes)
+        if levels:
+            return [self._opt_group(f"hcp/{level}") for level in range(levels)]
+        self._require("tp")
+        if check_initialized:
+            raise self._missing("hierarchical context parallel groups", "hierarchical_context_parallel_sizes=[...]")
+        return None
+
+    def get_hybrid_data_context_parallel_groups(self, check_initialized: bool = True, group_size: int | None = None) -> Any:
+        """The hybrid data x context parallel group of ``group_size`` ranks holding this rank
+        (the dp-cp group itself when ``group_size`` is its size)."""
+        if len(self._kind_ranks("dp-cp")) == group_size:
+            return self._kind_group("dp-cp")
+        slot = f"hybrid/{group_size}"
+        if "opt:" + slot in self._entries:
+            return self._opt_group(slot)
+        if not self._optional.hybrid_context_parallel:
+            raise self._missing(f"hybrid data x context parallel group of size {group_size!r}", "hybrid_context_parallel=True")
+        sizes = sorted(int(k.split("/")[1]) for k in self._entries if k.startswith("opt:hybrid/"))
+        raise GroupNotAvailableError(
+            f"{describe_state(self)} has no hybrid data x context parallel group of size {group_size!r}; "
+            f"Megatron builds sizes {sizes} and {len(self._kind_ranks('dp-cp'))} (the dp-cp group)"
+        )
+
+    def has_separate_all_gather_group(self) -> bool:
+        """Whether the state has a separate all-gather twin of dp-cp (``create_all_gather_group=True``)."""
+        self._require("tp")
+        return "opt:dp-cp/ag" in self._entries
+
+    def _all_gather_group(self) -> Any:
+        if "opt:dp-cp/ag" in self._entries:
+            return self._opt_group("dp-cp/ag")
+        raise self._missing("separate all-gather dp-cp group", "create_all_gather_group=True")
+
+    def get_amax_reduction_group(self, with_context_parallel: bool = False, tp_only_amax_red: bool = False) -> Any:
+        """FP8 amax reduction group: Megatron's choice among tp-dp(-cp), tp-cp and tp."""
+        if tp_only_amax_red:
+            return self._kind_group("tp-cp" if with_context_parallel else "tp")
+        return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
+
+    def get_data_modulo_expert_parallel_group(self, partial_expert_data_parallel: bool = False) -> Any:
+        """Deprecated alias of ``get_expert_data_parallel_group`` (warns, as Megatron does)."""
+        warnings.warn(
+            "get_data_modulo_expert_parallel_group is deprecated, please use "
+            "get_expert_data_parallel_group instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.get_expert_data_parallel_group(partial_expert_data_parallel=partial_expert_data_parallel)
+
+    def get_all_ranks(self) -> str:
+        """This rank's tp, dp, cp, pp and ep indices joined by ``_`` (Megatron's format)."""
+        return "_".join(str(self._kind_rank(k)) for k in ("tp", "dp", "cp", "pp", "ep"))
+
+    def process_group_collection(self, required_pgs: list[str] | None = None, collection_class: Any = None) -> Any:
+        """Megatron's ``ProcessGroupCollection`` holding this state's own groups (none created).
+
+        For models and DDP that take groups explicitly, with no scope needed:
+        ``GPTModel(config, spec, ..., pg_collection=state.process_group_collection())``.
+        Each field holds what ``ProcessGroupCollection.use_mpu_process_groups()`` would
+        find inside this state's scope (``None`` where Megatron has ``None``, e.g. ``embd``
+        off the first/last pipeline stage); only the fields the installed megatron-core
+        defines are filled. ``required_pgs`` restricts the fields, as in Megatron.
+
+        megatron-core 0.13/0.14 have no ``ProcessGroupCollection``: the default there is
+        ``ModelCommProcessGroups`` (what their models take as ``model_comm_pgs=``); pass
+        ``collection_class=GradCommProcessGroups`` (or any dataclass with Megatron's field
+        names) for the others. Imports megatron-core lazily, the one place the core does.
+        """
+        import dataclasses
+
+        cls = collection_class
+        if cls is None:
+            try:
+                from megatron.core import process_groups_config as pgc
+            except ImportError as err:
+                raise ImportError(
+                    "state.process_group_collection() needs megatron-core (pip install "
+                    "'scoped-parallel[megatron]')"
+                ) from err
+            cls = getattr(pgc, "ProcessGroupCollection", None) or getattr(pgc, "ModelCommProcessGroups", None)
+            if cls is None:
+                raise UnsupportedSetupError(
+                    "this megatron-core has neither ProcessGroupCollection nor ModelCommProcessGroups; "
+                    "pass collection_class= explicitly"
+                )
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"collection_class must be a dataclass of process groups, got {cls!r}")
+        defined = [f.name for f in dataclasses.fields(cls)]
+        names = defined if required_pgs is None else list(required_pgs)
+        unknown = [n for n in names if n not in defined]
+        if unknown:
+            raise ValueError(f"unknown process group fields {unknown}; {cls.__name__} defines {defined}")
+        strange = [n for n in names if n not in COLLECTION_FIELDS]
+        if strange:
+            raise UnsupportedSetupError(
+                f"{cls.__name__} fields {strange} are not known to scoped_parallel (known: "
+                f"{sorted(COLLECTION_FIELDS)}); pass required_pgs without them"
+            )
+        collection = cls()
+        for name in names:
+            method, kwargs = COLLECTION_FIELDS[name]
+            setattr(collection, name, getattr(self, method)(**kwargs))
+        return collection
