@@ -23,7 +23,7 @@ What is re-pointed, and where (each module's doc has the details):
 ``zero``            ZeRO-3 partitions over SP x DP for a state with SP > 1
 ``zeropp``          ZeRO++ hpZ and qgZ all-to-all groups: per state, cut from its ZeRO ranks
 ``checkpointing``   activation checkpointing's globals (``configure``): per state
-``_records``        the per-state record (``state._adapter_slots["deepspeed"]``) and
+``_records``        the per-state record (``state.adapter_record("deepspeed", ...)``) and
                     ``_release_process_group_references``
 ==================  =======================================================================
 

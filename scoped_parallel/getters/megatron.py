@@ -259,13 +259,13 @@ class MegatronMethods:
 
     def get_embedding_group(self, check_initialized: bool = True) -> Any:
         """This rank's word-embedding group (``None`` off the embedding stages with ``check_initialized=False``, as in Megatron)."""
-        if not check_initialized and self._require("tp") and "embd" not in self._ranks_of:
+        if not check_initialized and self._require("tp") and "embd" not in self._entries:
             return None
         return self._kind_group("embd")
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
         """This rank's position-embedding group (``None`` off the first stage with ``check_initialized=False``, as in Megatron)."""
-        if not check_initialized and self._require("tp") and "pos-embd" not in self._ranks_of:
+        if not check_initialized and self._require("tp") and "pos-embd" not in self._entries:
             return None
         return self._kind_group("pos-embd")
 
