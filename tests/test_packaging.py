@@ -42,7 +42,10 @@ def test_built_wheel_has_no_top_level_adapters(tmp_path):
     )
     (wheel,) = tmp_path.glob("scoped_parallel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("scoped_parallel/adapters/__init__.py", "scoped_parallel/py.typed"):
+    # Every module of the source tree, under its installed name (adapters/ -> scoped_parallel/adapters/).
+    sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "scoped_parallel").rglob("*.py")]
+    sources += ["scoped_parallel/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "adapters").rglob("*.py")]
+    for needed in sorted(sources) + ["scoped_parallel/py.typed"]:
         assert needed in names, f"the wheel lacks {needed}: {sorted(names)}"
     top_level = [n for n in names if n.startswith("adapters/")]
     assert top_level == [], f"the wheel has a top-level adapters/ package: {top_level}"

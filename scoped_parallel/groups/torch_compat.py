@@ -31,7 +31,6 @@ __all__ = [
     "default_timeout",
     "fake_store",
     "is_registered",
-    "registered_group_count",
     "split_group",
 ]
 
@@ -105,11 +104,6 @@ def default_timeout(backend: str | None = None) -> timedelta:
 def bound_device() -> Any:
     """The device the default group is bound to (``init_process_group(device_id=...)``), or None."""
     return getattr(_get_default_group(), "bound_device_id", None)
-
-
-def registered_group_count() -> int:
-    """How many process groups torch has registered in this process."""
-    return len(_world.pg_map)
 
 
 def is_registered(group: Any) -> bool:

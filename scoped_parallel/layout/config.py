@@ -34,12 +34,10 @@ from typing import Any
 from scoped_parallel.layout.axes import AXES, SIZE_KEYWORDS
 from scoped_parallel.errors import LayoutError
 
-__all__ = ["SIZE_KEYS", "check_data_parallel_size", "load_config", "sizes_from_config"]
+__all__ = ["check_data_parallel_size", "load_config", "sizes_from_config"]
 
-#: The size keywords, from the axis table (scoped_parallel.layout.axes).
-SIZE_KEYS = SIZE_KEYWORDS
 _SECTION = "scoped_parallel"
-_SECTION_KEYS = frozenset(SIZE_KEYS + ("order", "name", "data_parallel_size"))
+_SECTION_KEYS = frozenset(SIZE_KEYWORDS + ("order", "name", "data_parallel_size"))
 # size -> the dotted config paths that may give it (besides the size's own name)
 _ALIASES = {axis.keyword: axis.config_aliases for axis in AXES if axis.config_aliases}
 
@@ -89,7 +87,7 @@ def sizes_from_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -
             f"unknown key(s) {unknown} in config section {_SECTION!r}; valid keys: {sorted(_SECTION_KEYS)}"
         )
     out: dict[str, Any] = {}
-    for size in SIZE_KEYS:
+    for size in SIZE_KEYWORDS:
         found: list[tuple[str, Any]] = []
         for path in (f"{_SECTION}.{size}", size) + _ALIASES.get(size, ()):
             value = _lookup(config, path)
@@ -120,7 +118,7 @@ def check_data_parallel_size(kwargs: Mapping[str, Any], expected_dp: Any, world:
     from scoped_parallel.layout.grid import ParallelLayout
 
     offset = kwargs.get("rank_offset", 0)
-    layout_keys = set(SIZE_KEYS) | {"order", "rank_offset"}
+    layout_keys = set(SIZE_KEYWORDS) | {"order", "rank_offset"}
     layout = ParallelLayout(
         kwargs.get("world_size") or world - offset,
         **{k: v for k, v in kwargs.items() if k in layout_keys},
