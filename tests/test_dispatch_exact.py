@@ -105,3 +105,45 @@ def test_variadic_originals_get_the_generic_replacement():
     patched = dispatching(variadic, inside, "t", exact=True)
     assert patched.__code__.co_flags & inspect.CO_VARARGS, "a variadic original got a compiled replacement"
     assert patched(1, k=2) == ((1,), {"k": 2})
+
+
+def test_a_profiler_and_a_traceback_show_the_replacement_as_ours():
+    """The compiled replacement's frames are ours: our file name (its source in linecache), our module."""
+    import linecache
+    import sys
+    import traceback
+
+    from _dispatch_originals import __file__ as originals_file  # noqa: E402
+
+    patched = dispatching(reader, inside, "tests.reader()", exact=True)
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append((frame.f_code.co_filename, frame.f_code.co_name, frame.f_globals.get("__name__")))
+
+    _GLOBAL["value"] = 3
+    sys.setprofile(profile)
+    try:
+        patched()
+    finally:
+        sys.setprofile(None)
+    first = calls[0]
+    assert first[0].startswith("<scoped_parallel.dispatch:") and first[1:] == ("reader", "scoped_parallel.dispatch"), (
+        f"the replacement's frame reads {first}; expected our synthetic file, 'reader', scoped_parallel.dispatch"
+    )
+    assert calls[1][0] == originals_file, f"the next frame is the original's: {calls[1]}"
+    assert "tests.reader()" in "".join(linecache.getlines(first[0])), "the generated source is in linecache"
+    assert patched.__module__ == "scoped_parallel.dispatch" and patched.__wrapped__ is reader
+
+    _GLOBAL["value"] = None
+    try:
+        patched()
+    except AssertionError:
+        frames = traceback.extract_tb(sys.exc_info()[2])
+    else:  # pragma: no cover
+        raise AssertionError("the original's check did not raise")
+    ours = [f for f in frames if f.filename.startswith("<scoped_parallel.dispatch:")]
+    assert len(ours) == 1 and "_sp_original" in (ours[0].line or ""), (
+        f"the traceback shows our generated line: {[(f.filename, f.line) for f in frames]}"
+    )

@@ -18,10 +18,12 @@ import pytest
 
 pytest.importorskip("megatron.core.parallel_state")
 
+from scoped_parallel.getters.table import family as getter_family  # noqa: E402
+
 T = timedelta(seconds=60)
 
-#: (label, getter, keyword arguments) asked in both runs
-CALLS = [
+#: (label, getter, keyword arguments) asked in both runs: the variants by hand ...
+VARIANTS = [
     ("tp", "get_tensor_model_parallel_group", {}),
     ("hcp?", "get_hierarchical_context_parallel_groups", {"check_initialized": False}),
     ("hcp!", "get_hierarchical_context_parallel_groups", {}),
@@ -46,6 +48,10 @@ CALLS = [
     ("embd?", "get_embedding_group", {"check_initialized": False}),
     ("pos embd?", "get_position_embedding_group", {"check_initialized": False}),
     ("ep src", "get_expert_model_parallel_src_rank", {}),
+]
+#: ... and every supported Megatron row of the getter table, called without arguments
+CALLS = VARIANTS + [
+    (f"{name}()", name, {}) for name, row in getter_family("megatron").items() if row.supported
 ]
 
 #: (name, initialize_model_parallel / ParallelState keywords) on 4 ranks
