@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test test-torch-newest test-megatron-versions bench docs compat clean
+.PHONY: setup demo test test-quick test-torch-newest test-megatron-versions bench docs compat clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The quick tier for iteration: everything but the multi-process world and slow tests
+# (about 2 minutes here; `make test` runs those too).
+test-quick: setup
+	$(BIN)/pytest -q -m "not world and not slow"
 
 # The newest supported torch (pyproject: torch>=2.13,<2.15). On this project's
 # machines 2.14.1 lies on local disk as a CUDA build (~5.4 GB venv) that runs on

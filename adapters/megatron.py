@@ -58,7 +58,7 @@ from scoped_parallel.dispatch import dispatching
 from scoped_parallel.errors import GroupNotAvailableError, describe_state
 from scoped_parallel.getters.table import SETTERS, family
 
-__all__ = ["GETTERS", "NEWER_GETTERS", "RNG_FUNCTIONS", "SETTERS", "UNSUPPORTED", "install", "uninstall"]
+__all__ = ["GETTERS", "NEWER_GETTERS", "RNG_FUNCTIONS", "UNSUPPORTED", "install", "uninstall"]
 
 OWNER = "megatron"
 
@@ -150,6 +150,7 @@ class _Swap:
 
 
 _RNG_GLOBALS = ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+#: ``tensor_parallel.random`` functions that run on the active state's tracker.
 RNG_FUNCTIONS = ("get_cuda_rng_tracker", "initialize_rng_tracker", "model_parallel_cuda_manual_seed", "get_all_rng_states")
 
 

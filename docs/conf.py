@@ -71,6 +71,9 @@ napoleon_numpy_docstring = False
 public_docstrings_modules = [
     "scoped_parallel",
     "scoped_parallel.testing",
+    "scoped_parallel.scope",
+    "scoped_parallel.dispatch",
+    "scoped_parallel.getters.table",
     "scoped_parallel.adapters",
     "scoped_parallel.adapters.deepspeed",
     "scoped_parallel.adapters.megatron",

@@ -77,9 +77,9 @@ def is_strict() -> bool:
 def resolve(what: str) -> Any:
     """The state a patched function named ``what`` answers from, or ``None`` to fall through.
 
-    The full rule (innermost scope, then the fallback of :func:`current_state_or_none`),
+    The full rule (innermost scope, then the fallback of :func:`~scoped_parallel.scope.current_state_or_none`),
     plus strict mode: with ``set_strict(True)`` no state raises
-    :class:`NoActiveStateError` naming ``what``. Hot paths use :func:`dispatching`,
+    :class:`~scoped_parallel.errors.NoActiveStateError` naming ``what``. Hot paths use :func:`dispatching`,
     which inlines the common cases of this function.
     """
     frame = _get()

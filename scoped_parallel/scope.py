@@ -20,7 +20,7 @@ the count of scopes entered anywhere, the running backwards):
    :class:`~scoped_parallel.errors.AmbiguousStateError`.
 
 The sections, in order: the process-wide picture; resolution
-(:func:`current_state`, :func:`current_state_or_none`); :class:`Activation` (token
+(:func:`current_state`, :func:`~scoped_parallel.scope.current_state_or_none`); :class:`Activation` (token
 exit that checks nesting); functions and threads (``@state.activate()``,
 :func:`propagate`); engines (:func:`bind`, :func:`unbind`); autograd carriers
 (:func:`carrying_backward`, :func:`hook_in_scope`). Adapters use the public
@@ -186,7 +186,7 @@ def current_state_or_none() -> Any:
     thread that inherited no scope, the state of the backwards running now (a
     backward called inside a scope carries it to the threads that run its hooks),
     else the single state active anywhere in the process. Raises
-    :class:`AmbiguousStateError` when that fallback finds several different states
+    :class:`~scoped_parallel.errors.AmbiguousStateError` when that fallback finds several different states
     (a wrong process group would corrupt training silently, so this never guesses).
     """
     frame = _get()
@@ -224,7 +224,7 @@ def current_state_or_none() -> Any:
 
 
 def current_state() -> Any:
-    """The active state; raises :class:`NoActiveStateError` when there is none.
+    """The active state; raises :class:`~scoped_parallel.errors.NoActiveStateError` when there is none.
 
     Example::
 
@@ -254,7 +254,7 @@ class Activation:
     The object is cheap and re-entrant: entering it while it is already
     entered nests (it keeps one token per entry). ``__enter__`` returns the
     state. Exiting checks that this scope is the innermost one in the calling
-    context; if not, :class:`ScopeNestingError` names both states and the scope
+    context; if not, :class:`~scoped_parallel.errors.ScopeNestingError` names both states and the scope
     is left untouched. An object that is entered once and exited many times
     (``act = state.activate()`` kept and re-entered) skips the construction, the
     larger part of a switch's cost (see the README's benchmarks).
@@ -403,7 +403,7 @@ def propagate(fn: Callable[..., Any]) -> Callable[..., Any]:
 # ``unbind`` restores the instance attributes and the class. Works for any object
 # (DeepSpeed engines, ``nn.Module`` s); nothing here imports DeepSpeed.
 
-#: Engine methods that :meth:`ParallelState.bind` runs inside the state's scope.
+#: Engine methods that :meth:`ParallelState.bind <scoped_parallel.ParallelState.bind>` runs inside the state's scope.
 BOUND_METHODS = (
     "forward",
     "backward",

@@ -1,8 +1,8 @@
 """``ParallelState``: one model's process groups, switched in with a scope.
 
 A state is built collectively by the ranks of its layout (each rank creates only
-the groups it belongs to; :func:`scoped_parallel.groups.table.build` returns the one
-:class:`~scoped_parallel.groups.table.GroupTable` the state keeps), answers every
+the groups it belongs to; ``scoped_parallel.groups.table.build`` returns the one
+``~scoped_parallel.groups.table.GroupTable`` the state keeps), answers every
 getter name of :mod:`scoped_parallel.getters.table` from that table (Megatron's and
 DeepSpeed's names, through :class:`~scoped_parallel.getters.Getters`), and is made
 current with ``with state.activate():``. It is a complete DeepSpeed ``mpu``:
@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -53,9 +53,6 @@ from scoped_parallel.layout.kinds import normalise_kind
 from scoped_parallel.layout.optional import OptionalGroups
 
 __all__ = ["ParallelState"]
-
-R = TypeVar("R")
-
 
 class ParallelState(Getters):
     """The process groups of one model's parallel layout.
@@ -219,7 +216,7 @@ class ParallelState(Getters):
             raise ValueError(f"unknown override key {key!r}; the keys are {sorted(OVERRIDE_KEYS)}")
         return self._overrides.get(key)
 
-    def adapter_record(self, owner: str, factory: Callable[[ParallelState], R]) -> R:
+    def adapter_record(self, owner: str, factory: Callable[[ParallelState], Any]) -> Any:
         """The per-state data of adapter ``owner``: ``factory(state)`` on first use, then the same object.
 
         The one storage contract for adapters (and compat): whatever an adapter derives from

@@ -1,8 +1,8 @@
 """A state's getter methods, made from the one getter table.
 
-:class:`Getters` is the base class of :class:`~scoped_parallel.ParallelState` that
+``Getters`` is the base class of :class:`~scoped_parallel.ParallelState` that
 carries every name of :data:`scoped_parallel.getters.table.GETTERS`: the hand-written
-methods of :class:`~scoped_parallel.getters.megatron.MegatronMethods` for ``METHOD``
+methods of ``~scoped_parallel.getters.megatron.MegatronMethods`` for ``METHOD``
 rows, and one method per simple row, made here (their frames show this module; their
 docstrings say what they answer). On rank 5 of 8 with
 ``tensor_model_parallel_size=2``: ``state.get_tensor_model_parallel_group()`` spans

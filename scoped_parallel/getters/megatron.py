@@ -1,10 +1,10 @@
 """The Megatron getters that are more than one kind's group: variants, optional groups, collections.
 
-:class:`MegatronMethods` is the one base class of a state's getters: its methods
+``MegatronMethods`` is the one base class of a state's getters: its methods
 answer the ``METHOD`` rows of :mod:`scoped_parallel.getters.table` (variant keywords
 such as ``with_context_parallel``, the embedding groups, Megatron's optional groups and
 ``process_group_collection()``); :mod:`scoped_parallel.getters` adds a method per simple
-row. Everything is answered from the state's :class:`~scoped_parallel.groups.table.GroupTable`
+row. Everything is answered from the state's ``~scoped_parallel.groups.table.GroupTable``
 through the state's primitives ``_kind_group``, ``_kind_ranks``, ``_kind_size``,
 ``_kind_rank`` (canonical kinds, fast) and ``_require`` (the explanatory errors).
 
@@ -15,7 +15,7 @@ Optional groups answer what megatron-core's getter of the same name answers afte
 uses in its place (the dp-cp group as the "partial" group with one
 distributed-optimizer instance); asked for with ``check_initialized=True``, where
 Megatron's assertion fails, it raises :class:`~scoped_parallel.errors.GroupNotAvailableError`
-naming the option to set. :meth:`~MegatronMethods.process_group_collection` is the one
+naming the option to set. ``~MegatronMethods.process_group_collection`` is the one
 place the core imports megatron-core, lazily, inside the method.
 
 On rank 5 of 8 with ``tensor_model_parallel_size=2, pipeline_model_parallel_size=2``:

@@ -4,7 +4,7 @@ Like Megatron's own ``pg_to_func``, one row per name. A row of a *simple* getter
 (``GROUP``, ``SIZE``, ``RANK``, ``RANKS``, ``FIRST``, ``LAST`` of one kind) is all there
 is to it: :mod:`scoped_parallel.getters` makes the state's method from the row. A
 ``METHOD`` row is answered by a hand-written method of
-:class:`scoped_parallel.getters.megatron.MegatronMethods` (variant keywords, optional
+``scoped_parallel.getters.megatron.MegatronMethods`` (variant keywords, optional
 groups, composite answers). Everything else derives from this table:
 
 * the state's getter methods (``scoped_parallel.getters``);
@@ -31,7 +31,9 @@ from typing import NamedTuple
 
 __all__ = ["ANSWERS", "FAMILIES", "GETTERS", "KIND_TEXT", "METHOD", "OVERRIDE_KEYS", "SETTERS", "Getter", "family"]
 
-GROUP, SIZE, RANK, RANKS, FIRST, LAST, METHOD = "group", "size", "rank", "ranks", "first", "last", "method"
+GROUP, SIZE, RANK, RANKS, FIRST, LAST = "group", "size", "rank", "ranks", "first", "last"
+#: The answer of a row that a hand-written method of ``MegatronMethods`` gives.
+METHOD = "method"
 #: What a simple getter answers about its kind's group on this rank.
 ANSWERS = (GROUP, SIZE, RANK, RANKS, FIRST, LAST)
 #: ``megatron``: a name of ``megatron.core.parallel_state`` (patched by the Megatron adapter);

@@ -6,5 +6,5 @@ are created or destroyed; sharing) <- :mod:`~scoped_parallel.groups.agree` /
 :mod:`~scoped_parallel.groups.plan` (what a rank creates, checked with its peers
 before any group exists) <- :mod:`~scoped_parallel.groups.split` (creation by
 ``split_group`` for a device-bound default group) <- :mod:`~scoped_parallel.groups.table`
-(one table of every group a state holds, and :func:`~scoped_parallel.groups.table.build`).
+(one table of every group a state holds, and ``scoped_parallel.groups.table.build``).
 """

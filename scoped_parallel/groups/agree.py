@@ -8,7 +8,7 @@ rank that finds a problem writes it to a single *decision* key, and the rank
 whose success completes the count of the state's ranks writes "ok" there (first
 writer wins, with ``compare_set``). Every rank waits for that decision, so either
 all ranks of the state go on to create groups, or all raise
-:class:`StateMismatchError` with the same message; no rank can succeed while a
+:class:`~scoped_parallel.errors.StateMismatchError` with the same message; no rank can succeed while a
 member of one of its groups failed (which would leave it waiting in group
 creation).
 

@@ -20,7 +20,7 @@ rules out circular waits between overlapping groups.
 Sharing
 -------
 Identical requests (ranks, backend, options object, timeout) share one process
-group, reference-counted; :func:`release` destroys it with its last user.
+group, reference-counted; ``release`` destroys it with its last user.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def adopt(request: GroupRequest, group: Any, *, share: bool) -> Any:
 
 
 def retain(group: Any) -> None:
-    """Add one user to ``group`` (held here); :func:`release` drops it again."""
+    """Add one user to ``group`` (held here); ``release`` drops it again."""
     with _LOCK:
         found = _BY_GROUP.get(group)
         if found is None:

@@ -3,14 +3,14 @@
 Planning is separate from creating so that it can be tested with no process
 group held (and under torch's fake backend at any world size):
 
-* :func:`construction_tag` numbers the states each process constructs over a
+* ``construction_tag`` numbers the states each process constructs over a
   rank range, so that the k-th state of one rank meets the k-th state of its
   peers in the agreement check and in group names;
-* :class:`StateSpec` is everything that decides which groups a rank creates or
-  shares; its :meth:`~StateSpec.fingerprint` is what peers compare;
-* :func:`plan_requests` lists the rank's group requests in the one global order
+* ``StateSpec`` is everything that decides which groups a rank creates or
+  shares; its ``StateSpec.fingerprint`` is what peers compare;
+* ``plan_requests`` lists the rank's group requests in the one global order
   every rank uses, each named by the agreed tag;
-* :func:`agree_with_peers` runs :func:`scoped_parallel.groups.agree.agree` over the
+* ``agree_with_peers`` runs ``scoped_parallel.groups.agree.agree`` over the
   default store before any group exists.
 
 Worked example: on 8 ranks, rank 5 of ``ParallelState(tensor_model_parallel_size=2,

@@ -1,6 +1,6 @@
 """One table of every group a state holds, and how a state gets it.
 
-A :class:`GroupTable` maps what a group *is* to a :class:`GroupEntry` (its ranks, the
+A ``GroupTable`` maps what a group *is* to a ``GroupEntry`` (its ranks, the
 process group and this rank's index in it). Keys:
 
 =======================  ======================================================
@@ -14,9 +14,9 @@ key                      what
 ``"derived:hpz:0,1"``    a group an adapter derived from the layout (ZeRO++'s)
 =======================  ======================================================
 
-:func:`build` is the whole construction of a state's groups (plan, agreement with
+``build`` is the whole construction of a state's groups (plan, agreement with
 the peers, creation by member-only requests or by splitting) and returns the table;
-:meth:`GroupTable.release` gives every group back (``ParallelState.destroy``).
+``GroupTable.release`` gives every group back (``ParallelState.destroy``).
 Entries whose group another key already holds are not held twice.
 
 Worked example on 8 ranks, ``tensor_model_parallel_size=2,

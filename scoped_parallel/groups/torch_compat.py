@@ -8,7 +8,7 @@ with a group constructor whose parameters changed) raises
 :class:`~scoped_parallel.errors.UnsupportedSetupError` naming the torch version
 and the missing piece, instead of failing later inside a collective.
 
-Tested torch versions: :data:`TESTED_TORCH` (also the range in ``pyproject.toml``).
+Tested torch versions: ``TESTED_TORCH`` (also the range in ``pyproject.toml``).
 """
 
 from __future__ import annotations

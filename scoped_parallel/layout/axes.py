@@ -1,6 +1,6 @@
 """The one table of parallel dimensions that every other place derives from.
 
-Each :class:`Axis` names one size a layout is built from: its short token (as
+Each ``Axis`` names one size a layout is built from: its short token (as
 in Megatron's ``order`` strings and group kinds), the keyword argument of
 :class:`~scoped_parallel.ParallelLayout` / :class:`~scoped_parallel.ParallelState`
 (Megatron's ``initialize_model_parallel`` spelling), the DeepSpeed config keys

@@ -1,9 +1,9 @@
 """The checks a :class:`~scoped_parallel.ParallelLayout` runs before it exists.
 
-Each check is a named function that raises :class:`LayoutError` (or
+Each check is a named function that raises :class:`~scoped_parallel.errors.LayoutError` (or
 ``TypeError`` for a value of the wrong type) whose message names the values and
-the fix. They run in the order :func:`derive` calls them; a new rule is a new
-function here and one line in :func:`derive`. Pure integer math, no torch.
+the fix. They run in the order ``derive`` calls them; a new rule is a new
+function here and one line in ``derive``. Pure integer math, no torch.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 ``megatron.core.parallel_state.initialize_model_parallel`` builds, besides the groups
 of the rank generators, a few groups that only exist on request or that are slices
-of other groups. :class:`OptionalGroups` holds the four options of a
+of other groups. ``OptionalGroups`` holds the four options of a
 :class:`~scoped_parallel.ParallelState` that ask for them (Megatron's keyword names),
 checks them against a layout before any communication, and
-:func:`optional_ranks` gives the groups one rank belongs to, each under a slot name:
+``optional_ranks`` gives the groups one rank belongs to, each under a slot name:
 
 =====================  ==========================================================
 slot                   Megatron's global, and when it exists
