@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -14,7 +15,12 @@ from _world import World  # noqa: E402
 
 pytest_plugins = ["scoped_parallel.testing"]
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "scoped_parallel_torch_ext"))
+# One JIT extension cache per virtual environment: its build commands hold the venv's
+# paths, so a cache shared by two venvs (or checkouts) is rebuilt at every switch.
+_VENV_KEY = hashlib.sha1(sys.prefix.encode(), usedforsecurity=False).hexdigest()[:10]
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), f"scoped_parallel_torch_ext_{_VENV_KEY}")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +38,10 @@ def world():
     w = World(4, env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "OMP_NUM_THREADS": "1"})
     yield w
     w.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the shared world must say so (``-m "not world"`` is the quick tier)."""
+    unmarked = [item.nodeid for item in items if "world" in getattr(item, "fixturenames", ()) and item.get_closest_marker("world") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests use the `world` fixture without the `world` mark: {unmarked}")

@@ -30,7 +30,7 @@ import _adapter_deepspeed_support as support  # noqa: E402
 from _adapter_deepspeed_support import WORLD_TIMEOUT  # noqa: E402
 from _backward_scenario import catch, holding, read_during  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.world]
 
 
 class _PausingNet(nn.Module):

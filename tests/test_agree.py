@@ -159,10 +159,10 @@ def test_leader_arriving_after_the_timeout_cannot_succeed_alone():
     assert wrong == {}, f"ranks that did not raise StateMismatchError: {wrong}"
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_tiny_worlds_succeed_and_clean_up(world):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_tiny_worlds_succeed_and_clean_up(ranks):
     """A one-rank state needs no store; a two-rank one cleans up after itself."""
-    layout = ParallelLayout(world)
+    layout = ParallelLayout(ranks)
     store, results = _run(layout, {r: "same" for r in layout.ranks})
     assert _not_ok(results) == {}, f"ranks that did not agree: {_not_ok(results)}"
     left = store.inner.num_keys()
