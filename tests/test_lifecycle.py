@@ -1,6 +1,6 @@
 """Tier 4 (gloo world), slow: lifecycle of many states.
 
-Proves: 200 create/activate/destroy cycles, with and without group sharing, really
+Proves: create/activate/destroy cycles (200 shared, 60 unshared) really
 create groups each cycle yet leave torch's group registry, the library's live groups
 and the process's resident memory where they were.
 """
@@ -42,7 +42,7 @@ def rank_many_states(rank, count, share):
         dist.barrier()
         s.destroy()
 
-    for i in range(20):  # warm up allocator and caches
+    for i in range(6):  # warm up allocator and caches (two rounds of the three layouts)
         cycle(i)
     gc.collect()
     before_pg, before_rss = len(pg_map), _rss_mb()
@@ -61,9 +61,14 @@ def rank_many_states(rank, count, share):
 @pytest.mark.world
 @pytest.mark.slow
 @pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
-def test_200_states_leave_no_group_and_no_memory_growth(world, share):
-    """200 create/destroy cycles leave torch's group registry and RSS where they were."""
-    cycles, rss_limit_mb = 200, 20
+def test_many_states_leave_no_group_and_no_memory_growth(world, share):
+    """Create/destroy cycles leave torch's group registry and RSS where they were.
+
+    200 cycles with sharing; 60 without (each unshared cycle creates and destroys 18
+    gloo groups, 1,080 in all: a leak of more than ~19 KiB per group still exceeds the
+    RSS limit, and the registry checks hold at any count).
+    """
+    cycles, rss_limit_mb = (200 if share else 60), 20
     res = world.run(rank_many_states, cycles, share, timeout=300)
     for r, out in enumerate(res):
         assert out["pg_growth"] == 0, f"rank {r}: torch's group registry grew by {out['pg_growth']}, expected 0"
