@@ -500,3 +500,23 @@ def test_import_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_ordering_of_tokens_names_only_known_tokens():
+    """The orderings in layout/axes.py name tokens of the axis table (or derived dp/edp), each once."""
+    from scoped_parallel.layout import axes
+
+    orderings = {
+        name: tuple(getattr(axes, name))
+        for name in ("DENSE_AXES", "EXPERT_AXES", "SIZE_ORDER", "REPR_SIZES", "DENSE_KIND_TOKENS",
+                     "EXPERT_KIND_TOKENS", "ORDER_TOKENS", "APPEND_SEQUENCE")
+    }
+    orderings["EXPERT_TOKEN_TO_ORDER"] = tuple(axes.EXPERT_TOKEN_TO_ORDER) + tuple(axes.EXPERT_TOKEN_TO_ORDER.values())
+    problems = {
+        name: [t for t in tokens if t not in axes.TOKENS]
+        for name, tokens in orderings.items()
+        if any(t not in axes.TOKENS for t in tokens)
+    }
+    repeated = {n: t for n, t in orderings.items() if n != "EXPERT_TOKEN_TO_ORDER" and len(set(t)) != len(t)}
+    assert (problems, repeated) == ({}, {}), f"unknown tokens {problems}; repeated tokens {repeated}"
+    assert set(axes.SIZE_ORDER) == set(axes.TOKENS), f"sizes() keys {axes.SIZE_ORDER} vs tokens {axes.TOKENS}"

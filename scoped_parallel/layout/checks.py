@@ -12,17 +12,13 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.axes import APPEND_SEQUENCE, AXES, DENSE_AXES, EXPERT_KIND_TOKENS, ORDER_TOKENS
 from scoped_parallel.layout.kinds import token_problems
 from scoped_parallel.errors import LayoutError
 
 __all__ = ["DEFAULT_ORDER", "Derived", "as_int", "derive", "normalise_order"]
 
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
-# Tokens that may appear in ``order``.
-ORDER_TOKENS = ("tp", "cp", "ep", "dp", "pp", "sp")
-# Megatron appends absent (size 1) tokens in this sequence.
-_APPEND_SEQUENCE = ("tp", "pp", "dp", "ep", "cp")
 
 
 def as_int(name: str, value: Any) -> int:
@@ -57,7 +53,7 @@ def normalise_order(order: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             f"{valid} at most once"
         )
     full = list(given)
-    for token in _APPEND_SEQUENCE:
+    for token in APPEND_SEQUENCE:
         if token not in full:
             full.append(token)
     if "sp" not in full:
@@ -103,8 +99,8 @@ def derive(world_size: Any, sizes: Mapping[str, Any], order: Any, rank_offset: A
     if size["etp"] is None:
         size["etp"] = size["tp"]
     _check_one_sequence_split(size)
-    size["dp"] = _check_divides(ws, size, ("tp", "cp", "sp", "pp"), "sizes")
-    size["edp"] = _check_divides(ws, size, ("etp", "ep", "pp"), "expert sizes")
+    size["dp"] = _check_divides(ws, size, tuple(t for t in DENSE_AXES if t != "dp"), "sizes")
+    size["edp"] = _check_divides(ws, size, tuple(t for t in EXPERT_KIND_TOKENS if t != "edp"), "expert sizes")
     _check_order_names_every_split(ws, size, given)
     _check_pp_last_or_matching_data_parallel(ws, size, given)
     dense_by_token = {"tp": size["tp"], "cp": size["cp"], "sp": size["sp"], "dp": size["dp"], "pp": size["pp"], "ep": 1}

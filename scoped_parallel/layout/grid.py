@@ -20,7 +20,14 @@ import inspect
 import itertools
 from typing import Any, Iterator
 
-from scoped_parallel.layout.axes import AXES
+from scoped_parallel.layout.axes import (
+    AXES,
+    DENSE_AXES,
+    EXPERT_AXES,
+    EXPERT_TOKEN_TO_ORDER,
+    REPR_SIZES,
+    SIZE_ORDER,
+)
 from scoped_parallel.layout.checks import DEFAULT_ORDER, as_int, derive
 from scoped_parallel.layout.kinds import (
     DENSE_KINDS,
@@ -33,16 +40,6 @@ from scoped_parallel.layout.kinds import (
 from scoped_parallel.errors import LayoutError, RankNotInLayoutError
 
 __all__ = ["DENSE_AXES", "DENSE_KINDS", "EMBEDDING_KINDS", "EXPERT_KINDS", "ParallelLayout", "canonical_kind"]
-
-# Kind token of the expert family -> order token of the expert generator.
-_EXPERT_TOKEN_TO_ORDER = {"etp": "tp", "ep": "ep", "edp": "dp", "pp": "pp"}
-#: The dense axes in Megatron's rank-generator sequence: keys of ``coordinates()``,
-#: what ``rank_at()`` accepts, the dense line of ``table()``, DeviceMesh dimensions.
-DENSE_AXES = ("tp", "cp", "sp", "dp", "pp")
-_EXPERT_AXES = ("etp", "ep", "edp")
-# Keys of ``sizes()``, and the sizes ``repr`` shows when they are not 1.
-_SIZE_ORDER = ("tp", "cp", "sp", "dp", "pp", "ep", "etp", "edp")
-_REPR_SIZES = ("tp", "pp", "cp", "sp", "dp", "ep")
 
 
 def _offsets(sizes: tuple[int, ...], strides: tuple[int, ...], axes: tuple[int, ...]) -> list[int]:
@@ -146,7 +143,7 @@ class ParallelLayout:
     def __repr__(self) -> str:
         size = self._size
         parts = [f"world_size={self._world_size}"]
-        parts += [f"{token}={size[token]}" for token in _REPR_SIZES if size[token] != 1]
+        parts += [f"{token}={size[token]}" for token in REPR_SIZES if size[token] != 1]
         if size["etp"] != size["tp"]:
             parts.append(f"etp={size['etp']}")
         if self._rank_offset:
@@ -190,7 +187,7 @@ class ParallelLayout:
 
     def sizes(self) -> dict[str, int]:
         """All sizes by short name: tp, cp, sp, dp, pp, ep, etp, edp."""
-        return {token: self._size[token] for token in _SIZE_ORDER}
+        return {token: self._size[token] for token in SIZE_ORDER}
 
     def fingerprint(self) -> str:
         """A deterministic compact string of every defining field."""
@@ -235,8 +232,8 @@ class ParallelLayout:
         for axis in DENSE_AXES:
             i = index[axis]
             coords[axis] = (local // self._dense_strides[i]) % self._dense_sizes[i]
-        for axis in _EXPERT_AXES:
-            i = index[_EXPERT_TOKEN_TO_ORDER[axis]]
+        for axis in EXPERT_AXES:
+            i = index[EXPERT_TOKEN_TO_ORDER[axis]]
             coords[axis] = (local // self._expert_strides[i]) % self._expert_sizes[i]
         return coords
 
@@ -269,7 +266,7 @@ class ParallelLayout:
             wanted = set(kind_tokens)
             sizes, strides = self._dense_sizes, self._dense_strides
         else:
-            wanted = {_EXPERT_TOKEN_TO_ORDER[t] for t in kind_tokens}
+            wanted = {EXPERT_TOKEN_TO_ORDER[t] for t in kind_tokens}
             sizes, strides = self._expert_sizes, self._expert_strides
         masked = tuple(i for i, t in enumerate(self._tokens) if t in wanted)
         return sizes, strides, masked

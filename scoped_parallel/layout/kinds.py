@@ -12,6 +12,7 @@ from collections.abc import Collection
 from functools import lru_cache
 
 from scoped_parallel.errors import LayoutError
+from scoped_parallel.layout.axes import DENSE_KIND_TOKENS, DENSE_ONLY_TOKENS, EXPERT_KIND_TOKENS, EXPERT_ONLY_TOKENS
 
 __all__ = [
     "DENSE_KINDS",
@@ -42,11 +43,6 @@ EXPERT_KINDS: tuple[str, ...] = ("ep", "etp", "edp", "etp-ep", "etp-ep-pp")
 #: Megatron's word-embedding and position-embedding groups.
 EMBEDDING_KINDS: tuple[str, ...] = ("embd", "pos-embd")
 
-# Canonical token sequence of dense and expert kinds.
-DENSE_KIND_TOKENS = ("tp", "sp", "dp", "cp", "pp")
-EXPERT_KIND_TOKENS = ("etp", "ep", "edp", "pp")
-EXPERT_ONLY_TOKENS = frozenset(("etp", "ep", "edp"))
-DENSE_ONLY_TOKENS = frozenset(("tp", "sp", "dp", "cp"))
 # Other spellings accepted by ParallelState.group() and friends.
 _ALIASES = {"mp": "tp-pp", "model": "tp-pp", "dp-with-cp": "dp-cp"}
 
