@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from scoped_parallel import ParallelState, adapters  # noqa: E402
-from scoped_parallel import _scope  # noqa: E402
+from scoped_parallel import scope as _scope  # noqa: E402
 from scoped_parallel.adapters import autograd as autograd_adapter  # noqa: E402
 from scoped_parallel.adapters._ledger import LEDGER  # noqa: E402
 

@@ -82,12 +82,12 @@ def _rank_view(layout: ParallelLayout, rank: int) -> dict[str, object]:
 
 
 def _several(args: argparse.Namespace) -> int:
-    from scoped_parallel.layout import report as _inspect
+    from scoped_parallel.layout import report
 
-    states = dict(_inspect.parse_state_spec(spec, args.world_size) for spec in args.state)
+    states = dict(report.parse_state_spec(spec, args.world_size) for spec in args.state)
     if args.svg:
         with open(args.svg, "w", encoding="utf-8") as fh:
-            fh.write(_inspect.svg(states))
+            fh.write(report.svg(states))
         print(f"wrote {args.svg}")
     if args.json:
         doc: dict[str, object] = {"states": {n: lay.to_dict() for n, lay in states.items()}}
@@ -97,7 +97,7 @@ def _several(args: argparse.Namespace) -> int:
             }
             doc["shared"] = [
                 {"ranks": list(r), "users": u}
-                for r, u in _inspect.shared_groups(states, args.rank).items()
+                for r, u in report.shared_groups(states, args.rank).items()
             ]
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
@@ -105,9 +105,9 @@ def _several(args: argparse.Namespace) -> int:
         if len(states) < 2:
             raise LayoutError("--diff needs two --state layouts")
         (a, la), (b, lb) = list(states.items())[:2]
-        print(_inspect.diff_report(a, la, b, lb))
+        print(report.diff_report(a, la, b, lb))
     elif args.rank is not None:
-        print(_inspect.rank_report(states, args.rank))
+        print(report.rank_report(states, args.rank))
     elif not args.svg:
         for name, lay in states.items():
             print(f"== {name}")
