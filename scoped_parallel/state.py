@@ -146,6 +146,8 @@ class ParallelState(Getters):
         self._memo: dict[Any, Any] = {}
         #: values set with Megatron's setters in this state's scope (see set_override)
         self._overrides: dict[str, Any] = {}
+        # An empty table until build() returns: messages raised during the build may describe
+        # the state, and a failed build leaves nothing held.
         self._table = group_table.GroupTable()
         self._entries = self._table.entries  # the hot getters' one dict lookup
         self._table, self._tag = group_table.build(
