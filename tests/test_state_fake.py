@@ -10,6 +10,7 @@ state from a torn-down world never shares its dead groups into a new world.
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
 
 from scoped_parallel import ParallelLayout, ParallelState
 from scoped_parallel.groups import create as _groups
@@ -45,8 +46,12 @@ def test_rank_creates_only_its_own_distinct_groups(world_size, rank, sizes):
             # plus Megatron's optional groups a state always has (the distributed-optimizer
             # instance group: every rank of the state, a new group only when no kind spans it)
             distinct = set(mine.values()) | {e.ranks for e in state._table.with_prefix("opt:").values()}
-            assert _groups.creation_count() - before == len(distinct), (
-                f"expected one creation per distinct rank set ({len(distinct)}), got {_groups.creation_count() - before}"
+            # a rank set of the whole world is the default group itself: never created again
+            world = tuple(range(world_size))
+            expected = len(distinct - {world})
+            assert _groups.creation_count() - before == expected, (
+                f"expected one creation per distinct rank set but the world's ({expected}), "
+                f"got {_groups.creation_count() - before}"
             )
             for kind, ranks in mine.items():
                 group = state.group(kind)
@@ -89,7 +94,9 @@ def test_two_states_share_identical_groups_and_destroy_releases_all():
         before = _groups.creation_count()
         actor = ParallelState(name="actor", tensor_model_parallel_size=4)
         ref = ParallelState(name="ref", tensor_model_parallel_size=4)
-        assert _groups.creation_count() - before == len(set(actor.layout.groups_of(10).values()))
+        distinct = set(actor.layout.groups_of(10).values()) - {tuple(range(1024))}  # the world's is the default group
+        created = _groups.creation_count() - before
+        assert created == len(distinct), f"{created} groups created for two identical states, expected {len(distinct)}"
         assert actor.get_data_parallel_group() is ref.get_data_parallel_group()
         actor.destroy()
         assert _groups.live_groups() > 0
@@ -142,3 +149,36 @@ def test_state_from_a_destroyed_world_never_shares_into_a_new_one():
         finally:
             new.destroy()
     old.destroy()  # harmless afterwards
+
+
+@pytest.mark.parametrize("rank", [0, 40_000, 65_535])
+def test_no_world_sized_group_is_built_at_65536_ranks(rank):
+    """tp8 pp8 cp2 ep8 at 65,536 ranks: the state's world-sized groups are the default group itself."""
+    sizes = dict(MEGATRON_BIG, tensor_model_parallel_size=8)
+    with fake_world(65_536, rank):
+        before = _groups.creation_count()
+        state = ParallelState(**sizes)
+        try:
+            world = tuple(range(65_536))
+            worldwide = sorted(k for k, e in state._table.entries.items() if e.ranks == world)
+            created = _groups.creation_count() - before
+            default = dist.distributed_c10d._get_default_group()
+            not_default = [k for k in worldwide if state._table[k].group is not default]
+            assert worldwide and not_default == [], (
+                f"world-sized entries {worldwide}; not the default group: {not_default}"
+            )
+            distinct = {e.ranks for e in state._table.entries.values()} - {world}
+            assert created == len(distinct), f"{created} groups created, expected {len(distinct)} (no world-sized one)"
+        finally:
+            state.destroy()
+        assert dist.distributed_c10d._get_default_group() is default, "destroy() must leave the default group alone"
+
+
+def test_share_groups_false_builds_its_own_world_sized_group():
+    """Without sharing (Megatron's behaviour) a world-sized kind gets its own communicator."""
+    with fake_world(8, 3):
+        state = ParallelState(share_groups=False)  # dp = the whole world
+        try:
+            assert state.group("dp") is not dist.distributed_c10d._get_default_group()
+        finally:
+            state.destroy()

@@ -467,3 +467,51 @@ def test_state_is_a_complete_deepspeed_mpu(world):
     assert got == 2, f"rank 1: model parallel world size {got}, expected 2"
     got = values["get_data_parallel_group_ranks"]
     assert got == (1, 3), f"rank 1: data parallel ranks {got}, expected (1, 3)"
+
+
+def rank_world_sized_group_is_the_default_group(rank):
+    import torch
+    import torch.distributed as dist
+
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
+
+    live = _groups.live_groups()
+    a = ParallelState(name="wide")  # no timeout of its own: dp spans the world with the default settings
+    b = ParallelState(name="also-wide", sequence_parallel_size=2)  # sp-dp spans the world too
+    try:
+        world = dist.distributed_c10d._get_default_group()
+        x = torch.tensor([float(rank + 1)])
+        dist.all_reduce(x, group=a.get_data_parallel_group())
+        y = torch.tensor([float(rank + 1)])
+        dist.all_reduce(y, group=b.get_sequence_data_parallel_group())
+        out = {
+            "a dp is the default group": a.get_data_parallel_group() is world,
+            "b sp-dp is the default group": b.get_sequence_data_parallel_group() is world,
+            "sums": (x.item(), y.item()),
+            # one user per kind whose group it is (an optional group equal to a kind holds none)
+            "users of the default group": _groups.users(world)
+            - sum(1 for s in (a, b) for k in s.kinds() if s.group(k) is world),
+        }
+    finally:
+        dist.barrier()
+        a.destroy()
+        b.destroy()
+    z = torch.tensor([1.0])
+    dist.all_reduce(z)  # the default group outlives both states
+    out["after destroy"] = (z.item(), _groups.users(dist.distributed_c10d._get_default_group()), _groups.live_groups() - live)
+    return out
+
+
+@pytest.mark.world
+def test_a_world_sized_group_is_the_default_group_itself(world):
+    """A state's group over the whole world with default settings is the default group: shared, never destroyed."""
+    expected = {
+        "a dp is the default group": True,
+        "b sp-dp is the default group": True,
+        "sums": (10.0, 10.0),
+        "users of the default group": 0,
+        "after destroy": (4.0, 0, 0),
+    }
+    for rank, got in enumerate(world.run(rank_world_sized_group_is_the_default_group)):
+        assert got == expected, f"rank {rank}: expected {expected}, got {got}"

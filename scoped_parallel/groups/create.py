@@ -21,6 +21,12 @@ Sharing
 -------
 Identical requests (ranks, backend, options object, timeout) share one process
 group, reference-counted; ``release`` destroys it with its last user.
+
+A shared request whose group would equal the default group (every rank of the world,
+the default backend, no options, no timeout of its own) *is* the default group: no
+second world-sized communicator is built (on NCCL each would hold its own buffers).
+It is counted like any shared group and never destroyed here. With ``share=False``
+(Megatron's behaviour: every kind its own communicator) a world-sized group is built.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class _Entry:
     group: Any
     request: GroupRequest
     users: int = 1
+    #: the default group, held but never destroyed here
+    borrowed: bool = False
 
 
 _LOCK = threading.RLock()
@@ -99,6 +107,15 @@ def _forget_dead() -> None:
             del _SHARED[key]
 
 
+def _is_the_default_group(request: GroupRequest) -> bool:
+    """Whether ``request`` asks for what the default group already is (see the module doc)."""
+    if request.options is not None or request.timeout is not None:
+        return False
+    if request.backend is not None and str(request.backend).lower() != str(dist.get_backend()).lower():
+        return False
+    return request.ranks == tuple(range(dist.get_world_size()))
+
+
 def _share_key(request: GroupRequest) -> tuple[Any, ...]:
     return (
         request.ranks,
@@ -120,6 +137,11 @@ def acquire(request: GroupRequest, *, share: bool) -> Any:
             entry = _SHARED.get(key)
             if entry is not None:
                 entry.users += 1
+                return entry.group
+            if _is_the_default_group(request):
+                entry = _Entry(compat.default_group(), request, borrowed=True)
+                _BY_GROUP[entry.group] = (key, entry)
+                _SHARED[key] = entry
                 return entry.group
         group = _create(request)
         entry = _Entry(group, request)
@@ -176,6 +198,8 @@ def release(group: Any) -> None:
         del _BY_GROUP[group]
         if key is not None and _SHARED.get(key) is entry:
             del _SHARED[key]
+        if entry.borrowed:
+            return
     if dist.is_initialized() and compat.is_registered(group):
         dist.destroy_process_group(group)
 
