@@ -186,3 +186,37 @@ def test_initialize_inside_a_scope_without_mpu_uses_the_state_as_mpu(world):
     expected = {"engine mpu": "actor", "mp world size": 2, "config world size": 2, "engine dp": "actor dp"}
     for rank, out in enumerate(world.run(_rank_initialize_in_scope_without_mpu, timeout=WORLD_TIMEOUT)):
         assert out == expected, f"rank {rank}: got {out}, expected {expected}"
+
+
+def _rank_context_parallel_state_refused(rank: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    with support.isolated():
+        cp = support.state(name="cp", context_parallel_size=2)
+        out: dict[str, Any] = {}
+        try:
+            with support.installed():
+                for how in ("mpu=state", "in its scope"):
+                    before = len(dist.distributed_c10d._world.pg_map)
+                    try:
+                        if how == "mpu=state":
+                            support.engine(support.model(1), support.config(stage=1), mpu=cp)
+                        else:
+                            with cp.activate():
+                                support.engine(support.model(1), support.config(stage=1))
+                        out[how] = "initialized"
+                    except Exception as err:  # noqa: BLE001 - the type is the claim
+                        out[how] = (type(err).__name__, "context_parallel_size=2" in str(err), str(cp.ranks("dp-cp")) in str(err))
+                    out[how + " groups created"] = len(dist.distributed_c10d._world.pg_map) - before
+        finally:
+            support.destroy(cp)
+        return out
+
+
+@pytest.mark.world
+def test_a_context_parallel_state_is_refused_before_deepspeed_runs(world):
+    """DeepSpeed has no CP: an engine for a CP=2 state would reduce over DP only; it is refused, no group made."""
+    refused = ("UnsupportedSetupError", True, True)
+    expected = {"mpu=state": refused, "mpu=state groups created": 0, "in its scope": refused, "in its scope groups created": 0}
+    for rank, out in enumerate(world.run(_rank_context_parallel_state_refused, timeout=WORLD_TIMEOUT)):
+        assert out == expected, f"rank {rank}: expected {expected}, got {out}"

@@ -12,6 +12,11 @@
   config cannot be read here (see ``state_may_be_mpu``); a state with TP > 1 would
   otherwise crash the engine (``engine.mpu`` is ``None`` but the model-parallel size
   is > 1).
+* The state the engine is built for must have no context parallelism: DeepSpeed has
+  none, so with CP > 1 its gradient all-reduce and ZeRO partitions would span the DP
+  group only and silently leave the CP peers out. Such a state is refused with
+  :class:`~scoped_parallel.errors.UnsupportedSetupError` before DeepSpeed runs (no
+  group is created); fold CP into DP for the DeepSpeed model's state.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from scoped_parallel.scope import current_state_or_none
 from scoped_parallel.adapters.deepspeed._shared import state_class
+from scoped_parallel.errors import UnsupportedSetupError, describe_state
+from scoped_parallel.scope import current_state_or_none
 
 
 def scoped_initialize(original: Any) -> Any:
@@ -41,6 +47,7 @@ def scoped_initialize(original: Any) -> Any:
             bound.arguments["mpu"] = mpu = inner
             args, kwargs = bound.args, bound.kwargs
         state = current_state_or_none()
+        _refuse_context_parallel(mpu if isinstance(mpu, parallel_state) else state if mpu is None else None)
         if isinstance(mpu, parallel_state) and mpu is not state:
             with mpu.activate():
                 return original(*args, **kwargs)
@@ -52,6 +59,22 @@ def scoped_initialize(original: Any) -> Any:
         return original(*args, **kwargs)
 
     return initialize
+
+
+def _refuse_context_parallel(state: Any) -> None:
+    """Raise before DeepSpeed runs when the engine's state has context parallelism (see the module doc)."""
+    if state is None or state.layout.context_parallel_size == 1:
+        return
+    dp = state.ranks("dp") if state.is_member else ()
+    dp_cp = state.ranks("dp-cp") if state.is_member else ()
+    raise UnsupportedSetupError(
+        f"deepspeed.initialize for {describe_state(state)}, which has context_parallel_size="
+        f"{state.layout.context_parallel_size}: DeepSpeed has no context parallelism, so its gradient "
+        f"all-reduce and ZeRO partitions would span this rank's data parallel group {dp} and leave the "
+        f"context parallel peers out (the ranks that must reduce together are {dp_cp}). Build the "
+        "DeepSpeed model's ParallelState with context_parallel_size=1 (the CP ranks become data "
+        "parallel ranks), or train this model with Megatron's DistributedDataParallel."
+    )
 
 
 def state_may_be_mpu(arguments: Mapping[str, Any]) -> bool:
