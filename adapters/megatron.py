@@ -27,10 +27,12 @@ memory buffer) is per state:
   override (``state.set_override``), never Megatron's globals; the getters answer it
   first, as Megatron reads its ``_MPU_*`` globals, so interleaved virtual-pipeline code
   keeps one value per model;
-* ``tensor_parallel.get_cuda_rng_tracker()`` returns the state's own tracker (built
-  by Megatron's ``initialize_rng_tracker``, so the tracker class is Megatron's choice),
-  and ``model_parallel_cuda_manual_seed(seed)`` seeds that tracker from the state's
-  TP/EP/expert-TP ranks. Megatron's functions run unchanged with the module's two
+* the CUDA RNG tracker follows Megatron's rules per state: configured or seeded inside
+  the scope (``initialize_rng_tracker``, ``model_parallel_cuda_manual_seed(seed)``, seeded
+  from the state's TP/EP/expert-TP ranks), ``tensor_parallel.get_cuda_rng_tracker()`` is
+  the state's own tracker; never configured there, it is what vanilla Megatron uses, the
+  process-wide tracker with the configuration set up once outside any scope (seeding in
+  the scope then starts from a copy of that tracker). Megatron's functions run unchanged with the module's two
   tracker globals bound to the state's for the call (one lock; threads reading those
   globals outside any scope meanwhile see the state's tracker);
 * ``get_global_memory_buffer()`` returns one ``GlobalMemoryBuffer`` shared by every
@@ -47,6 +49,7 @@ build it on CPU and no per-state version of the allocation).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 import warnings
@@ -152,16 +155,45 @@ class _Swap:
 _RNG_GLOBALS = ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
 #: ``tensor_parallel.random`` functions that run on the active state's tracker.
 RNG_FUNCTIONS = ("get_cuda_rng_tracker", "initialize_rng_tracker", "model_parallel_cuda_manual_seed", "get_all_rng_states")
+# The ones that only read the tracker (answered by the process-wide one until the state has its own).
+_RNG_READERS = frozenset({"get_cuda_rng_tracker", "get_all_rng_states"})
 
 
 def _rng_replacements(ledger: Any, random: Any) -> dict[str, Callable[..., Any]]:
-    """``tensor_parallel.random``'s tracker functions, run on the active state's tracker."""
+    """``tensor_parallel.random``'s tracker functions, by Megatron's rules, per state.
 
-    def on_state_tracker(original: Callable[..., Any]) -> Callable[..., Any]:
+    A state's tracker exists once it was configured or seeded inside its scope
+    (``initialize_rng_tracker`` or ``model_parallel_cuda_manual_seed`` there); from then on
+    the functions run on it. Before that, inside its scope they answer what vanilla
+    Megatron answers: the process-wide tracker with the configuration set up once outside
+    any scope. Seeding in a scope a state without a tracker starts from a copy of that
+    configured process-wide tracker (its class and options: what vanilla Megatron would
+    reset and seed), or a new default tracker when none was configured.
+    """
+
+    def on_state_tracker(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+        reads_only = name in _RNG_READERS
+
         def inside(state: Any, *args: Any, **kwargs: Any) -> Any:
             if getattr(_Swap.local, "state", None) is state:  # nested call: globals already bound
                 return original(*args, **kwargs)
             rec = state.adapter_record(OWNER, RngRecord)
+            if not rec.initialized:
+                if reads_only:  # never configured in this scope: the process-wide tracker, as vanilla
+                    previous = getattr(_Swap.local, "state", None)
+                    _Swap.local.state = state  # nested calls (its lazy initialize) act on the process-wide one
+                    try:
+                        return original(*args, **kwargs)
+                    finally:
+                        _Swap.local.state = previous
+                if name == "model_parallel_cuda_manual_seed":
+                    force = signature.bind_partial(*args, **kwargs).arguments.get("force_reset_rng", False)
+                    process_wide = getattr(random, _RNG_GLOBALS[0])
+                    if getattr(random, _RNG_GLOBALS[1]) and process_wide is not None and not force:
+                        rec.tracker = copy.copy(process_wide)
+                        rec.tracker.reset()
+                        rec.initialized = True
             values = dict(zip(_RNG_GLOBALS, (rec.tracker, rec.initialized)))
             previous = getattr(_Swap.local, "state", None)
             with ledger.swapped(OWNER, random, values) as final:
@@ -178,7 +210,7 @@ def _rng_replacements(ledger: Any, random: Any) -> dict[str, Callable[..., Any]]
     out = {}
     for name in RNG_FUNCTIONS:
         original = require(OWNER, random, name)
-        out[name] = dispatching(original, on_state_tracker(original), f"megatron.core.tensor_parallel.random.{name}()")
+        out[name] = dispatching(original, on_state_tracker(name, original), f"megatron.core.tensor_parallel.random.{name}()")
     return out
 
 

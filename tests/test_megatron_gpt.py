@@ -178,3 +178,95 @@ def test_setters_and_virtual_pipeline_values_are_per_state_and_the_buffer_is_sha
         assert out["b"] == (4, 3, 4, False, True), f"rank {rank}: state b expected (4, 3, 4, False, True), got {out['b']}"
         assert out["globals"] == (None, None, None, None), f"rank {rank}: Megatron's globals changed: {out['globals']}"
         assert out["a buffer"] == out["b buffer"], f"rank {rank}: expected one shared memory buffer"
+
+
+def rank_rng_set_up_once(rank, steps):
+    """Megatron's tracker configured once outside any scope; models built and trained in scopes."""
+    import contextlib
+    import inspect
+    from datetime import timedelta
+
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from scoped_parallel import ParallelState, adapters
+
+    ex = _example()
+    if not {"inference_rng_tracker", "force_reset"} <= set(inspect.signature(mrandom.initialize_rng_tracker).parameters):
+        return "skip: this megatron-core has no inference tracker or force_reset"
+
+    def checked_fork(self, name="model-parallel-rng"):  # CPU: Megatron's check, no CUDA generator switch
+        if name not in self.states_:
+            raise Exception(f"cuda rng state {name} is not added")
+        return contextlib.nullcontext()
+
+    def recording_add(self, name, seed):  # CPU: record the seed instead of a CUDA generator state
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = seed
+
+    out = {}
+    with ex.cpu_shims():
+        saved = mrandom.CudaRNGStatesTracker.fork, mrandom.CudaRNGStatesTracker.add
+        mrandom.CudaRNGStatesTracker.fork, mrandom.CudaRNGStatesTracker.add = checked_fork, recording_add
+        try:
+            # 1. configured once (an inference tracker, as an RL rollout sets up), then models in scopes
+            mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+            configured = mrandom._CUDA_RNG_STATE_TRACKER
+            try:
+                scoped = ex.run_scoped(steps)
+            except Exception as err:  # noqa: BLE001 - the failure is the claim
+                out["scoped"] = f"{type(err).__name__}: {err}"
+            else:
+                out["scoped"] = {name: ex.compare(scoped[name], ex.run_vanilla(name, steps)) for name in ex.MODELS}
+            out["configured tracker kept"] = mrandom._CUDA_RNG_STATE_TRACKER is configured
+            # 2. configured once (default tracker); two states seeded differently in their scopes
+            mrandom.initialize_rng_tracker(force_reset=True)
+            process_wide = mrandom._CUDA_RNG_STATE_TRACKER
+            states = {s: ParallelState(name=f"seed{s}", tensor_model_parallel_size=2, timeout=timedelta(seconds=60)) for s in (1, 2)}
+            try:
+                with adapters.installed(targets=("megatron",)):
+                    trackers = {}
+                    for seed, state in states.items():
+                        with state.activate():
+                            before = tensor_parallel.get_cuda_rng_tracker()
+                            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+                            trackers[seed] = tensor_parallel.get_cuda_rng_tracker()
+                            out[f"seed {seed}: unseeded scope used the process-wide tracker"] = before is process_wide
+                    out["seeded trackers"] = {
+                        "distinct": trackers[1] is not trackers[2],
+                        "own": all(t is not process_wide for t in trackers.values()),
+                        "class": {type(t).__name__ for t in trackers.values()} == {type(process_wide).__name__},
+                        "model-parallel seeds": [trackers[s].get_states()["model-parallel-rng"] for s in (1, 2)],
+                    }
+                    out["process-wide tracker unseeded"] = process_wide.get_states() == {}
+            finally:
+                for state in states.values():
+                    state.destroy()
+        finally:
+            mrandom.CudaRNGStatesTracker.fork, mrandom.CudaRNGStatesTracker.add = saved
+            mrandom.initialize_rng_tracker(force_reset=True)
+    return out
+
+
+@pytest.mark.world
+@pytest.mark.slow
+def test_rng_tracker_set_up_once_outside_scopes_keeps_working_in_them(world):
+    """Megatron's tracker configured once at start-up: GPTModels built in scopes fork it like vanilla Megatron
+    (bitwise equal to it solo); states seeded in their scopes get their own trackers of the configured class."""
+    for rank, out in enumerate(world.run(rank_rng_set_up_once, 2, timeout=600)):
+        if out == "skip: this megatron-core has no inference tracker or force_reset":
+            pytest.skip(out)
+        tp_rank = rank % 2
+        expected = {
+            "scoped": {name: [] for name in _example().MODELS},
+            "configured tracker kept": True,
+            "seed 1: unseeded scope used the process-wide tracker": True,
+            "seed 2: unseeded scope used the process-wide tracker": True,
+            "seeded trackers": {
+                "distinct": True, "own": True, "class": True,
+                "model-parallel seeds": [1 + 2718 + tp_rank, 2 + 2718 + tp_rank],
+            },
+            "process-wide tracker unseeded": True,
+        }
+        assert out == expected, f"rank {rank}: expected {expected}, got {out}"
