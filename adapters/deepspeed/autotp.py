@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from scoped_parallel.adapters.deepspeed._records import record_of
 from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, impl
 from scoped_parallel.errors import LayoutError, describe_state
 

@@ -8,7 +8,6 @@ Two states' groups are *physically shared* when they have the same rank set:
 from __future__ import annotations
 
 import html
-import itertools
 import math
 from typing import Mapping, Sequence
 
