@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test test-quick test-torch-newest test-megatron-versions bench docs compat clean
+.PHONY: setup demo test test-quick test-torch-newest test-newest-stack test-megatron-versions bench docs compat clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,36 @@ $(VENV_NEWEST)/.installed: pyproject.toml
 
 test-torch-newest: $(VENV_NEWEST)/.installed
 	TORCH_EXTENSIONS_DIR=/tmp/scoped_parallel_torch_ext_newest $(VENV_NEWEST)/bin/pytest -q
+
+# The stack users install today, in a fresh venv of its own: Python 3.12, torch 2.15,
+# megatron-core 0.19 (0.17+ ship for Python >= 3.12 only), DeepSpeed 0.19.8 and the newest
+# transformers this index has. torch and megatron-core go in first, as a user's environment
+# would have them; the project's extras must then install WITHOUT changing either (checked
+# here: the step fails on any downgrade). PIP_CONFIG_FILE=/dev/null: this project's
+# machines cap pip at the torch on local disk (2.14.1); 2.15 is a CUDA build from the
+# index that runs on the CPU. DeepSpeed is built against the venv's torch (no isolation).
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) $(shell command -v python3.12))
+VENV_STACK := .venv-py312-newest
+STACK_TORCH ?= 2.15.0
+STACK_MEGATRON ?= 0.19.2
+STACK_PIP := PIP_CONFIG_FILE=/dev/null $(VENV_STACK)/bin/python -m pip install -q
+
+$(VENV_STACK)/.installed: pyproject.toml
+	test -x "$(PY312)" || { echo "no Python 3.12 found: set PY312=/path/to/python3.12"; exit 1; }
+	test -x $(VENV_STACK)/bin/python || $(PY312) -m venv $(VENV_STACK)
+	$(STACK_PIP) --upgrade pip
+	$(STACK_PIP) torch==$(STACK_TORCH) megatron-core==$(STACK_MEGATRON)
+	$(STACK_PIP) setuptools wheel packaging ninja
+	$(STACK_PIP) --no-build-isolation deepspeed==0.19.8
+	$(VENV_STACK)/bin/python -m pip freeze | grep -iE "^(torch|megatron-core)==" > $(VENV_STACK)/before.txt
+	$(STACK_PIP) -e '.[megatron,deepspeed,ulysses,test]'
+	$(VENV_STACK)/bin/python -m pip freeze | grep -iE "^(torch|megatron-core)==" > $(VENV_STACK)/after.txt
+	diff $(VENV_STACK)/before.txt $(VENV_STACK)/after.txt || { echo "installing the extras changed torch or megatron-core"; exit 1; }
+	touch $@
+
+test-newest-stack: $(VENV_STACK)/.installed
+	$(VENV_STACK)/bin/python -c "import sys, torch, megatron.core, deepspeed, transformers; print('newest stack:', sys.version.split()[0], 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+	$(VENV_STACK)/bin/pytest -q
 
 # The megatron adapter, its oracle tests and the GPTModel proof against each older
 # megatron-core minor that installs on this Python (0.16 is in `make test`); one venv
@@ -97,4 +127,4 @@ compat: $(VENV)/.installed-nox
 	@grep -E "^nox > (\*|Session)" compat-report.txt
 
 clean:
-	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) .venv-megatron-* build dist *.egg-info .pytest_cache .hypothesis docs/_build
+	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) $(VENV_STACK) .venv-megatron-* build dist *.egg-info .pytest_cache .hypothesis docs/_build

@@ -61,7 +61,7 @@ from scoped_parallel.dispatch import dispatching
 from scoped_parallel.errors import GroupNotAvailableError, describe_state
 from scoped_parallel.getters.table import SETTERS, family
 
-__all__ = ["GETTERS", "NEWER_GETTERS", "RNG_FUNCTIONS", "UNSUPPORTED", "install", "uninstall"]
+__all__ = ["GETTERS", "RNG_FUNCTIONS", "UNSUPPORTED", "VERSIONED_GETTERS", "install", "uninstall"]
 
 OWNER = "megatron"
 
@@ -69,8 +69,9 @@ OWNER = "megatron"
 GETTERS: tuple[str, ...] = tuple(n for n, row in family("megatron").items() if row.supported)
 #: Names with no per-state answer: an error inside a scope.
 UNSUPPORTED: tuple[str, ...] = tuple(n for n, row in family("megatron").items() if not row.supported)
-#: Names that older supported megatron-core minors lack (patched where present).
-NEWER_GETTERS: frozenset[str] = frozenset(n for n, row in family("megatron").items() if row.newer)
+#: Names that only some supported megatron-core minors have (the row's ``since``/``until``):
+#: patched where present.
+VERSIONED_GETTERS: frozenset[str] = frozenset(n for n, row in family("megatron").items() if row.since or row.until)
 
 
 def _inside(name: str, supported: bool, params: tuple[str, ...] = ()) -> Callable[..., Any]:
@@ -227,7 +228,7 @@ def install(ledger: Any) -> None:
 
     replacements = {}
     for name in GETTERS + UNSUPPORTED:
-        if name in NEWER_GETTERS and not hasattr(ps, name):
+        if name in VERSIONED_GETTERS and not hasattr(ps, name):
             continue
         original = require(OWNER, ps, name)  # refuses (loudly) a name that is gone
         # A state's answers change only through its overrides, which forget the memo, so

@@ -147,6 +147,26 @@ def test_state_getters_have_megatrons_signatures():
         assert set(theirs) <= set(ours), f"{name}: Megatron {theirs}, state {ours}"
 
 
+def test_each_getter_row_exists_exactly_in_its_megatron_minors():
+    """A row's since/until says which minors have the name; the installed one must agree, both ways."""
+    from importlib.metadata import version
+
+    from scoped_parallel.getters.table import family
+
+    ps = _ps()
+    installed = tuple(int(x) for x in version("megatron-core").split(".")[:2])
+
+    def minor(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split("."))
+
+    wrong = {}
+    for name, row in family("megatron").items():
+        expected = (not row.since or minor(row.since) <= installed) and (not row.until or installed <= minor(row.until))
+        if (name in vars(ps)) != expected:
+            wrong[name] = f"since={row.since!r} until={row.until!r}: expected {'present' if expected else 'absent'}"
+    assert wrong == {}, f"megatron-core {installed}: {wrong}"
+
+
 @pytest.mark.world
 def test_positional_arguments_keep_megatrons_meaning(world):
     """get_tensor_and_data_parallel_group(True) is check_initialized=True (0.16) or
@@ -200,11 +220,11 @@ def test_patched_getters_have_megatrons_exact_signatures_without_following_wrapp
     import inspect
 
     from scoped_parallel import adapters
-    from scoped_parallel.adapters.megatron import GETTERS, NEWER_GETTERS, UNSUPPORTED
+    from scoped_parallel.adapters.megatron import GETTERS, UNSUPPORTED, VERSIONED_GETTERS
 
     ps = _ps()
     absent = [n for n in GETTERS + UNSUPPORTED if n not in vars(ps)]
-    assert set(absent) <= NEWER_GETTERS, f"getters missing from this megatron-core: {absent}"
+    assert set(absent) <= VERSIONED_GETTERS, f"getters missing from this megatron-core: {absent}"
     before = {n: vars(ps)[n] for n in GETTERS + UNSUPPORTED if n not in absent}
     with adapters.installed(targets=("megatron",)):
         for name, original in before.items():

@@ -38,9 +38,29 @@ def _rank_every_name(rank: int) -> dict[str, Any]:
         out["default is __default__"] = ps.get_parallel_state_instance(None) is ps.get_parallel_state_instance("__default__")
         out["before init"] = (actor.is_initialized(), ps.is_initialized("actor"))
         try:
-            # TP=2 with SP=2 on 4 ranks (the PR refuses SP with TP); CP=2 (the PR refuses CP).
+            # TP=2 with SP=2 on 4 ranks (the PR refuses SP with TP); CP=2 refused (DeepSpeed has no CP).
             actor.initialize_model_parallel(tensor_model_parallel_size=2)
-            critic.initialize_model_parallel(context_parallel_size=2)
+            try:
+                critic.initialize_model_parallel(context_parallel_size=2)
+            except NotImplementedError as error:
+                out["cp refused"] = (type(error).__name__, isinstance(error, ValueError), str(error), critic.is_initialized())
+            critic.initialize_model_parallel(pipeline_model_parallel_size=2)
+            try:
+                critic.initialize_model_parallel(pipeline_model_parallel_size=2)
+            except AssertionError as error:
+                out["twice"] = type(error).__name__
+            out["pr shape"] = (
+                isinstance(actor, ps.ParallelState),
+                type(ps.ParallelState()).__name__,
+                ps.ParallelState().is_initialized(),
+            )
+            out["model parallel is tp"] = (
+                critic.get_model_parallel_world_size(),
+                critic.get_model_parallel_rank(),
+                ps.get_model_parallel_world_size("critic"),
+                critic.state.get_model_parallel_world_size(),  # the core keeps Megatron's meaning (tp x pp)
+            )
+            out["dp ranks type"] = type(critic.get_data_parallel_group_ranks()).__name__
             sp = ps.get_parallel_state_instance("sp")
             sp.initialize_model_parallel(tensor_model_parallel_size=2, sequence_parallel_size=2)
             out["after init"] = (actor.is_initialized(), ps.is_initialized("actor"))
@@ -67,6 +87,9 @@ def _rank_every_name(rank: int) -> dict[str, Any]:
             ps.set_tensor_model_parallel_world_size(7, name="actor")
             ps.set_tensor_model_parallel_rank(5, name="actor")
             out["tp overrides"] = (ps.get_tensor_model_parallel_world_size("actor"), ps.get_model_parallel_rank("actor"))
+            out["tp overrides on the instance"] = (
+                actor.get_tensor_model_parallel_world_size(), actor.get_model_parallel_world_size(), actor.get_tensor_model_parallel_rank()
+            )
             out["all to all"] = {k: support.ranks(g) for k, g in ps.initialize_all_to_all_groups("actor").items()}
             out["all to all again"] = ps.get_all_to_all_groups("actor") is ps.initialize_all_to_all_groups("actor")
             # Scopes are per thread: another thread's switch does not leak (the PR's module global does).
@@ -89,11 +112,11 @@ def _rank_every_name(rank: int) -> dict[str, Any]:
             out["other thread"] = seen
             try:
                 ps.get_parallel_state_instance("nobody").initialize_model_parallel(hierarchical_context_parallel_sizes=[2])
-            except ValueError as error:
+            except NotImplementedError as error:
                 out["refused"] = (type(error).__name__, str(error))
             try:
                 ps.get_tensor_model_parallel_group(name="never-initialized")
-            except RuntimeError as error:
+            except AssertionError as error:
                 out["uninitialized"] = (type(error).__name__, str(error))
             config = {"train_batch_size": 4, "tensor_parallel": {"autotp_size": 2}}
             again = ps.initialize_parallel_state_from_config(config, name="actor")
@@ -129,7 +152,7 @@ def test_every_wrapper_name_answers_from_the_named_or_current_instance(world):
             "get_tensor_model_parallel_world_size": (2, True),
             "get_model_parallel_world_size": (2, True),
             "get_data_parallel_group": ((rank % 2, rank % 2 + 2), True),
-            "get_context_parallel_world_size": (2, True),
+            "get_context_parallel_world_size": (1, True),
         }
         got = {n: out["answers"][n] for n in expected}
         assert got == expected, f"{where}: expected {expected}, got {got}"
@@ -139,7 +162,17 @@ def test_every_wrapper_name_answers_from_the_named_or_current_instance(world):
         assert out["all to all"] == {"local_0": (rank % 2, rank % 2 + 2)}, f"{where}: all-to-all {out['all to all']}"
         assert out["all to all again"], where
         assert out["other thread"] == ["actor", "critic"], f"{where}: another thread saw {out['other thread']}"
-        assert out["refused"][0] == "LayoutError" and "hierarchical_context_parallel_sizes" in out["refused"][1], where
+        assert out["refused"][0] == "UnsupportedArgumentError", (where, out["refused"])
+        assert "does not support hierarchical_context_parallel_sizes" in out["refused"][1], (where, out["refused"])
+        name, also_value_error, message, initialized = out["cp refused"]
+        assert (name, also_value_error, initialized) == ("UnsupportedArgumentError", True, False), (where, out["cp refused"])
+        assert "does not support context_parallel_size=2" in message and "DeepSpeed has no context parallelism" in message, message
+        assert out["twice"] == "ParallelStateAlreadyInitializedError", (where, out.get("twice"))
+        assert out["pr shape"] == (True, "ParallelStateInstance", False), (where, out["pr shape"])
+        # critic: TP=1 x PP=2. The PR's model-parallel size is TP; the core state's is Megatron's TP x PP.
+        assert out["model parallel is tp"] == (1, 0, 1, 2), (where, out["model parallel is tp"])
+        assert out["dp ranks type"] == "list", (where, out["dp ranks type"])
+        assert out["tp overrides on the instance"] == (7, 7, 5), (where, out["tp overrides on the instance"])
         assert out["uninitialized"][0] == "ParallelStateNotInitializedError", (where, out["uninitialized"])
         assert "initialize_model_parallel" in out["uninitialized"][1], where
         assert out["from config existing"], where

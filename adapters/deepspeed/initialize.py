@@ -5,8 +5,9 @@
   that state (the module's own ``groups.mpu`` stays untouched).
 * Called inside one state's scope with *another* state as ``mpu``, it runs in that
   other state's scope, likewise.
-* A handle of :mod:`scoped_parallel.compat.parallel_state_wrappers` as ``mpu`` is
-  replaced by its state, which then applies as above.
+* A handle of :mod:`scoped_parallel.compat.parallel_state_wrappers` as ``mpu`` stays
+  DeepSpeed's mpu (``engine.mpu is`` the handle, as with the PR); its state's scope
+  applies as above.
 * Called inside a scope with ``mpu=None``, the state is passed as the mpu (as
   ``groups.mpu`` would answer anyway), unless DeepSpeed picks the mpu itself or the
   config cannot be read here (see ``state_may_be_mpu``); a state with TP > 1 would
@@ -42,14 +43,13 @@ def scoped_initialize(original: Any) -> Any:
     def initialize(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         mpu = bound.arguments.get("mpu")
+        # a compat handle stays DeepSpeed's mpu (engine.mpu is the caller's object); its state scopes
         inner = getattr(mpu, "_scoped_parallel_state_", None)
-        if isinstance(inner, parallel_state):  # a compat handle: DeepSpeed gets its state
-            bound.arguments["mpu"] = mpu = inner
-            args, kwargs = bound.args, bound.kwargs
+        target = inner if isinstance(inner, parallel_state) else mpu if isinstance(mpu, parallel_state) else None
         state = current_state_or_none()
-        _refuse_context_parallel(mpu if isinstance(mpu, parallel_state) else state if mpu is None else None)
-        if isinstance(mpu, parallel_state) and mpu is not state:
-            with mpu.activate():
+        _refuse_context_parallel(target if target is not None else state if mpu is None else None)
+        if target is not None and target is not state:
+            with target.activate():
                 return original(*args, **kwargs)
         if state is None:
             return original(*args, **kwargs)

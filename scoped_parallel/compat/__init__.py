@@ -2,4 +2,6 @@
 
 * :mod:`scoped_parallel.compat.parallel_state_wrappers`: the module DeepSpeed PR #7726
   proposes as ``deepspeed.utils.parallel_state_wrappers``, with contextvar scoping.
+* :mod:`scoped_parallel.compat.parallel_state`: its ``deepspeed.utils.parallel_state``
+  (``ParallelState``, ``get_parallel_state``, ``RankGenerator``).
 """

@@ -12,25 +12,41 @@ Code written against the PR's module switches by changing one import line::
         dp = ps.get_data_parallel_group()        # the actor's
     ps.get_data_parallel_group(name="actor")     # the same group, no scope needed
 
-Same names, signatures and meanings as the PR, with these differences:
+Same names, signatures, return types and exception types as the PR: DeepSpeed PR #7726's
+own test file passes against this module unmodified, with and without
+:func:`scoped_parallel.adapters.install` (``tests/test_deepspeed_pr7726.py``).
+``get_parallel_state_instance(name)`` returns a :class:`ParallelState` (this module's,
+the PR's shape: ``initialize_model_parallel`` then the getters; ``deepspeed.initialize``
+keeps it as ``engine.mpu``); ``get_model_parallel_world_size``/``_rank`` are the
+tensor-parallel ones; ``get_data_parallel_group_ranks`` is a list; using an uninitialised
+instance or initialising one twice raises an ``AssertionError``
+(:class:`ParallelStateNotInitializedError`, :class:`ParallelStateAlreadyInitializedError`),
+and refused arguments a ``NotImplementedError`` (:class:`UnsupportedArgumentError`), each
+also a :class:`~scoped_parallel.errors.ScopedParallelError`. The PR's
+``deepspeed.utils.parallel_state`` is :mod:`scoped_parallel.compat.parallel_state`.
+
+Where this module deliberately differs, and why:
 
 * ``set_current_parallel_state(name)`` enters the named state's scope
   (:meth:`ParallelState.activate <scoped_parallel.ParallelState.activate>`): per thread
   and per asyncio task, checked on exit, usable as a decorator; the PR switches one
-  module global. With :func:`scoped_parallel.adapters.install`, DeepSpeed's own getters
-  follow it too. The named instance must be initialised first.
+  module global, which another thread or task sees too. With
+  :func:`scoped_parallel.adapters.install`, DeepSpeed's own getters follow it as well. The
+  named instance must be initialised first.
 * A getter with ``name=None`` answers from the innermost scope (any
-  :class:`~scoped_parallel.ParallelState`, not only the registry's), else from the default
+  :class:`scoped_parallel.ParallelState`, not only the registry's), else from the default
   instance; with ``name=`` from that instance, no scope needed.
 * ``get_parallel_state_instance(None)`` and ``get_parallel_state_instance("__default__")``
-  are one object (in the PR they differ).
-* Supported where the PR refuses: ``context_parallel_size > 1`` (with the default
-  order, ``cp`` is placed after ``tp``), sequence parallelism together with TP or PP,
-  and :meth:`ParallelStateInstance.destroy`. Not supported (a
-  :class:`~scoped_parallel.errors.LayoutError` naming the argument, before any
-  collective): hierarchical context parallelism, several distributed-optimizer
-  instances, custom embedding-rank functions, NCCL config files and high-priority
-  stream groups (use :class:`~scoped_parallel.ParallelState`'s ``pg_options``).
+  are one object (in the PR they are two, and the PR's "current" default is the second).
+* ``context_parallel_size > 1`` is refused by ``initialize_model_parallel`` too, not only
+  by ``initialize_parallel_state_from_config`` as in the PR: DeepSpeed has no context
+  parallelism, so an engine built on such an instance would reduce gradients over the
+  data-parallel group only and silently leave the CP peers out.
+* Supported where the PR raises: sequence parallelism together with TP or PP, and
+  :meth:`ParallelStateInstance.destroy`. Refused as well (the PR accepts them, before any
+  collective): several distributed-optimizer instances, custom embedding-rank functions,
+  NCCL config files and high-priority stream groups (use
+  :class:`scoped_parallel.ParallelState`'s ``pg_options``).
 * ``initialize_parallel_state_from_config`` reads every size key the core reads
   (:meth:`ParallelState.from_config <scoped_parallel.ParallelState.from_config>`), and
   for an initialised instance returns it only if the requested layout is its layout
@@ -51,12 +67,15 @@ from typing import Any, Callable
 from scoped_parallel.errors import LayoutError, ScopedParallelError
 from scoped_parallel.getters.table import GETTERS as _TABLE
 from scoped_parallel.scope import Activation, current_state_or_none
-from scoped_parallel.state import ParallelState
+from scoped_parallel.state import ParallelState as _CoreState
 
 __all__ = [
     "DEFAULT_NAME",
+    "ParallelState",
+    "ParallelStateAlreadyInitializedError",
     "ParallelStateInstance",
     "ParallelStateNotInitializedError",
+    "UnsupportedArgumentError",
     "get_all_to_all_groups",
     "get_current_parallel_state",
     "get_parallel_state",
@@ -75,8 +94,53 @@ DEFAULT_NAME = "__default__"
 DEFAULT_ORDER = "tp-ep-dp-pp"
 
 
-class ParallelStateNotInitializedError(ScopedParallelError, RuntimeError):
-    """An instance was used before ``initialize_model_parallel``."""
+class ParallelStateNotInitializedError(ScopedParallelError, RuntimeError, AssertionError):
+    """An instance was used before ``initialize_model_parallel`` (an ``AssertionError``, as in the PR)."""
+
+
+class ParallelStateAlreadyInitializedError(LayoutError, AssertionError):
+    """``initialize_model_parallel`` on an initialised instance (an ``AssertionError``, as in the PR)."""
+
+
+class UnsupportedArgumentError(LayoutError, NotImplementedError):
+    """An argument this module refuses (a ``NotImplementedError``, the PR's type for its refusals)."""
+
+
+#: arguments this module refuses -> (the value that is accepted, why the others are refused)
+_REFUSED: dict[str, tuple[Any, str]] = {
+    "context_parallel_size": (
+        1,
+        "DeepSpeed has no context parallelism: its gradient all-reduce and ZeRO partitions would "
+        "span the data parallel group only and leave the context parallel peers out; set "
+        "context_parallel_size=1 (the CP ranks become data parallel ranks), or build a "
+        "scoped_parallel.ParallelState for a Megatron model",
+    ),
+    "hierarchical_context_parallel_sizes": (None, "remove it (it needs context parallelism)"),
+    "num_distributed_optimizer_instances": (1, "leave it at 1 (one distributed-optimizer instance)"),
+    "get_embedding_ranks": (None, "leave it unset (embedding ranks follow Megatron's default rule)"),
+    "get_position_embedding_ranks": (None, "leave it unset (embedding ranks follow Megatron's default rule)"),
+    "nccl_communicator_config_path": (
+        None, "build a scoped_parallel.ParallelState with pg_options={kind: options} instead"
+    ),
+    "high_priority_stream_groups": (
+        None, "build a scoped_parallel.ParallelState with pg_options={kind: options} instead"
+    ),
+}
+
+
+def refuse_unsupported(**arguments: Any) -> None:
+    """Raise :class:`UnsupportedArgumentError` for the first argument this module refuses.
+
+    Called before any group exists, so no rank waits in a collective. The message starts
+    the way the PR's own refusals do ("... does not support <argument> ...").
+    """
+    for argument, value in arguments.items():
+        accepted, fix = _REFUSED[argument]
+        if value is None or value == accepted:
+            continue
+        raise UnsupportedArgumentError(
+            f"scoped_parallel's DeepSpeed compat does not support {argument}={value!r}: {fix}"
+        )
 
 
 class ParallelStateInstance:
@@ -84,9 +148,9 @@ class ParallelStateInstance:
     :meth:`initialize_model_parallel`; then a complete DeepSpeed mpu (every getter of
     :class:`~scoped_parallel.ParallelState` answers through it)."""
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self._name = name
-        self._state: ParallelState | None = None
+        self._state: _CoreState | None = None
         self.virtual_pipeline_model_parallel_size: int | None = None
 
     @property
@@ -95,7 +159,7 @@ class ParallelStateInstance:
         return self._name
 
     @property
-    def state(self) -> ParallelState:
+    def state(self) -> _CoreState:
         """The :class:`~scoped_parallel.ParallelState` behind this instance."""
         if self._state is None or self._state.destroyed:
             raise ParallelStateNotInitializedError(
@@ -106,7 +170,7 @@ class ParallelStateInstance:
 
     # DeepSpeed and the adapters unwrap the instance to its state (see adapters.deepspeed.initialize).
     @property
-    def _scoped_parallel_state_(self) -> ParallelState:
+    def _scoped_parallel_state_(self) -> _CoreState:
         return self.state
 
     def is_initialized(self) -> bool:
@@ -133,30 +197,23 @@ class ParallelStateInstance:
     ) -> None:
         """Build the groups (collective over the world, like the PR); see the module doc for what differs."""
         if self.is_initialized():
-            raise LayoutError(
+            raise ParallelStateAlreadyInitializedError(
                 f"parallel state {self._name!r} is already initialized ({self._state!r}); call "
                 "destroy() on it first, or use another name"
             )
-        refused = {
-            "hierarchical_context_parallel_sizes": hierarchical_context_parallel_sizes is not None,
-            "num_distributed_optimizer_instances": num_distributed_optimizer_instances != 1,
-            "get_embedding_ranks": get_embedding_ranks is not None,
-            "get_position_embedding_ranks": get_position_embedding_ranks is not None,
-        }
-        for argument, bad in refused.items():
-            if bad:
-                raise LayoutError(
-                    f"initialize_model_parallel({argument}=...) is not supported by scoped_parallel; "
-                    "leave it at its default"
-                )
+        refuse_unsupported(
+            context_parallel_size=context_parallel_size,
+            hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
+            num_distributed_optimizer_instances=num_distributed_optimizer_instances,
+            get_embedding_ranks=get_embedding_ranks,
+            get_position_embedding_ranks=get_position_embedding_ranks,
+        )
         if isinstance(distributed_timeout_minutes, bool) or not isinstance(distributed_timeout_minutes, (int, float)):
             raise LayoutError(
                 f"distributed_timeout_minutes must be a number of minutes, got {distributed_timeout_minutes!r}"
             )
-        if order == DEFAULT_ORDER and context_parallel_size != 1:
-            order = "tp-cp-ep-dp-pp"
         backends = {"pp": pipeline_model_parallel_comm_backend} if pipeline_model_parallel_comm_backend else None
-        self._state = ParallelState(
+        self._state = _CoreState(
             name=self._name,
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -170,6 +227,18 @@ class ParallelStateInstance:
             create_gloo_process_groups=create_gloo_process_groups,
         )
         self.virtual_pipeline_model_parallel_size = virtual_pipeline_model_parallel_size
+
+    def get_model_parallel_world_size(self) -> int:
+        """The tensor-parallel size, as in the PR (DeepSpeed reads it as its model-parallel size)."""
+        return self.state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        """The tensor-parallel rank, as in the PR."""
+        return self.state.get_tensor_model_parallel_rank()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        """This rank's data-parallel group as a list of global ranks, as in the PR."""
+        return list(self.state.get_data_parallel_group_ranks())
 
     def get_virtual_pipeline_model_parallel_world_size(self) -> int | None:
         """The ``virtual_pipeline_model_parallel_size`` given at initialisation (recorded only)."""
@@ -201,13 +270,17 @@ class ParallelStateInstance:
         return f"ParallelStateInstance({self._name!r}: {inner})"
 
 
+#: the PR's class name: ``isinstance(get_parallel_state_instance("a"), ParallelState)`` holds and
+#: ``ParallelState()`` is an unnamed, uninitialised instance, as in the PR
+ParallelState = ParallelStateInstance
+
 _LOCK = threading.Lock()
 _REGISTRY: dict[str, ParallelStateInstance] = {}
 #: the owner name of this module's per-state record (a handle of a state built elsewhere)
 _OWNER = "compat"
 
 
-def _handle_of(state: ParallelState) -> ParallelStateInstance:
+def _handle_of(state: _CoreState) -> ParallelStateInstance:
     handle = ParallelStateInstance(None)
     handle._state = state
     return handle
@@ -247,7 +320,7 @@ def get_parallel_state(name: str | None = None) -> ParallelStateInstance:
     return get_current_parallel_state() if name is None else get_parallel_state_instance(name)
 
 
-def _state(name: str | None) -> ParallelState:
+def _state(name: str | None) -> _CoreState:
     return get_parallel_state(name).state
 
 
@@ -355,7 +428,7 @@ def _getter(public: str, flags: tuple[str, ...]) -> Callable[..., Any]:
             raise TypeError(f"{public}() got unexpected arguments {unknown or args[len(flags):]}; it takes name, {flags}")
         return getattr(_state(name), method)(**bound)
 
-    what = (getattr(ParallelState, method).__doc__ or method).strip().splitlines()[0]
+    what = (getattr(_CoreState, method).__doc__ or method).strip().splitlines()[0]
     getter.__name__ = getter.__qualname__ = public
     getter.__module__ = _WRAPPERS
     getter.__doc__ = f"The named instance's state answers, or the current scope's (``name=None``): {what}"
@@ -409,15 +482,11 @@ def initialize_parallel_state_from_config(
     """
     from scoped_parallel.layout.config import load_config, sizes_from_config
 
-    for argument, value in (
-        ("nccl_communicator_config_path", nccl_communicator_config_path),
-        ("high_priority_stream_groups", high_priority_stream_groups),
-    ):
-        if value is not None:
-            raise LayoutError(
-                f"{argument}={value!r} is not supported by scoped_parallel; build a ParallelState with "
-                "pg_options={kind: options} for per-group backend options instead"
-            )
+    refuse_unsupported(
+        nccl_communicator_config_path=nccl_communicator_config_path,
+        high_priority_stream_groups=high_priority_stream_groups,
+        hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
+    )
     local = locals()
     overrides = {key: local[key] for key in _SIZE_OVERRIDES if local[key] is not None}
     sizes = sizes_from_config(load_config(config), overrides)

@@ -33,7 +33,8 @@ from scoped_parallel.errors import GroupNotAvailableError, UnsupportedSetupError
 __all__ = ["COLLECTION_FIELDS", "MegatronMethods"]
 
 #: ``ProcessGroupCollection`` field -> (state method, keyword arguments): what
-#: ``ProcessGroupCollection.use_mpu_process_groups()`` asks parallel_state for.
+#: ``ProcessGroupCollection.use_mpu_process_groups()`` asks parallel_state for, in every
+#: supported megatron-core minor (a method of "" is Megatron's constant ``None``).
 COLLECTION_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "tp": ("get_tensor_model_parallel_group", {}),
     "pp": ("get_pipeline_model_parallel_group", {}),
@@ -47,10 +48,17 @@ COLLECTION_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
     "expt_tp": ("get_expert_tensor_parallel_group", {}),
     "tp_ep": ("get_expert_tensor_and_model_parallel_group", {}),
     "tp_ep_pp": ("get_expert_tensor_model_pipeline_parallel_group", {}),
+    "tp_ep_pp_with_egtp_remat": ("get_expert_tensor_model_pipeline_parallel_group", {"with_egtp_remat": True}),
     "tp_dp_cp": ("get_tensor_and_data_parallel_group", {"with_context_parallel": True}),
     "dp": ("get_data_parallel_group", {}),
     "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True}),
+    "dp_cp_gtp_remat": ("get_data_parallel_group", {"with_context_parallel": True}),
+    "dp_cp_ag": ("", {}),  # megatron-core 0.18+: filled by the caller from create_all_gather_groups()
     "expt_dp": ("get_expert_data_parallel_group", {}),
+    "expt_dp_gtp_remat": ("get_expert_data_parallel_group", {}),
+    "expt_dp_ag": ("", {}),
+    "gtp_remat": ("get_gtp_weight_remat_group", {"check_initialized": False}),
+    "expt_gtp_remat": ("get_expert_gtp_weight_remat_group", {"check_initialized": False}),
     "intra_dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, "partial_data_parallel": True}),
     "intra_expt_dp": ("get_expert_data_parallel_group", {"partial_expert_data_parallel": True}),
     "inter_dist_opt": ("get_inter_distributed_optimizer_instance_group", {"check_initialized": False}),
@@ -141,6 +149,7 @@ class MegatronMethods:
         with_context_parallel: bool = False,
         partial_data_parallel: bool = False,
         independent_all_gather: bool = False,
+        with_gtp_remat: bool = True,
     ) -> Any:
         """Data-parallel group; excludes SP ranks (they see the same batch), see sequence_data.
 
@@ -167,14 +176,14 @@ class MegatronMethods:
         return self._intra_group(kind, gloo=True) if partial_data_parallel else self.gloo_group(kind)
 
     def get_data_parallel_world_size(
-        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False, with_gtp_remat: bool = True
     ) -> int:
         """Size of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
         kind = self._dp_kind(with_context_parallel, partial_data_parallel)
         return len(self._intra_ranks(kind)) if partial_data_parallel else self._kind_size(kind)
 
     def get_data_parallel_rank(
-        self, with_context_parallel: bool = False, partial_data_parallel: bool = False
+        self, with_context_parallel: bool = False, partial_data_parallel: bool = False, with_gtp_remat: bool = True
     ) -> int:
         """This rank's index in its data parallel group (dp x cp with ``with_context_parallel=True``).
 
@@ -211,7 +220,7 @@ class MegatronMethods:
         return self._kind_rank("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_expert_data_parallel_group(
-        self, check_initialized: bool = True, partial_expert_data_parallel: bool = False
+        self, check_initialized: bool = True, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True
     ) -> Any:
         """This rank's expert data parallel group (of its distributed-optimizer instance with ``partial_expert_data_parallel=True``)."""
         if partial_expert_data_parallel:
@@ -224,15 +233,62 @@ class MegatronMethods:
             return self._intra_group("edp", gloo=True)
         return self.gloo_group("edp")
 
-    def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False) -> int:
+    def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True) -> int:
         """Size of this rank's expert data parallel group."""
         return len(self._intra_ranks("edp")) if partial_expert_data_parallel else self._kind_size("edp")
 
-    def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False) -> int:
+    def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True) -> int:
         """This rank's index in its expert data parallel group."""
         if partial_expert_data_parallel:
             return self._intra_ranks("edp").index(self._rank)
         return self._kind_rank("edp")
+
+    def get_expert_tensor_model_pipeline_parallel_group(
+        self, check_initialized: bool = True, with_egtp_remat: bool = False
+    ) -> Any:
+        """This rank's expert tensor x expert model x pipeline parallel group (the same with
+        ``with_egtp_remat=True``: every state's expert GTP size is 1)."""
+        return self._kind_group("etp-ep-pp")
+
+    # megatron-core 0.19's generalized tensor parallelism with weight rematerialisation (GTP):
+    # a state has no GTP axis, so its GTP groups are Megatron's for gtp_remat_size=1, a group of
+    # this rank alone; the with_gtp_remat/with_egtp_remat variants of the data parallel getters
+    # therefore have the same ranks as the plain ones.
+
+    def get_gtp_weight_remat_group(self, check_initialized: bool = True) -> Any:
+        """This rank's GTP weight-rematerialisation group: this rank alone (gtp_remat_size is 1)."""
+        return self._opt_group("gtp")
+
+    def get_gtp_weight_remat_world_size(self) -> int:
+        """1: a state has no GTP axis (megatron-core 0.19's gtp_remat_size=1)."""
+        self._require("tp")
+        return 1
+
+    def get_gtp_weight_remat_rank(self) -> int:
+        """0: this rank is its GTP group's only member."""
+        self._require("tp")
+        return 0
+
+    def get_gtp_weight_remat_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
+        """``(this rank,)``: the members of this rank's GTP group."""
+        self._require("tp")
+        return (self._rank,)
+
+    def get_expert_gtp_weight_remat_group(self, check_initialized: bool = True) -> Any:
+        """The expert twin of :meth:`get_gtp_weight_remat_group` (the same group of this rank alone)."""
+        return self.get_gtp_weight_remat_group(check_initialized)
+
+    def get_expert_gtp_weight_remat_world_size(self) -> int:
+        """1, as :meth:`get_gtp_weight_remat_world_size`."""
+        return self.get_gtp_weight_remat_world_size()
+
+    def get_expert_gtp_weight_remat_rank(self) -> int:
+        """0, as :meth:`get_gtp_weight_remat_rank`."""
+        return self.get_gtp_weight_remat_rank()
+
+    def get_expert_gtp_weight_remat_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
+        """``(this rank,)``, as :meth:`get_gtp_weight_remat_global_ranks`."""
+        return self.get_gtp_weight_remat_global_ranks()
 
     def is_rank_in_embedding_group(self, ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
         """Whether this rank holds a word-embedding group (first or last pipeline stage).
@@ -415,5 +471,5 @@ class MegatronMethods:
         collection = cls()
         for name in names:
             method, kwargs = COLLECTION_FIELDS[name]
-            setattr(collection, name, getattr(self, method)(**kwargs))
+            setattr(collection, name, getattr(self, method)(**kwargs) if method else None)
         return collection

@@ -70,8 +70,10 @@ class Getter(NamedTuple):
     override: str | None = None
     #: honours the virtual pipeline stage (``ignore_virtual``/``vp_stage``) of the side state
     virtual: bool = False
-    #: absent from the older supported megatron-core minors (patched where present)
-    newer: bool = False
+    #: the first megatron-core minor that has the name ("": every supported minor up to ``until``)
+    since: str = ""
+    #: the last megatron-core minor that has the name ("": every minor from ``since`` on)
+    until: str = ""
     #: ``False``: no per-state answer exists; inside a scope the patched name raises
     supported: bool = True
     #: Megatron's variant keywords the getter takes (besides ``check_initialized``)
@@ -130,19 +132,19 @@ GETTERS: dict[str, Getter] = {
     "get_expert_model_parallel_group": Getter("ep", GROUP),
     "get_expert_model_parallel_world_size": Getter("ep", SIZE, override="ep_size"),
     "get_expert_model_parallel_rank": Getter("ep", RANK, override="ep_rank"),
-    "get_expert_model_parallel_src_rank": Getter("ep", FIRST, newer=True),
+    "get_expert_model_parallel_src_rank": Getter("ep", FIRST, since="0.16"),
     "get_expert_tensor_parallel_group": Getter("etp", GROUP),
     "get_expert_tensor_parallel_world_size": Getter("etp", SIZE, override="etp_size"),
     "get_expert_tensor_parallel_rank": Getter("etp", RANK, override="etp_rank"),
     "get_expert_tensor_and_model_parallel_group": Getter("etp-ep", GROUP),
     "get_expert_tensor_and_model_parallel_world_size": Getter("etp-ep", SIZE),
     "get_expert_tensor_and_model_parallel_rank": Getter("etp-ep", RANK),
-    "get_expert_tensor_model_pipeline_parallel_group": Getter("etp-ep-pp", GROUP),
+    "get_expert_tensor_model_pipeline_parallel_group": Getter("etp-ep-pp", METHOD, keywords=("with_egtp_remat",)),
     "get_expert_data_parallel_group": Getter("edp", METHOD, keywords=_EDP),
     "get_expert_data_parallel_group_gloo": Getter("edp", METHOD, keywords=_EDP),
     "get_expert_data_parallel_world_size": Getter("edp", METHOD, keywords=_EDP),
     "get_expert_data_parallel_rank": Getter("edp", METHOD, keywords=_EDP),
-    "get_data_modulo_expert_parallel_group": Getter("edp", METHOD, keywords=_EDP),
+    "get_data_modulo_expert_parallel_group": Getter("edp", METHOD, until="0.16", keywords=_EDP),
     # embeddings
     "is_rank_in_embedding_group": Getter("embd", METHOD, virtual=True, keywords=_VIRTUAL),
     "is_rank_in_position_embedding_group": Getter("pos-embd", METHOD),
@@ -152,11 +154,22 @@ GETTERS: dict[str, Getter] = {
     "get_intra_distributed_optimizer_instance_group": Getter(None, METHOD),
     "get_inter_distributed_optimizer_instance_group": Getter(None, METHOD),
     "get_hierarchical_context_parallel_groups": Getter("cp", METHOD),
-    "get_hybrid_data_context_parallel_groups": Getter("dp-cp", METHOD, newer=True, keywords=("group_size",)),
-    "has_separate_all_gather_group": Getter("dp-cp", METHOD, newer=True),
+    "get_hybrid_data_context_parallel_groups": Getter("dp-cp", METHOD, since="0.16", keywords=("group_size",)),
+    "has_separate_all_gather_group": Getter("dp-cp", METHOD, since="0.16", until="0.17"),
+    # 0.18: the all-gather twins are made on request, outside initialize_model_parallel
+    "create_all_gather_groups": Getter(None, METHOD, since="0.18", supported=False),
+    # 0.19: generalized TP with weight rematerialisation (GTP); every state has gtp_remat_size 1
+    "get_gtp_weight_remat_group": Getter(None, METHOD, since="0.19"),
+    "get_gtp_weight_remat_world_size": Getter(None, METHOD, since="0.19"),
+    "get_gtp_weight_remat_rank": Getter(None, METHOD, since="0.19"),
+    "get_gtp_weight_remat_global_ranks": Getter(None, METHOD, since="0.19"),
+    "get_expert_gtp_weight_remat_group": Getter(None, METHOD, since="0.19"),
+    "get_expert_gtp_weight_remat_world_size": Getter(None, METHOD, since="0.19"),
+    "get_expert_gtp_weight_remat_rank": Getter(None, METHOD, since="0.19"),
+    "get_expert_gtp_weight_remat_global_ranks": Getter(None, METHOD, since="0.19"),
     "get_amax_reduction_group": Getter(None, METHOD, keywords=("with_context_parallel", "tp_only_amax_red")),
     "get_all_ranks": Getter(None, METHOD),
-    "get_global_symmetric_memory_buffer": Getter(None, METHOD, newer=True, supported=False),
+    "get_global_symmetric_memory_buffer": Getter(None, METHOD, since="0.16", until="0.16", supported=False),
     # DeepSpeed's mpu names: PipelineParallelGrid's (deepspeed.utils.bwc probes them) and Ulysses'
     "get_pipe_parallel_group": Getter("pp", GROUP, family="deepspeed"),
     "get_pipe_parallel_world_size": Getter("pp", SIZE, family="deepspeed"),

@@ -51,6 +51,23 @@ def _offsets(sizes: tuple[int, ...], strides: tuple[int, ...], axes: tuple[int, 
     return offsets
 
 
+def iter_masked_groups(
+    sizes: tuple[int, ...], strides: tuple[int, ...], masked: tuple[int, ...], start: int = 0
+) -> Iterator[tuple[int, ...]]:
+    """The groups spanning the ``masked`` axes of a rank grid, in Megatron's order.
+
+    ``sizes[i]``/``strides[i]``: axis ``i`` of the grid (the first axis varies fastest).
+    Each group holds the ranks that differ only along the masked axes (the first masked
+    axis fastest); groups come with the first unmasked axis fastest; ``start`` is added
+    to every rank. With sizes (2, 2, 2) and strides (1, 2, 4) (tp-dp-pp on 8 ranks),
+    masking axis 1 (dp) gives (0, 2), (1, 3), (4, 6), (5, 7).
+    """
+    unmasked = tuple(i for i in range(len(sizes)) if i not in masked)
+    offsets = _offsets(sizes, strides, masked)
+    for base in ParallelLayout._iter_bases(sizes, strides, unmasked):
+        yield tuple(start + base + o for o in offsets)
+
+
 def _rebuild(kwargs: dict[str, Any]) -> ParallelLayout:
     world_size = kwargs.pop("world_size")
     return ParallelLayout(world_size, **kwargs)
@@ -295,11 +312,7 @@ class ParallelLayout:
                 yield self._embedding_group(family, first, last)
             return
         sizes, strides, masked = self._generator(family, kind_tokens)
-        unmasked = tuple(i for i in range(len(sizes)) if i not in masked)
-        offsets = _offsets(sizes, strides, masked)
-        for base in self._iter_bases(sizes, strides, unmasked):
-            start = base + off
-            yield tuple(start + o for o in offsets)
+        yield from iter_masked_groups(sizes, strides, masked, off)
 
     def _iter_groups_bases(self, kind: str) -> Iterator[int]:
         _, family, kind_tokens = parse_kind(kind)

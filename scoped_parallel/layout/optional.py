@@ -21,6 +21,9 @@ slot                   Megatron's global, and when it exists
 ``hybrid/<size>``      ``_HYBRID_DP_CP_GROUPS[size]``: ``hybrid_context_parallel``
 ``dp-cp/ag``           ``_DATA_PARALLEL_GROUP_WITH_CP_AG``: ``create_all_gather_group``
                        (a second communicator over the dp-cp ranks: never shared)
+``gtp``                ``_GTP_WEIGHT_REMAT_GROUP`` (and its expert twin), megatron-core
+                       0.19: always; a state has no GTP axis, so it is this rank alone
+                       (shared with any other group of this rank alone)
 =====================  ==========================================================
 
 Example: 8 ranks, ``tensor_model_parallel_size=2`` (dp=4) and
@@ -165,6 +168,7 @@ def optional_ranks(layout: Any, rank: int, options: OptionalGroups) -> dict[str,
     out: dict[str, tuple[int, ...]] = {}
     n = options.num_distributed_optimizer_instances
     out["dist-opt"] = _dist_opt_group(layout, rank, n)
+    out["gtp"] = (rank,)
     if n > 1:
         dp_cp, edp = groups["dp-cp"], groups["edp"]
         out["intra-dp-cp"] = _chunk(dp_cp, len(dp_cp) // n, rank)
