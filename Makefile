@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 
-.PHONY: setup demo test test-quick test-torch-newest test-newest-stack test-megatron-versions bench docs compat clean
+.PHONY: setup demo test test-quick test-torch-newest test-newest-stack test-megatron-versions bench docs compat compat-stack clean
 
 setup: $(VENV)/.installed
 
@@ -29,9 +29,9 @@ test: setup
 test-quick: setup
 	$(BIN)/pytest -q -m "not world and not slow"
 
-# The newest supported torch (pyproject: torch>=2.13,<2.15). On this project's
-# machines 2.14.1 lies on local disk as a CUDA build (~5.4 GB venv) that runs on
-# the CPU; it gets its own venv and its own JIT extension cache.
+# The newest torch on Python 3.11 (torch 2.15 runs in test-newest-stack, Python 3.12).
+# On this project's machines 2.14.1 lies on local disk as a CUDA build (~5.4 GB venv)
+# that runs on the CPU; it gets its own venv and its own JIT extension cache.
 VENV_NEWEST := .venv-torch-newest
 TORCH_NEWEST ?= 2.14.1
 
@@ -125,6 +125,13 @@ $(VENV)/.installed-nox: $(VENV)/.installed
 compat: $(VENV)/.installed-nox
 	$(BIN)/nox --envdir $(NOX_ENVDIR) 2>&1 | tee compat-report.txt
 	@grep -E "^nox > (\*|Session)" compat-report.txt
+
+# The (Python, torch, megatron-core) axes: the whole suite per combination (noxfile.py's
+# STACKS; several GB and ~10 minutes each). pyenv's interpreters are put on PATH.
+compat-stack: $(VENV)/.installed-nox
+	PATH="$$(ls -d $(HOME)/.pyenv/versions/3.1[123]*/bin 2>/dev/null | tr '\n' ':')$$PATH" \
+	  $(BIN)/nox --envdir $(NOX_ENVDIR) -s stack 2>&1 | tee compat-stack-report.txt
+	@grep -E "^nox > (\*|Session)" compat-stack-report.txt
 
 clean:
 	rm -rf .nox compat-report.txt $(VENV) $(VENV_NEWEST) $(VENV_STACK) .venv-megatron-* build dist *.egg-info .pytest_cache .hypothesis docs/_build

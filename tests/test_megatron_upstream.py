@@ -29,7 +29,10 @@ WORLD = 8
 #: directly or read its module globals), which a scope does not set by design.
 EXPECTED_FAILURES = {
     "test_initialize_and_destroy_model_parallel",  # asserts ps._MODEL_PARALLEL_GROUP is None
-    "test_separate_all_gather_group",  # reads ps._DATA_PARALLEL_GROUP_WITH_CP_AG
+    # reads ps._DATA_PARALLEL_GROUP_WITH_CP_AG (0.16, 0.17); from 0.18 it calls
+    # ps.create_all_gather_groups(), which a scope refuses (build the state with
+    # create_all_gather_group=True instead)
+    "test_separate_all_gather_group",
     # ep=2 with pp>1 and order 'tp-pp-ep-dp': vanilla initialize_model_parallel asserts too
     # ("When not using pp-last rank ordering, the data parallel size of the attention and
     # moe layers must be the same"); a state raises LayoutError for the same rule.

@@ -25,6 +25,7 @@ On rank 5 of 8 with ``tensor_model_parallel_size=2, pipeline_model_parallel_size
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -420,8 +421,16 @@ class MegatronMethods:
         return self.get_expert_data_parallel_group(partial_expert_data_parallel=partial_expert_data_parallel)
 
     def get_all_ranks(self) -> str:
-        """This rank's tp, dp, cp, pp and ep indices joined by ``_`` (Megatron's format)."""
-        return "_".join(str(self._kind_rank(k)) for k in ("tp", "dp", "cp", "pp", "ep"))
+        """This rank's tp, dp, cp, pp and ep indices joined by ``_`` (Megatron's format).
+
+        With a megatron-core that has GTP (0.19) loaded, its format: the GTP index (always 0
+        here) follows the tp index, e.g. ``"1_0_0_0_1_0"``.
+        """
+        ranks = [self._kind_rank(k) for k in ("tp", "dp", "cp", "pp", "ep")]
+        megatron = sys.modules.get("megatron.core.parallel_state")
+        if megatron is not None and hasattr(megatron, "get_gtp_weight_remat_rank"):
+            ranks.insert(1, 0)
+        return "_".join(map(str, ranks))
 
     def process_group_collection(self, required_pgs: list[str] | None = None, collection_class: Any = None) -> Any:
         """Megatron's ``ProcessGroupCollection`` holding this state's own groups (none created).
