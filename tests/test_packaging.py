@@ -64,3 +64,18 @@ def test_built_wheel_has_no_top_level_adapters(tmp_path):
     assert out[0].startswith("scoped_parallel.adapters "), f"adapters imported as {out[0]!r}"
     assert str(target) in out[0], f"scoped_parallel imported from outside the installed wheel: {out[0]!r}"
     assert out[1] == "None", f"a top-level 'adapters' package is importable: {out[1]}"
+
+
+def test_the_torch_range_in_errors_is_the_claimed_one():
+    """torch_compat.TESTED_TORCH (named in its errors) is pyproject's torch range: >=oldest, <newest + 1 minor."""
+    import re
+    import tomllib
+
+    from scoped_parallel.groups.torch_compat import TESTED_TORCH
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if d.startswith("torch")]
+    low, high = re.fullmatch(r"torch>=(\d+\.\d+),<(\d+\.\d+)", spec).groups()
+    major, minor = high.split(".")
+    newest = f"{major}.{int(minor) - 1}"
+    assert TESTED_TORCH == (low, newest), f"pyproject says {spec!r}, torch_compat says {TESTED_TORCH}"

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The torch releases the test suite runs on (oldest, newest).
-TESTED_TORCH = ("2.13", "2.14")
+TESTED_TORCH = ("2.13", "2.15")
 
 if not dist.is_available():  # pragma: no cover - every supported wheel has distributed
     raise UnsupportedSetupError(
