@@ -30,12 +30,14 @@ answers one buffer per state, and a state built only for DeepSpeed has no use fo
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from scoped_parallel.compat.parallel_state_wrappers import ParallelState, get_parallel_state_instance
 from scoped_parallel.errors import LayoutError
 from scoped_parallel.layout.checks import prefix_strides
 from scoped_parallel.layout.grid import iter_masked_groups
+from scoped_parallel.layout.kinds import token_problems
 
 __all__ = ["ParallelState", "RankGenerator", "generate_masked_orthogonal_rank_groups", "get_parallel_state"]
 
@@ -62,9 +64,7 @@ def generate_masked_orthogonal_rank_groups(
         raise LayoutError(f"mask {list(mask)} must have one entry per size in {list(sizes)}")
     if any(s < 1 for s in sizes):
         raise LayoutError(f"every parallel size must be at least 1, got {list(sizes)}")
-    product = 1
-    for size in sizes:
-        product *= size
+    product = math.prod(sizes)
     if product != world_size:
         raise LayoutError(
             f"world_size {world_size} is not the product of parallel_size {list(sizes)} ({product}); "
@@ -95,8 +95,8 @@ class RankGenerator:
         if not isinstance(rank_offset, int) or rank_offset < 0:
             raise LayoutError(f"rank_offset must be an int >= 0, got {rank_offset!r}")
         given = [t for t in str(order).lower().split("-") if t]
-        unknown = [t for t in given if t not in sizes]
-        if unknown or len(set(given)) != len(given):
+        bad, repeated = token_problems(tuple(given), _TOKENS)
+        if bad is not None or repeated:
             raise LayoutError(
                 f"order {order!r} must name each of {'-'.join(_TOKENS)} at most once; got {given}"
             )
@@ -108,9 +108,7 @@ class RankGenerator:
         self.order = "-".join(given + [t for t in _TOKENS if t not in given])
         self.name_to_size = sizes
         self.ordered_size = [sizes[t] for t in self.order.split("-")]
-        self.world_size = 1
-        for size in self.ordered_size:
-            self.world_size *= size
+        self.world_size = math.prod(self.ordered_size)
 
     def get_mask(self, order: str, token: str) -> list[bool]:
         """Which axes of ``order`` the kind ``token`` (e.g. ``"tp-dp"``) spans."""
