@@ -29,12 +29,14 @@ from scoped_parallel.errors import (
     LayoutError,
     NoActiveStateError,
     RankNotInLayoutError,
+    ReshardError,
     ScopedParallelError,
     ScopeNestingError,
     StateMismatchError,
     UnsupportedSetupError,
 )
 from scoped_parallel.layout import ParallelLayout
+from scoped_parallel.refit import ReshardPlan, plan_reshard, reshard
 
 if TYPE_CHECKING:  # pragma: no cover
     from scoped_parallel.state import ParallelState
@@ -52,6 +54,8 @@ __all__ = [
     "ParallelLayout",
     "ParallelState",
     "RankNotInLayoutError",
+    "ReshardError",
+    "ReshardPlan",
     "ScopeNestingError",
     "ScopedParallelError",
     "StateMismatchError",
@@ -60,7 +64,9 @@ __all__ = [
     "current_state",
     "current_state_or_none",
     "errors",
+    "plan_reshard",
     "propagate",
+    "reshard",
     "shared_groups",
 ]
 

@@ -13,7 +13,9 @@ describes its nature, so callers may catch either::
     ├── GroupNotAvailableError (LookupError) a getter for a group this rank does not hold
     ├── AdapterError (RuntimeError)        an adapter could not patch or restore its target
     ├── DistributedNotInitializedError (RuntimeError)  torch.distributed is not initialized
-    └── UnsupportedSetupError (RuntimeError)  e.g. a device-bound NCCL default group
+    ├── UnsupportedSetupError (RuntimeError)  e.g. a device-bound NCCL default group
+    └── ReshardError (ValueError)          a refit that cannot be done as asked (names the tensor);
+                                           raised on every rank before anything moves
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "LayoutError",
     "NoActiveStateError",
     "RankNotInLayoutError",
+    "ReshardError",
     "ScopeNestingError",
     "ScopedParallelError",
     "StateMismatchError",
@@ -76,6 +79,14 @@ class DistributedNotInitializedError(ScopedParallelError, RuntimeError):
 
 class UnsupportedSetupError(ScopedParallelError, RuntimeError):
     """The distributed setup cannot support member-only group creation safely."""
+
+
+class ReshardError(ScopedParallelError, ValueError):
+    """A refit between two layouts cannot be done as asked, or its plan failed its checks.
+
+    Raised on every rank alike (the decision is taken on data all ranks gathered), before
+    any weight moves, so the destination is left untouched and no rank waits for another.
+    """
 
 
 def describe_state(state: object) -> str:

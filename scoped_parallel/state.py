@@ -188,6 +188,10 @@ class ParallelState(Getters):
         if self._destroyed:
             return
         self._destroyed = True
+        for record in list(self._adapter_records.values()):  # e.g. a refit plan cache shared with another state
+            hook = getattr(record, "state_destroyed", None)
+            if hook is not None:
+                hook(self)
         self._adapter_records.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
         self._table.release()
@@ -222,7 +226,8 @@ class ParallelState(Getters):
         """The per-state data of adapter ``owner``: ``factory(state)`` on first use, then the same object.
 
         The one storage contract for adapters (and compat): whatever an adapter derives from
-        a state lives here, under the adapter's name, and :meth:`destroy` drops it. Example::
+        a state lives here, under the adapter's name, and :meth:`destroy` drops it (first
+        calling the record's ``state_destroyed(state)`` if it has one). Example::
 
             record = state.adapter_record("deepspeed", Record)   # Record(state) once per state
         """

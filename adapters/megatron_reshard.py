@@ -1,0 +1,353 @@
+"""Refit megatron-core models between two states, on megatron-core's own planner.
+
+``scoped_parallel.reshard(actor, actor_state, rollout, rollout_state)`` with megatron-core
+models (``GPTModel`` and friends, one module or a list of virtual-pipeline chunks, bare or
+wrapped in DDP / ``Float16Module``) lands here. The plan is megatron-core's
+(``megatron.core.resharding``: ``build_local_reshard_plan`` where it exists, 0.19+, else
+``build_centralized_reshard_plan``, 0.16-0.18): its TP descriptors, LCM tiling with
+partition strides and data-parallel balancing of the senders. What this module adds
+around it:
+
+* **models built in a scope need no groups.** Each model is shown to the planner through a
+  flat view whose ``pg_collection`` is its state's ``process_group_collection()``; a model
+  that carries its own collection must have been built with the state's groups (else a
+  :class:`~scoped_parallel.errors.ReshardError`: the wrong state was passed).
+* **virtual pipeline stages.** The view holds every chunk's parameters under one canonical
+  name each (global layer number from ``layer_number``, global expert number from the MoE
+  layer's ``local_expert_indices``, a tied output weight under the word embedding's name),
+  so PP x VPP matches PP=1 or any other split (megatron-core refuses nothing here, but it
+  plans one chunk: ``model[0]``).
+* **SwiGLU.** ``linear_fc1`` of a gated MLP holds ``[gate, up]`` per TP rank: partition
+  stride 2. megatron-core sets that on the parameter from 0.19 on; for older versions the
+  view tells the planner (the model is not changed).
+* **errors before anything moves, on every rank.** One gather of both models' tensor
+  summaries; each rank checks names, global shapes, dtypes and that the TP tiling divides,
+  and all raise the same :class:`~scoped_parallel.errors.ReshardError` (megatron-core
+  0.16-0.18 plan on rank 0 only, so an error raised inside their planner would leave the
+  other ranks waiting). The planner's ops are then gathered into a
+  :class:`~scoped_parallel.refit.ReshardPlan`, which checks that every destination
+  element is written exactly once and reports bytes per rank pair.
+* **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point
+  over the default group, receives straight into contiguous destination slices), because
+  megatron-core 0.19's executor synchronises CUDA and 0.16's gloo service allocates a CUDA
+  stream. ``reshard(..., service=...)`` (a megatron-core ``CopyService`` or a backend name
+  such as ``"nccl"``) runs megatron-core's own ``execute_reshard_plan`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scoped_parallel.errors import ReshardError, UnsupportedSetupError, describe_state
+from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, register_backend
+from scoped_parallel.refit.execute import run_plan
+
+__all__ = ["MegatronBackend", "canonical_tensors"]
+
+_TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce")
+
+
+def _resharding() -> tuple[Any, Any]:
+    """megatron-core's resharding package and the plan builder of this version."""
+    try:
+        from megatron.core import resharding
+        from megatron.core.resharding import planner
+    except ImportError as err:
+        try:
+            from megatron.core import package_info
+
+            version = package_info.__version__
+        except ImportError:
+            version = "(not installed)"
+        raise UnsupportedSetupError(
+            f"megatron-core {version} has no megatron.core.resharding (added in 0.16); "
+            "a Megatron refit needs megatron-core >= 0.16"
+        ) from err
+    build = getattr(planner, "build_local_reshard_plan", None) or resharding.build_centralized_reshard_plan
+    return resharding, build
+
+
+def _chunks(model: Any) -> list[Any]:
+    from megatron.core.utils import unwrap_model
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return [unwrap_model(c) for c in chunks]
+
+
+def _rewrite(name: str, prefixes: dict[str, str]) -> str:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        mapped = prefixes.get(".".join(parts[:i]))
+        if mapped is not None:
+            return ".".join([mapped, *parts[i:]])
+    return name
+
+
+def canonical_tensors(chunks: list[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and persistent buffer of a rank's model chunks under its canonical
+    name: the same tensor has the same name in any layout (global layer and expert
+    numbers; a tied output layer under the word embedding's name)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for chunk in chunks:
+        layers: dict[str, str] = {}
+        experts: dict[str, str] = {}
+        for path, module in chunk.named_modules():
+            parts = path.split(".")
+            number = getattr(module, "layer_number", None)
+            if isinstance(number, int) and len(parts) > 1 and parts[-2] == "layers" and parts[-1].isdigit():
+                layers[path] = ".".join([*parts[:-1], str(number - 1)])
+            indices = getattr(module, "local_expert_indices", None)
+            local = getattr(getattr(module, "experts", None), "local_experts", None)
+            if indices is not None and local is not None:
+                base = f"{path}.experts.local_experts" if path else "experts.local_experts"
+                experts.update({f"{base}.{i}": f"{base}.{g}" for i, g in enumerate(indices)})
+        tied = bool(getattr(chunk, "share_embeddings_and_output_weights", False))
+        named = list(chunk.named_parameters())
+        for path, module in chunk.named_modules():
+            skip = getattr(module, "_non_persistent_buffers_set", set())
+            named += [(f"{path}.{b}" if path else b, t) for b, t in module._buffers.items() if t is not None and b not in skip]
+        for name, tensor in named:
+            canonical = _rewrite(_rewrite(name, experts), layers)
+            if tied and name == "output_layer.weight":
+                canonical = "embedding.word_embeddings.weight"
+            out.append((canonical, tensor))
+    return out
+
+
+class _View(torch.nn.Module):
+    """A model's tensors under canonical names, with its state's groups, for megatron-core's
+    planner (stand-ins on the meta device) and executor (the real tensors)."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], pg_collection: Any, config: Any) -> None:
+        super().__init__()
+        self._named = named
+        self.pg_collection = pg_collection
+        self.config = config
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:  # type: ignore[override]
+        for name, tensor in self._named:
+            yield prefix + name, tensor
+
+
+def _stand_in(name: str, tensor: torch.Tensor, gated: bool) -> torch.Tensor:
+    """A meta tensor with ``tensor``'s shape, dtype and Megatron sharding attributes (the
+    gated fc1's partition stride of 2 where megatron-core < 0.19 left it at 1)."""
+    stand = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), requires_grad=False)
+    for attr in _TP_ATTRS:
+        if hasattr(tensor, attr):
+            setattr(stand, attr, getattr(tensor, attr))
+    if gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and getattr(tensor, "tensor_model_parallel", False) \
+            and int(getattr(tensor, "partition_stride", 1)) == 1:
+        stand.partition_stride = 2  # type: ignore[attr-defined]
+    return stand
+
+
+def _summary(named: list[tuple[str, torch.Tensor]], state: Any, gated: bool) -> list[tuple[Any, ...]]:
+    """``(name, local shape, dtype, itemsize, partition dim or None, stride, split size)`` per tensor."""
+    tp = state.get_tensor_model_parallel_world_size()
+    etp = state.get_expert_tensor_parallel_world_size()
+    rows = []
+    for name, tensor in named:
+        stand = _stand_in(name, tensor, gated)
+        sharded = bool(getattr(stand, "tensor_model_parallel", False))
+        expert = not bool(getattr(stand, "allreduce", True))
+        rows.append((
+            name, tuple(tensor.shape), str(tensor.dtype), tensor.element_size(),
+            int(getattr(stand, "partition_dim", 0)) if sharded else None,
+            int(getattr(stand, "partition_stride", 1)), (etp if expert else tp) if sharded else 1,
+        ))
+    return rows
+
+
+def _built_in(chunks: list[Any], state: Any, role: str) -> list[str]:
+    """Problems with the claim that ``chunks`` were built with ``state``'s groups."""
+    problems = []
+    for chunk in chunks:
+        own = getattr(chunk, "pg_collection", None)
+        for field, kind in (("tp", "tp"), ("pp", "pp")):
+            group = getattr(own, field, None)
+            if group is None:
+                continue
+            built, given = tuple(dist.get_process_group_ranks(group)), tuple(state.ranks(kind))
+            if built != given:
+                problems.append(
+                    f"the {role} model was built with {kind.upper()} group {list(built)}, but {describe_state(state)} "
+                    f"has {list(given)} on this rank: pass the state the model was built in"
+                )
+                return problems
+    return problems
+
+
+def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Per name: (global shape, dtype, partition dim, stride, split size, first rank), checked equal on every rank."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for rank, (name, shape, dtype, _, dim, stride, size) in rows:
+        full = list(shape)
+        if dim is not None:
+            full[dim] *= size
+        entry = (tuple(full), dtype, dim, stride, size, rank)
+        seen = out.setdefault(name, entry)
+        if seen[:2] != entry[:2]:
+            problems.append(f"{role} {name!r}: global shape/dtype {seen[:2]} on rank {seen[5]} but {entry[:2]} on rank {rank}")
+    return out
+
+
+def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]], dst_ranks: dict[str, int]) -> list[str]:
+    """The reasons the destination cannot be filled from the source, per tensor."""
+    problems = []
+    for name, (shape, dtype, dim, stride, size, rank) in dst.items():
+        if name not in src:
+            problems.append(f"destination {name!r} (rank {rank}) has no counterpart in the source model (another architecture?)")
+            continue
+        s_shape, s_dtype, s_dim, s_stride, s_size, _ = src[name]
+        if s_shape != shape:
+            problems.append(f"{name!r}: source global shape {s_shape} (split {s_size}) but destination {shape} (split {size})")
+        elif s_dtype != dtype:
+            problems.append(f"{name!r}: source dtype {s_dtype} but destination {dtype}; refit copies, it does not cast")
+        elif dim is not None or s_dim is not None:
+            if dim is not None and s_dim is not None and dim != s_dim:
+                problems.append(f"{name!r}: split on dim {s_dim} in the source but dim {dim} in the destination")
+                continue
+            axis = dim if dim is not None else s_dim
+            n_src = s_size * (s_stride if s_dim is not None else 1)
+            n_dst = size * (stride if dim is not None else 1)
+            tile = n_src * n_dst // math.gcd(n_src, n_dst)
+            if shape[axis] % tile:
+                problems.append(
+                    f"{name!r}: dim {axis} of size {shape[axis]} does not divide into the {tile} tiles that "
+                    f"{s_size}-way (stride {s_stride}) -> {size}-way (stride {stride}) splitting needs"
+                )
+    return problems
+
+
+def _box(slices: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for s, n in zip(slices, shape):
+        start, stop, _ = s.indices(n)
+        out.append((start, stop))
+    return tuple(out)
+
+
+class MegatronBackend:
+    """The ``"megatron"`` reshard backend (see the module docstring)."""
+
+    name = "megatron"
+
+    def claims(self, model: Any) -> bool:
+        if "megatron.core" not in sys.modules:  # no Megatron model exists without it
+            return False
+        from megatron.core.transformer.module import MegatronModule
+
+        try:
+            return all(isinstance(c, MegatronModule) for c in _chunks(model))
+        except Exception:  # noqa: BLE001 - not a Megatron model
+            return False
+
+    def _views(self, model: Any, state: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], bool]:
+        chunks = _chunks(model)
+        config = getattr(chunks[0], "config", None)
+        return chunks, canonical_tensors(chunks), bool(getattr(config, "gated_linear_unit", False))
+
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
+        resharding, build = _resharding()
+        src_chunks, src_named, src_gated = self._views(src_model, src_state)
+        dst_chunks, dst_named, dst_gated = self._views(dst_model, dst_state)
+        local = _built_in(src_chunks, src_state, "source") + _built_in(dst_chunks, dst_state, "destination")
+        for role, named in (("source", src_named), ("destination", dst_named)):
+            names = [n for n, _ in named]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = (local, _summary(src_named, src_state, src_gated), _summary(dst_named, dst_state, dst_gated))
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)  # the one gather every decision below is made on
+
+        problems = [f"rank {r}: {p}" for r, (probs, _, _) in enumerate(gathered) for p in probs]
+        src = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[1]], "source", problems)
+        dst = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[2]], "destination", problems)
+        problems += _match(src, dst, {})
+        if problems:
+            raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
+
+        src_view = _View([(n, _stand_in(n, t, src_gated)) for n, t in src_named], src_state.process_group_collection(), src_chunks[0].config)
+        dst_view = _View([(n, _stand_in(n, t, dst_gated)) for n, t in dst_named], dst_state.process_group_collection(), dst_chunks[0].config)
+        experts = getattr(src_chunks[0].config, "num_moe_experts", None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                local_plan = build(src_view, dst_view, num_experts=experts)
+        except Exception as err:  # megatron-core 0.19+: raised on every rank alike
+            raise ReshardError(f"megatron-core's planner refused the pair: {err}") from err
+
+        ops = (
+            [(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.recv_ops],
+            [(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.send_ops],
+        )
+        all_ops: list[Any] = [None] * world
+        dist.all_gather_object(all_ops, ops)
+        shapes_src = {(r, row[0]): row[1] for r, g in enumerate(gathered) for row in g[1]}
+        shapes_dst = {(r, row[0]): row[1] for r, g in enumerate(gathered) for row in g[2]}
+        itemsize = {(r, row[0]): row[3] for r, g in enumerate(gathered) for row in g[2]}
+        sends = {op[0]: (r, op) for r, (_, s) in enumerate(all_ops) for op in s}
+        transfers, unpaired = [], []
+        for r, (recvs, _) in enumerate(all_ops):
+            for task, name, peer, my_slice in recvs:
+                paired = sends.pop(task, None)
+                if paired is None or paired[0] != peer or paired[1][2] != r:
+                    unpaired.append(f"receive {task} of {name!r} on rank {r} from rank {peer} has no matching send")
+                    continue
+                src_name, src_slice = paired[1][1], paired[1][3]
+                src_shape = shapes_src.get((peer, src_name), ())
+                transfers.append(Transfer(peer, r, src_name, name, _box(src_slice, src_shape),
+                                          _box(my_slice, shapes_dst[(r, name)]), itemsize[(r, name)]))
+        unpaired += [f"send {task} of {op[1]!r} from rank {r} to rank {op[2]} has no matching receive" for task, (r, op) in sends.items()]
+        if unpaired:
+            raise ReshardError("megatron-core's plan does not pair up (nothing was moved):\n  " + "\n  ".join(unpaired[:20]))
+
+        transfers.sort(key=lambda t: (t.dst_name, t.dst_rank, t.dst_box))
+        sources = tuple(Piece(r, row[0], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
+        targets = tuple(Piece(r, row[0], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[2])
+        staging: dict[int, int] = {r: 0 for r in range(world)}
+        for t in transfers:
+            if not t.local and not box_is_contiguous(t.src_box, shapes_src[(t.src_rank, t.src_name)]):
+                staging[t.src_rank] += t.nbytes
+            if not box_is_contiguous(t.dst_box, shapes_dst[(t.dst_rank, t.dst_name)]):
+                staging[t.dst_rank] += t.nbytes
+        notes = (
+            f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
+            "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
+        )
+        del rank
+        return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
+
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
+                service: Any = None, bucket_bytes: int = 1 << 26) -> dict[int, int]:
+        src = dict(canonical_tensors(_chunks(src_model)))
+        dst = dict(canonical_tensors(_chunks(dst_model)))
+        if service is None:
+            return run_plan(plan, {n: t.data for n, t in src.items()}, {n: t.data for n, t in dst.items()}, bucket_bytes=bucket_bytes)
+        resharding, _ = _resharding()
+        rank = dist.get_rank()
+
+        def slices(box: Any) -> tuple[slice, ...]:
+            return tuple(slice(a, b) for a, b in box)
+
+        op = resharding.TransferOp
+        mplan = resharding.ReshardPlan(
+            [op(t.src_name, t.dst_rank, True, slices(t.src_box), slices(t.dst_box), task_id=i) for i, t in plan.for_rank(rank) if t.src_rank == rank],
+            [op(t.dst_name, t.src_rank, False, slices(t.dst_box), slices(t.src_box), task_id=i) for i, t in plan.for_rank(rank) if t.dst_rank == rank],
+        )
+        if isinstance(service, str):
+            service = resharding.get_or_create_service(service)
+        resharding.execute_reshard_plan(mplan, _View(list(src.items()), None, None), _View(list(dst.items()), None, None), service=service)
+        return {}
+
+
+register_backend(MegatronBackend())

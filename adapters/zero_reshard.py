@@ -1,0 +1,165 @@
+"""Refit torch modules (Hugging Face models, DeepSpeed engines, ZeRO-3 partitions) between two states.
+
+The ``"flat"`` reshard backend: each parameter is a flat run of elements; a rank holds all
+of it (a replica: no ZeRO, ZeRO-1/2 model weights, Ulysses SP which splits activations,
+not weights) or one ZeRO-3 partition of it (``param.ds_tensor``: elements
+``[i * p, (i + 1) * p)`` for partition ``i`` of the parameter's ``ds_process_group``, the
+last one padded). :func:`scoped_parallel.refit.plan_flat` intersects what the source
+ranks hold with what each destination rank must fill; every element comes from the
+destination rank itself where it holds it, else from the least-loaded holder, so a
+ZeRO-3 source is never gathered to full size anywhere, and a ZeRO-3 destination receives
+only its own partition. Receives land in the destination's own storage (no staging).
+
+8-rank example: actor ZeRO-3 under SP=2 x DP=4 (partitions over the 8 ranks of SP x DP),
+rollout ZeRO-0 under SP=8 (a full replica per rank): each rollout rank receives 7/8 of
+every parameter, one eighth from each peer, and copies its own eighth locally.
+
+A ZeRO-3 destination parameter kept whole on every rank (``ds_persist``, below
+``stage3_param_persistence_threshold``) is filled whole and its partition copied from it.
+A destination engine with an optimizer that keeps its own master copy (ZeRO >= 1, or
+fp16/bf16) is refused: its next step would overwrite the refitted weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scoped_parallel.errors import ReshardError, describe_state
+from scoped_parallel.refit import ReshardPlan, plan_flat, register_backend
+from scoped_parallel.refit.execute import run_plan
+
+__all__ = ["FlatBackend", "flat_pieces"]
+
+
+def _module(model: Any) -> torch.nn.Module:
+    inner = getattr(model, "module", None)  # a DeepSpeed engine or DDP wrapper
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _partition(param: Any) -> tuple[int, int, torch.Tensor]:
+    """``(start, stop, flat tensor)`` of the ZeRO-3 partition this rank holds of ``param``."""
+    size = int(param.ds_tensor.ds_numel)
+    index = dist.get_rank(param.ds_process_group)
+    start = min(index * size, int(param.ds_numel))
+    stop = min(start + size, int(param.ds_numel))
+    return start, stop, param.ds_tensor.data.view(-1)[: stop - start]
+
+
+def flat_pieces(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, int, torch.Tensor, Any]]:
+    """``(name, full shape, dtype, itemsize, start, stop, flat tensor, partition group)`` per
+    parameter of ``model`` on this rank (``partition group`` is None for a whole replica)."""
+    out = []
+    for name, param in _module(model).named_parameters():
+        if hasattr(param, "ds_tensor") and param.ds_tensor is not None:
+            start, stop, flat = _partition(param)
+            dtype = param.ds_tensor.dtype
+            out.append((name, tuple(param.ds_shape), str(dtype), flat.element_size(), start, stop, flat, param.ds_process_group))
+        else:
+            flat = param.data.view(-1)
+            out.append((name, tuple(param.shape), str(param.dtype), param.element_size(), 0, flat.numel(), flat, None))
+    return out
+
+
+def _persistent(param: Any) -> bool:
+    return hasattr(param, "ds_tensor") and bool(getattr(param, "ds_persist", False)) and param.data.numel() == int(param.ds_numel)
+
+
+def _targets(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, int, torch.Tensor, Any]]:
+    out = []
+    params = dict(_module(model).named_parameters())
+    for row in flat_pieces(model):
+        param = params[row[0]]
+        if _persistent(param):  # whole on every rank: fill it whole, then its partition from it
+            flat = param.data.view(-1)
+            row = (row[0], row[1], row[2], row[3], 0, flat.numel(), flat, None)
+        out.append(row)
+    return out
+
+
+def _local_problems(model: Any, state: Any, role: str, rows: list[Any]) -> list[str]:
+    problems = []
+    held = {tuple(state.ranks(kind)) for kind in state.kinds()}
+    for name, _, _, _, _, _, _, group in rows:
+        if group is not None and tuple(dist.get_process_group_ranks(group)) not in held:
+            problems.append(
+                f"{role} {name!r} is partitioned over ranks {dist.get_process_group_ranks(group)}, which is no group of "
+                f"{describe_state(state)}: pass the state the model was built in"
+            )
+            break
+    if role == "destination":
+        optimizer = getattr(model, "optimizer", None)
+        keeps_master = optimizer is not None and (
+            getattr(model, "zero_optimization_stage", lambda: 0)() > 0
+            or getattr(model, "bfloat16_enabled", lambda: False)()
+            or getattr(model, "fp16_enabled", lambda: False)()
+        )
+        if keeps_master:
+            problems.append(
+                "the destination engine has an optimizer with its own master weights (ZeRO >= 1 or fp16/bf16); "
+                "its next step would overwrite the refitted weights: refit into an engine built without an optimizer"
+            )
+    return problems
+
+
+def _describe(rows: list[Any]) -> list[tuple[Any, ...]]:
+    return [(name, shape, dtype, itemsize, start, stop) for name, shape, dtype, itemsize, start, stop, _, _ in rows]
+
+
+class FlatBackend:
+    """The ``"flat"`` reshard backend (see the module docstring)."""
+
+    name = "flat"
+
+    def claims(self, model: Any) -> bool:
+        models = model if isinstance(model, (list, tuple)) else [model]
+        return len(models) == 1 and isinstance(_module(models[0]), torch.nn.Module)
+
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
+        src_rows, dst_rows = flat_pieces(src_model), _targets(dst_model)
+        local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
+        world = dist.get_world_size()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (local, _describe(src_rows), _describe(dst_rows)))
+
+        problems = [f"rank {r}: {p}" for r, (probs, _, _) in enumerate(gathered) for p in probs]
+        shapes: dict[str, dict[str, tuple[Any, ...]]] = {"source": {}, "destination": {}}
+        for r, (_, src, dst) in enumerate(gathered):
+            for role, rows in (("source", src), ("destination", dst)):
+                for name, shape, dtype, *_ in rows:
+                    seen = shapes[role].setdefault(name, (shape, dtype, r))
+                    if seen[:2] != (shape, dtype):
+                        problems.append(f"{role} {name!r}: {seen[:2]} on rank {seen[2]} but {(shape, dtype)} on rank {r}")
+        for name, (shape, dtype, r) in shapes["destination"].items():
+            src = shapes["source"].get(name)
+            if src is None:
+                problems.append(f"destination {name!r} (rank {r}) has no counterpart in the source model (another architecture?)")
+            elif src[:2] != (shape, dtype):
+                problems.append(f"{name!r}: source {src[0]} {src[1]} but destination {shape} {dtype}; refit copies, it does not reshape or cast")
+        if problems:
+            raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
+        plan = plan_flat(
+            "flat",
+            [(r, name, start, stop, itemsize) for r, (_, src, _) in enumerate(gathered) for name, _, _, itemsize, start, stop in src],
+            [(r, name, start, stop, itemsize) for r, (_, _, dst) in enumerate(gathered) for name, _, _, itemsize, start, stop in dst],
+        )
+        notes = ("executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own storage (no staging), "
+                 "a ZeRO-3 source is never gathered",)
+        return ReshardPlan(plan.backend, plan.transfers, plan.sources, plan.targets, {r: 0 for r in range(world)}, notes)
+
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
+                bucket_bytes: int = 1 << 26) -> dict[int, int]:
+        sources = {row[0]: row[6] for row in flat_pieces(src_model)}
+        targets = {row[0]: row[6] for row in _targets(dst_model)}
+        sent = run_plan(plan, sources, targets, bucket_bytes=bucket_bytes)
+        with torch.no_grad():
+            for param in _module(dst_model).parameters():
+                if _persistent(param):
+                    start, stop, flat = _partition(param)
+                    flat.copy_(param.data.view(-1)[start:stop])
+        return sent
+
+
+register_backend(FlatBackend())

@@ -1,0 +1,25 @@
+"""Refit: copy a model trained in one state into the same architecture laid out by another.
+
+``scoped_parallel.reshard(src_model, src_state, dst_model, dst_state)`` is the one call,
+``scoped_parallel.plan_reshard`` its dry run (see :mod:`scoped_parallel.refit.api`);
+:mod:`~scoped_parallel.refit.plan` is the plan as plain data with its checks and report
+(no torch), :mod:`~scoped_parallel.refit.execute` runs a plan with torch's point-to-point calls.
+"""
+
+from scoped_parallel.refit.api import Backend, Refit, backends, plan_reshard, register_backend, reshard
+from scoped_parallel.refit.plan import Box, Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
+
+__all__ = [
+    "Backend",
+    "Box",
+    "Piece",
+    "Refit",
+    "ReshardPlan",
+    "Transfer",
+    "backends",
+    "box_is_contiguous",
+    "plan_flat",
+    "plan_reshard",
+    "register_backend",
+    "reshard",
+]

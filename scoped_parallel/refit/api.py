@@ -1,0 +1,189 @@
+"""The one call: ``reshard(src_model, src_state, dst_model, dst_state)``, its dry run
+``plan_reshard``, the backends that know a kind of model, and the plan cache.
+
+A backend turns two models and their states into a checked
+:class:`~scoped_parallel.refit.plan.ReshardPlan` (collective: every rank of the
+world calls it) and then runs it. The adapters register theirs when
+``scoped_parallel.adapters`` is imported: ``"megatron"`` (megatron-core models, on
+megatron-core's own planner) and ``"flat"`` (any other torch module, DeepSpeed engines
+and ZeRO-3 partitions included). The core knows none of them.
+
+Plans are cached per pair of models and pair of states, keyed on the states' actual rank
+lists (every group kind this rank holds, and the layout), and dropped from both states
+when either is destroyed (the cache lives in each state's ``adapter_record``).
+
+8-rank example (actor TP=2 x PP=2 x DP=2 trained, rollout TP=4 x DP=2 refitted)::
+
+    actor_state = ParallelState(name="actor", tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    rollout_state = ParallelState(name="rollout", tensor_model_parallel_size=4)
+    with actor_state.activate():
+        actor = build_gpt()                  # megatron-core GPTModel, no groups passed
+    with rollout_state.activate():
+        rollout = build_gpt()
+    print(plan_reshard(actor, actor_state, rollout, rollout_state).report())   # what will move
+    for step in range(steps):
+        train(actor)
+        reshard(actor, actor_state, rollout, rollout_state)                    # planned once, cached
+        generate(rollout)
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
+from scoped_parallel.refit.plan import ReshardPlan
+
+__all__ = ["Backend", "Refit", "backends", "plan_reshard", "register_backend", "reshard"]
+
+
+@dataclass(frozen=True)
+class Refit:
+    """What one :func:`reshard` call did on this rank: the plan it ran and the bytes this
+    rank sent, by peer (equal to ``plan.bytes_between()`` for this rank's row)."""
+
+    plan: ReshardPlan
+    sent: Mapping[int, int]
+
+
+class Backend(Protocol):
+    """What a reshard backend provides (see ``adapters/megatron_reshard.py``)."""
+
+    name: str
+
+    def claims(self, model: Any) -> bool:
+        """Whether this backend knows how ``model`` (a module or a list of model chunks) is laid out."""
+
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
+        """The checked plan; collective over the world; raises ReshardError on every rank alike."""
+
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int]:
+        """Move this rank's part of ``plan``; returns the bytes sent by peer."""
+
+
+_BACKENDS: list[Backend] = []
+
+
+def register_backend(backend: Backend) -> None:
+    """Add ``backend`` (or replace the one with its name); earlier ones are asked first."""
+    for i, known in enumerate(_BACKENDS):
+        if known.name == backend.name:
+            _BACKENDS[i] = backend
+            return
+    _BACKENDS.append(backend)
+
+
+def backends() -> tuple[str, ...]:
+    """The names of the registered backends, in the order they are asked."""
+    return tuple(b.name for b in _BACKENDS)
+
+
+def _backend(src_model: Any, dst_model: Any, name: str | None) -> Backend:
+    if name is not None:
+        for b in _BACKENDS:
+            if b.name == name:
+                return b
+        raise ReshardError(f"no reshard backend named {name!r}; registered: {backends()} (import scoped_parallel.adapters to register them)")
+    for b in _BACKENDS:
+        if b.claims(src_model) and b.claims(dst_model):
+            return b
+    raise ReshardError(
+        f"no reshard backend knows both {type(src_model).__name__} and {type(dst_model).__name__} "
+        f"(registered: {backends() or 'none'}); `import scoped_parallel.adapters` registers "
+        "'megatron' and 'flat', or pass backend= by name"
+    )
+
+
+def _chunks(model: Any) -> tuple[Any, ...]:
+    return tuple(model) if isinstance(model, (list, tuple)) else (model,)
+
+
+def _state_key(state: Any) -> tuple[Any, ...]:
+    if state.destroyed:
+        raise GroupNotAvailableError(f"{describe_state(state)} was destroyed; a refit needs the states the models were built in")
+    return (state.layout, tuple((kind, state.ranks(kind)) for kind in state.kinds()))
+
+
+class _PlanCache:
+    """One state's refit plans (its ``adapter_record("reshard")``); an entry lives in the
+    caches of both its states and leaves both when either state is destroyed."""
+
+    def __init__(self, state: Any) -> None:
+        self.entries: dict[Any, tuple[Any, ...]] = {}
+
+    def state_destroyed(self, state: Any) -> None:
+        for key, (_, _, partner) in list(self.entries.items()):
+            partner.entries.pop(key, None)
+        self.entries.clear()
+
+
+def _caches(src_state: Any, dst_state: Any) -> tuple[_PlanCache, _PlanCache]:
+    return src_state.adapter_record("reshard", _PlanCache), dst_state.adapter_record("reshard", _PlanCache)
+
+
+def _check_same_ranks(src_state: Any, dst_state: Any) -> None:
+    import torch.distributed as dist
+
+    world = range(dist.get_world_size())
+    for state in (src_state, dst_state):
+        if tuple(state.layout.ranks) != tuple(world):
+            raise ReshardError(
+                f"{describe_state(state)} spans ranks {list(state.layout.ranks)[:8]}..., not the whole world of "
+                f"{len(world)}; a refit needs both states on every rank of the world (disaggregated refit is not supported)"
+            )
+
+
+def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, backend: str | None = None) -> ReshardPlan:
+    """The dry run: the checked plan of ``reshard`` with the same arguments, nothing moved.
+
+    Collective (every rank calls it, with its own chunks of both models). Print
+    ``plan.report()`` for bytes per rank pair, staging memory per rank and the coverage
+    check. Raises :class:`~scoped_parallel.errors.ReshardError` on every rank alike, naming
+    the tensor, when the two models cannot be matched (other architecture, sizes that do
+    not divide, a state that is not the one a model was built in).
+    """
+    chosen = _backend(src_model, dst_model, backend)
+    key = (chosen.name, tuple(id(m) for m in _chunks(src_model)), tuple(id(m) for m in _chunks(dst_model)),
+           _state_key(src_state), _state_key(dst_state))
+    src_cache, dst_cache = _caches(src_state, dst_state)
+    entry = src_cache.entries.get(key)
+    if entry is not None and dst_cache.entries.get(key) is not None:
+        refs, plan, _ = entry
+        alive = [r() for r in refs]
+        if all(a is b for a, b in zip(alive, _chunks(src_model) + _chunks(dst_model))):
+            return plan  # type: ignore[no-any-return]
+    _check_same_ranks(src_state, dst_state)
+    plan = chosen.plan(src_model, src_state, dst_model, dst_state).check()
+    refs = tuple(weakref.ref(m) for m in _chunks(src_model) + _chunks(dst_model))
+    src_cache.entries[key] = (refs, plan, dst_cache)
+    dst_cache.entries[key] = (refs, plan, src_cache)
+    return plan
+
+
+def reshard(
+    src_model: Any,
+    src_state: Any,
+    dst_model: Any,
+    dst_state: Any,
+    *,
+    backend: str | None = None,
+    plan: ReshardPlan | None = None,
+    **options: Any,
+) -> Refit:
+    """Copy every parameter of ``src_model`` (laid out by ``src_state``) into ``dst_model``
+    (the same architecture, laid out by ``dst_state``). Collective over the world.
+
+    The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
+    a given plan is checked again. ``options`` go to the backend's executor (megatron:
+    ``service=`` a megatron-core ``CopyService`` or backend name; flat: ``bucket_bytes=``).
+    Returns a :class:`Refit`: the plan that ran and the bytes this rank sent by peer.
+    """
+    chosen = _backend(src_model, dst_model, backend)
+    if plan is None:
+        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name)
+    else:
+        plan.check()
+    sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
+    return Refit(plan, dict(sorted(sent.items())))

@@ -1,0 +1,304 @@
+"""What a refit moves, as plain data: the tensors each rank holds and must fill, the
+transfers between them, the checks a plan must pass and the report (no torch).
+
+A refit copies a model laid out by one state (the *source*) into the same architecture
+laid out by another (the *destination*). Every rank lists the pieces it holds
+(:class:`Piece`: a tensor of the source, or one it must fill in the destination); a
+backend (megatron-core's planner for Megatron models, :func:`plan_flat` for flat
+ZeRO-style partitions) turns the pieces into :class:`Transfer` s, each a box of a source
+piece copied into an equal box of a destination piece, on the same rank or between two.
+Boxes are in the pieces' *local* coordinates: per dimension, ``(start, stop)``.
+
+Worked example, 4 ranks: one ``8 x 4`` weight split on dim 0 by TP=2 (Megatron's TP
+groups ``[0, 1]`` and ``[2, 3]``: ranks 0 and 2 hold rows 0-3, ranks 1 and 3 rows 4-7)
+into TP=4 (rank ``r`` holds rows ``2r`` and ``2r + 1``)::
+
+    >>> src = [Piece(r, "w", (4, 4), 4) for r in range(4)]
+    >>> dst = [Piece(r, "w", (2, 4), 4) for r in range(4)]
+    >>> moves = [
+    ...     Transfer(0, 0, "w", "w", ((0, 2), (0, 4)), ((0, 2), (0, 4)), 4),  # rows 0-1: rank 0 keeps them
+    ...     Transfer(2, 1, "w", "w", ((2, 4), (0, 4)), ((0, 2), (0, 4)), 4),  # rows 2-3: from rank 2
+    ...     Transfer(3, 2, "w", "w", ((0, 2), (0, 4)), ((0, 2), (0, 4)), 4),  # rows 4-5: from rank 3
+    ...     Transfer(3, 3, "w", "w", ((2, 4), (0, 4)), ((0, 2), (0, 4)), 4),  # rows 6-7: rank 3 keeps them
+    ... ]
+    >>> plan = ReshardPlan("example", tuple(moves), tuple(src), tuple(dst))
+    >>> plan.problems(), plan.bytes_between()
+    ([], {(2, 1): 32, (3, 2): 32})
+
+The checks see coverage and bounds, not meaning (a swapped shard passes them; the tests'
+logits comparison catches it)::
+
+    >>> ReshardPlan("example", tuple(moves[:3]), tuple(src), tuple(dst)).problems()
+    ["destination 'w' on rank 3: 32 of 32 bytes never written"]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from scoped_parallel.errors import ReshardError
+
+__all__ = ["Box", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "plan_flat"]
+
+#: per dimension ``(start, stop)``, local coordinates of one piece
+Box = tuple[tuple[int, int], ...]
+
+
+def _volume(box: Box) -> int:
+    return math.prod(stop - start for start, stop in box)
+
+
+def _extents(box: Box) -> tuple[int, ...]:
+    return tuple(stop - start for start, stop in box)
+
+
+def _inside(box: Box, shape: tuple[int, ...]) -> bool:
+    return len(box) == len(shape) and all(0 <= a <= b <= n for (a, b), n in zip(box, shape))
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(a, b))
+
+
+def box_is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
+    """Whether ``box`` of a row-major tensor of ``shape`` is one contiguous run of memory.
+
+    >>> box_is_contiguous(((0, 2), (0, 4)), (8, 4)), box_is_contiguous(((0, 8), (0, 2)), (8, 4))
+    (True, False)
+    """
+    partial = [d for d, ((a, b), n) in enumerate(zip(box, shape)) if (a, b) != (0, n)]
+    if not partial:
+        return True
+    first = partial[0]
+    # after the first partial dimension every dimension is whole, before it each has extent 1
+    later_whole = all(d == first for d in partial)
+    earlier_single = all(b - a == 1 for (a, b) in box[:first])
+    return later_whole and earlier_single
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A tensor one rank holds of the source, or must fill in the destination.
+
+    ``name`` is the tensor's canonical name (the same on every rank and in both models:
+    global layer and expert numbers), ``shape`` its local shape on that rank.
+    """
+
+    rank: int
+    name: str
+    shape: tuple[int, ...]
+    itemsize: int
+    dtype: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Box ``src_box`` of source piece ``src_name`` on ``src_rank`` into box ``dst_box``
+    of destination piece ``dst_name`` on ``dst_rank`` (the same rank: a local copy)."""
+
+    src_rank: int
+    dst_rank: int
+    src_name: str
+    dst_name: str
+    src_box: Box
+    dst_box: Box
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return _volume(self.dst_box) * self.itemsize
+
+    @property
+    def local(self) -> bool:
+        return self.src_rank == self.dst_rank
+
+
+@dataclass(frozen=True)
+class ReshardPlan:
+    """Every transfer of one refit, on every rank, with the checks and the report.
+
+    ``staging`` is the executor's predicted peak of extra memory per rank (receive
+    buffers and copies of non-contiguous send boxes), filled in by the backend that
+    knows its executor; ``notes`` are the backend's lines for the report.
+    """
+
+    backend: str
+    transfers: tuple[Transfer, ...]
+    sources: tuple[Piece, ...]
+    targets: tuple[Piece, ...]
+    staging: Mapping[int, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- queries
+
+    def for_rank(self, rank: int) -> tuple[tuple[int, Transfer], ...]:
+        """``(index, transfer)`` of the transfers ``rank`` sends or receives, in plan order
+        (the index is the transfer's id, the same on both ends)."""
+        return tuple((i, t) for i, t in enumerate(self.transfers) if rank in (t.src_rank, t.dst_rank))
+
+    def bytes_between(self, include_local: bool = False) -> dict[tuple[int, int], int]:
+        """Bytes sent from rank to rank, ``{(src, dst): bytes}`` (local copies left out unless asked)."""
+        out: dict[tuple[int, int], int] = {}
+        for t in self.transfers:
+            if include_local or not t.local:
+                key = (t.src_rank, t.dst_rank)
+                out[key] = out.get(key, 0) + t.nbytes
+        return dict(sorted(out.items()))
+
+    def bytes_sent(self, rank: int) -> int:
+        return sum(t.nbytes for t in self.transfers if t.src_rank == rank and not t.local)
+
+    def bytes_received(self, rank: int) -> int:
+        return sum(t.nbytes for t in self.transfers if t.dst_rank == rank and not t.local)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({p.rank for p in self.sources} | {p.rank for p in self.targets}))
+
+    # ---------------------------------------------------------------- checks
+
+    def problems(self, limit: int = 20) -> list[str]:
+        """What is wrong with the plan (empty when it is sound): every destination element
+        written exactly once, every box inside its piece, every source piece where the
+        transfer says it is, the two boxes of a transfer the same size."""
+        found: list[str] = []
+        sources = {(p.rank, p.name): p for p in self.sources}
+        targets = {(p.rank, p.name): p for p in self.targets}
+        written: dict[tuple[int, str], list[Box]] = {key: [] for key in targets}
+        for t in self.transfers:
+            src = sources.get((t.src_rank, t.src_name))
+            dst = targets.get((t.dst_rank, t.dst_name))
+            if src is None:
+                found.append(f"transfer into {t.dst_name!r} on rank {t.dst_rank} reads {t.src_name!r} on rank {t.src_rank}, which does not hold it")
+            elif not _inside(t.src_box, src.shape):
+                found.append(f"source box {t.src_box} of {t.src_name!r} on rank {t.src_rank} is outside its shape {src.shape}")
+            if dst is None:
+                found.append(f"transfer writes {t.dst_name!r} on rank {t.dst_rank}, which is not a destination tensor there")
+                continue
+            if not _inside(t.dst_box, dst.shape):
+                found.append(f"destination box {t.dst_box} of {t.dst_name!r} on rank {t.dst_rank} is outside its shape {dst.shape}")
+                continue
+            if _volume(t.src_box) != _volume(t.dst_box) or (
+                len(t.src_box) == len(t.dst_box) and _extents(t.src_box) != _extents(t.dst_box)
+            ):
+                found.append(f"transfer {t.src_name!r} rank {t.src_rank} -> {t.dst_name!r} rank {t.dst_rank}: box {t.src_box} and box {t.dst_box} differ in size")
+            if src is not None and dst is not None and src.itemsize != dst.itemsize:
+                found.append(f"{t.dst_name!r}: {src.itemsize}-byte source elements into {dst.itemsize}-byte destination elements")
+            written[(t.dst_rank, t.dst_name)].append(t.dst_box)
+        for (rank, name), boxes in written.items():
+            piece = targets[(rank, name)]
+            total = sum(_volume(b) for b in boxes)
+            ordered = sorted(boxes)
+            overlaps = [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:] if _overlap(a, b)]
+            if overlaps:
+                found.append(f"destination {name!r} on rank {rank}: boxes {overlaps[0][0]} and {overlaps[0][1]} both write the same elements")
+            elif total != math.prod(piece.shape):
+                missing = (math.prod(piece.shape) - total) * piece.itemsize
+                found.append(f"destination {name!r} on rank {rank}: {missing} of {piece.nbytes} bytes never written")
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    def check(self) -> ReshardPlan:
+        """Raise :class:`ReshardError` listing the problems, or return the plan."""
+        problems = self.problems()
+        if problems:
+            raise ReshardError(
+                f"the {self.backend} refit plan failed its checks ({len(problems)} shown):\n  "
+                + "\n  ".join(problems)
+                + "\nNothing was moved. A wrong state for a model (src_state/dst_state must be the "
+                "states the models were built in) is the usual cause."
+            )
+        return self
+
+    # ---------------------------------------------------------------- report
+
+    def report(self) -> str:
+        """What will move, before it moves: bytes per rank pair, per-rank totals and staging."""
+        pairs = self.bytes_between()
+        total_remote = sum(pairs.values())
+        local = sum(t.nbytes for t in self.transfers if t.local)
+        filled = sum(p.nbytes for p in self.targets)
+        lines = [
+            f"refit plan ({self.backend}): {len(self.transfers)} transfers, "
+            f"{total_remote} bytes between ranks, {local} bytes copied locally, "
+            f"{filled} destination bytes on {len({p.rank for p in self.targets})} ranks",
+            "coverage: " + ("every destination element written exactly once" if not self.problems() else "FAILED: " + "; ".join(self.problems(3))),
+            "rank   sends B    receives B   local B     staging peak B",
+        ]
+        for rank in self.ranks:
+            own_local = sum(t.nbytes for t in self.transfers if t.local and t.dst_rank == rank)
+            lines.append(
+                f"{rank:<6} {self.bytes_sent(rank):<10} {self.bytes_received(rank):<12} {own_local:<11} {self.staging.get(rank, 0)}"
+            )
+        if pairs:
+            lines.append("bytes by pair (src -> dst): " + ", ".join(f"{s}->{d}: {b}" for (s, d), b in pairs.items()))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+# ---------------------------------------------------------------------- flat partitions
+
+
+def plan_flat(
+    backend: str,
+    sources: Iterable[tuple[int, str, int, int, int]],
+    targets: Iterable[tuple[int, str, int, int, int]],
+) -> ReshardPlan:
+    """Transfers between flat partitions of the same tensors (ZeRO-3 shards, full replicas).
+
+    ``sources`` and ``targets`` are ``(rank, name, start, stop, itemsize)``: rank holds (or
+    must fill) elements ``[start, stop)`` of the flattened tensor ``name``. Each needed
+    element comes from the destination rank itself where it holds it, else from the holder
+    that has been given the fewest bytes to send so far (ties: the nearest rank after the
+    destination), so replicas share the sending. Raises :class:`ReshardError` naming the
+    tensor and the elements that no source holds.
+
+    >>> plan = plan_flat("flat", [(0, "w", 0, 4, 4), (1, "w", 4, 8, 4)], [(r, "w", 0, 8, 4) for r in (0, 1)])
+    >>> [(t.src_rank, t.dst_rank, t.src_box, t.dst_box) for t in plan.transfers]
+    [(0, 0, ((0, 4),), ((0, 4),)), (1, 0, ((0, 4),), ((4, 8),)), (0, 1, ((0, 4),), ((0, 4),)), (1, 1, ((0, 4),), ((4, 8),))]
+    """
+    sources = sorted(sources)
+    targets = sorted(targets, key=lambda t: (t[1], t[0], t[2]))
+    held: dict[str, list[tuple[int, int, int]]] = {}
+    for rank, name, start, stop, _ in sources:
+        if stop > start:
+            held.setdefault(name, []).append((start, stop, rank))
+    world = max([s[0] for s in sources] + [t[0] for t in targets], default=0) + 1
+    load: dict[int, int] = {}
+    transfers: list[Transfer] = []
+    for dst_rank, name, start, stop, itemsize in targets:
+        pieces = held.get(name, [])
+        cuts = sorted({start, stop} | {p for a, b, _ in pieces for p in (a, b) if start < p < stop})
+        runs: list[list[int]] = []  # [src_rank, src_piece_start, seg_start, seg_stop]
+        for a, b in zip(cuts, cuts[1:]):
+            holders = [(r, ps) for ps, pe, r in pieces if ps <= a and b <= pe]
+            if not holders:
+                raise ReshardError(
+                    f"{name!r}: elements [{a}, {b}) needed on rank {dst_rank} are held by no source rank "
+                    "(the source and destination models differ in this tensor's size)"
+                )
+            local = [h for h in holders if h[0] == dst_rank]
+            rank, piece_start = local[0] if local else min(
+                holders, key=lambda h: (load.get(h[0], 0), (h[0] - dst_rank) % world)
+            )
+            if rank != dst_rank:
+                load[rank] = load.get(rank, 0) + (b - a) * itemsize
+            if runs and runs[-1][0] == rank and runs[-1][1] == piece_start and runs[-1][3] == a:
+                runs[-1][3] = b
+            else:
+                runs.append([rank, piece_start, a, b])
+        for rank, piece_start, a, b in runs:
+            transfers.append(Transfer(rank, dst_rank, name, name, ((a - piece_start, b - piece_start),), ((a - start, b - start),), itemsize))
+    src_pieces = tuple(Piece(r, n, (b - a,), i) for r, n, a, b, i in sources)
+    dst_pieces = tuple(Piece(r, n, (b - a,), i) for r, n, a, b, i in targets)
+    return ReshardPlan(backend, tuple(transfers), src_pieces, dst_pieces)

@@ -1,0 +1,208 @@
+"""Rank-side helpers of the Megatron refit tests: megatron-core GPTModels built in scopes
+(no group passed), their full logits through Megatron's own forward-only schedule, and one
+refit scenario per call.
+
+CPU shims as in ``examples/megatron_two_models.py`` (``cpu_shims``). Source and destination
+get different initial weights (seeds 1 and 2), so a destination element that the refit
+does not write shows up in the logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "megatron_two_models.py"
+VOCAB, SEQ, BATCH = 64, 8, 2
+
+
+def example() -> Any:
+    module = sys.modules.get("megatron_two_models_example")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("megatron_two_models_example", EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int = 0, layers: int = 4) -> list[Any]:
+    """This rank's chunks of a tiny GPTModel laid out by the active scope's state."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if experts:
+        from megatron.core.transformer.moe import moe_utils
+
+        # megatron-core 0.16 names te_general_gemm only when Transformer Engine imports; its
+        # router reads it either way (None: the torch matmul path). A CPU shim, as the others.
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
+    vpp = layout.get("vpp", 1)
+    moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="allgather",
+               moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, add_bias_linear=False,
+               expert_model_parallel_size=layout.get("ep", 1)) if experts else {}
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+        tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        pipeline_dtype=torch.float32, batch_p2p_sync=False, use_cpu_initialization=True,
+        attention_dropout=0.0, hidden_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        gated_linear_unit=swiglu, activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
+        **moe,
+    )
+    torch.manual_seed(seed)
+    spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False) if experts else get_gpt_layer_local_spec()
+    chunks = []
+    for chunk in range(vpp):
+        vp_stage = chunk if vpp > 1 else None
+        kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
+        chunks.append(GPTModel(
+            config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False, **kwargs,
+        ))
+    return chunks
+
+
+def tokens(seed: int = 7) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    return ids, positions, mask
+
+
+def logits(chunks: list[Any]) -> torch.Tensor:
+    """The model's full logits ``[batch, seq, vocab]`` on every rank (Megatron's forward-only
+    schedule in the active scope, vocab shards gathered over TP, handed out from the last stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward(data: Any, model: Any) -> Any:
+        ids, positions, mask = next(data)
+        out = model(ids, positions, mask)
+        return out, lambda o: (o.sum() * 0, {"logits": o.detach().clone()})
+
+    batch = tokens()
+    micro = ps.get_pipeline_model_parallel_world_size()  # the interleaved schedule wants >= PP micro-batches
+    with torch.no_grad():
+        results = get_forward_backward_func()(
+            forward_step_func=forward,
+            data_iterator=[iter([batch] * micro) for _ in chunks] if len(chunks) > 1 else iter([batch] * micro),
+            model=chunks, num_microbatches=micro, seq_length=SEQ, micro_batch_size=BATCH, forward_only=True,
+        )
+    mine = None
+    if results:
+        shard = results[0]["logits"]
+        group = ps.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        mine = torch.cat(parts, dim=-1)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next(x for x in everyone if x is not None)
+
+
+def _state(name: str, layout: dict[str, int]) -> Any:
+    from scoped_parallel import ParallelState
+
+    return ParallelState(
+        name=name, tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
+        expert_model_parallel_size=layout.get("ep", 1),
+    )
+
+
+def _built(state: Any, layout: dict[str, int], seed: int, **model: Any) -> list[Any]:
+    from megatron.core import parallel_state as ps
+
+    with state.activate():
+        if layout.get("vpp", 1) > 1:
+            ps.set_virtual_pipeline_model_parallel_world_size(layout["vpp"])
+        return build(layout, seed, **model)
+
+
+def snapshot(chunks: list[Any]) -> list[torch.Tensor]:
+    return [p.detach().clone() for c in chunks for p in c.parameters()]
+
+
+def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int], model: dict[str, Any], sabotage: str = "") -> dict[str, Any]:
+    """Build both models in their states, refit, and report logits and the plan's facts.
+
+    ``sabotage``: "wrong-state" passes a destination state of another layout (expects a
+    ReshardError and an untouched destination); "swap-shard" runs a plan whose first two
+    remote transfers into one tensor have their sources swapped.
+    """
+    import scoped_parallel as sp
+    from scoped_parallel import adapters
+
+    ex = example()
+    out: dict[str, Any] = {}
+    states = [_state("src", src_layout), _state("dst", dst_layout)]
+    try:
+        with ex.cpu_shims(), adapters.installed(targets=("megatron",)):
+            src_state, dst_state = states
+            src = _built(src_state, src_layout, 1, **model)
+            dst = _built(dst_state, dst_layout, 2, **model)
+            with src_state.activate():
+                out["src logits"] = logits(src)
+            with dst_state.activate():
+                out["dst logits before"] = logits(dst)
+            if sabotage == "wrong-state":
+                wrong_layout = {"tp": 2} if dst_layout.get("tp", 1) != 2 else {"tp": 1}
+                wrong = _state("wrong", wrong_layout)
+                states.append(wrong)
+                before = snapshot(dst)
+                try:
+                    sp.reshard(src, src_state, dst, wrong)
+                    out["error"] = None
+                except sp.ReshardError as err:
+                    out["error"] = str(err)
+                out["dst untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
+                return out
+            plan = sp.plan_reshard(src, src_state, dst, dst_state)
+            out["cached"] = sp.plan_reshard(src, src_state, dst, dst_state) is plan
+            out["report"] = plan.report()
+            out["problems"] = plan.problems()
+            out["predicted sent"] = {d: b for (s, d), b in plan.bytes_between().items() if s == rank}
+            if sabotage == "swap-shard":
+                plan = _swap_first_sources(plan)
+            done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
+            out["sent"] = done.sent
+            with dst_state.activate():
+                out["dst logits"] = logits(dst)
+            out["plan transfers"] = len(plan.transfers)
+    finally:
+        for state in states:
+            state.destroy()
+    return out
+
+
+def _swap_first_sources(plan: Any) -> Any:
+    """The plan with the sources of two transfers into different boxes of one destination
+    tensor on one rank swapped (same sizes: the plan's checks pass, the data is wrong)."""
+    import dataclasses
+
+    transfers = list(plan.transfers)
+    seen: dict[tuple[int, str], int] = {}
+    for i, t in enumerate(transfers):
+        key = (t.dst_rank, t.dst_name)
+        j = seen.setdefault(key, i)
+        other = transfers[j]
+        if j != i and t.dst_name.endswith("weight") and "norm" not in t.dst_name and other.dst_box != t.dst_box and [b - a for a, b in other.src_box] == [b - a for a, b in t.src_box]:
+            transfers[j] = dataclasses.replace(other, src_rank=t.src_rank, src_name=t.src_name, src_box=t.src_box)
+            transfers[i] = dataclasses.replace(t, src_rank=other.src_rank, src_name=other.src_name, src_box=other.src_box)
+            return dataclasses.replace(plan, transfers=tuple(transfers))
+    raise AssertionError("no two transfers into one destination tensor to swap")
