@@ -198,9 +198,12 @@ def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems:
     return out
 
 
-def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]], dst_ranks: dict[str, int]) -> list[str]:
+def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]]) -> list[str]:
     """The reasons the destination cannot be filled from the source, per tensor."""
     problems = []
+    extra = sorted(set(src) - set(dst))
+    if extra:
+        problems.append(f"source tensors {extra[:3]} (of {len(extra)}) have no counterpart in the destination model (another architecture?)")
     for name, (shape, dtype, dim, stride, size, rank) in dst.items():
         if name not in src:
             problems.append(f"destination {name!r} (rank {rank}) has no counterpart in the source model (another architecture?)")
@@ -272,7 +275,7 @@ class MegatronBackend:
         problems = [f"rank {r}: {p}" for r, (probs, _, _) in enumerate(gathered) for p in probs]
         src = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[1]], "source", problems)
         dst = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[2]], "destination", problems)
-        problems += _match(src, dst, {})
+        problems += _match(src, dst)
         if problems:
             raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 

@@ -90,8 +90,8 @@ def _local_problems(model: Any, state: Any, role: str, rows: list[Any]) -> list[
             )
             break
     if role == "destination":
-        optimizer = getattr(model, "optimizer", None)
-        keeps_master = optimizer is not None and (
+        optimizer = getattr(model, "optimizer", None)  # ZeRO-3 inference holds a parameter manager here, no step()
+        keeps_master = callable(getattr(optimizer, "step", None)) and (
             getattr(model, "zero_optimization_stage", lambda: 0)() > 0
             or getattr(model, "bfloat16_enabled", lambda: False)()
             or getattr(model, "fp16_enabled", lambda: False)()
@@ -132,6 +132,9 @@ class FlatBackend:
                     seen = shapes[role].setdefault(name, (shape, dtype, r))
                     if seen[:2] != (shape, dtype):
                         problems.append(f"{role} {name!r}: {seen[:2]} on rank {seen[2]} but {(shape, dtype)} on rank {r}")
+        extra = sorted(set(shapes["source"]) - set(shapes["destination"]))
+        if extra:
+            problems.append(f"source tensors {extra[:3]} (of {len(extra)}) have no counterpart in the destination model (another architecture?)")
         for name, (shape, dtype, r) in shapes["destination"].items():
             src = shapes["source"].get(name)
             if src is None:

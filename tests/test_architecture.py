@@ -118,6 +118,7 @@ def _project_imports(name: str) -> set[str]:
 
 
 LAYOUT = sorted(n for n in SOURCES if n.startswith("scoped_parallel.layout"))
+REFIT_PURE = ["scoped_parallel.refit.plan", "scoped_parallel.refit.api"]
 STDLIB_ONLY = ["scoped_parallel.scope", "scoped_parallel.dispatch", "scoped_parallel.errors", "scoped_parallel.getters.table"]
 
 
@@ -127,6 +128,22 @@ def test_layout_imports_no_torch_and_nothing_above_it(name):
     foreign = sorted(t for t, _, _ in _imports(name) if t.split(".")[0] in ("torch", "deepspeed", "megatron", "transformers"))
     above = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.layout", "scoped_parallel.errors")))
     assert (foreign, above) == ([], []), f"{name}: third-party {foreign}, rooms above the layout {above}"
+
+
+@pytest.mark.parametrize("name", REFIT_PURE)
+def test_refit_plan_and_api_import_no_torch_at_module_level(name):
+    """The refit plan (data, checks, report) and the one call import no third-party package
+    at module level (the backends, in the adapters, bring torch and their target)."""
+    path = SOURCES[name]
+    tree = ast.parse(path.read_text(), str(path))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    third = sorted(
+        (a.name if isinstance(n, ast.Import) else (n.module or "")) for n in top for a in n.names
+        if ((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in ("scoped_parallel", "__future__"))
+        and (a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in _stdlib()
+    )
+    ours = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.refit", "scoped_parallel.errors")))
+    assert (third, ours) == ([], []), f"{name}: third-party {third}, rooms outside refit/errors {ours}"
 
 
 @pytest.mark.parametrize("name", STDLIB_ONLY)

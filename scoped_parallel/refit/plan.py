@@ -71,11 +71,8 @@ def box_is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
     partial = [d for d, ((a, b), n) in enumerate(zip(box, shape)) if (a, b) != (0, n)]
     if not partial:
         return True
-    first = partial[0]
-    # after the first partial dimension every dimension is whole, before it each has extent 1
-    later_whole = all(d == first for d in partial)
-    earlier_single = all(b - a == 1 for (a, b) in box[:first])
-    return later_whole and earlier_single
+    # every dimension after the last partial one is whole; every one before it has extent 1
+    return all(b - a == 1 for (a, b) in box[: partial[-1]])
 
 
 @dataclass(frozen=True)

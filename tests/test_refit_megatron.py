@@ -1,0 +1,132 @@
+"""Refit between two states' layouts, megatron-core models (4 gloo ranks).
+
+Each case builds megatron-core's own GPTModel twice in one process world, in the scopes of
+two states with different layouts and different initial weights (no group passed
+anywhere), refits the second from the first with one ``scoped_parallel.reshard`` call,
+and compares the destination's full logits (Megatron's forward-only schedule, vocab
+shards gathered) with the source's on the same tokens.
+
+Bitwise where the TP size is the same on both sides (PP, VPP and EP do not change the
+order of any reduction); where TP changes, the row-parallel layers sum partial products
+in another order, so the logits may differ in the last bits: the tolerance is 1e-6
+absolute on logits of magnitude ~1 (the destination before the refit is off by ~0.5).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core.resharding")
+
+from _refit_megatron import rank_refits  # noqa: E402
+
+CASES = {
+    # name: (source layout, destination layout, model options[, sabotage])
+    "TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {}),
+    "TP=2 x DP=2 -> TP=1 x DP=4": ({"tp": 2}, {"tp": 1}, {}),
+    "PP=2 x VPP=2 -> PP=1": ({"pp": 2, "vpp": 2}, {}, {}),
+    "PP=2 tied embeddings -> PP=1": ({"pp": 2}, {}, {"tied": True}),
+    "PP=1 tied embeddings -> PP=2": ({}, {"pp": 2}, {"tied": True}),
+    "SwiGLU TP=2 -> TP=4": ({"tp": 2}, {"tp": 4}, {"swiglu": True}),
+    "SwiGLU TP=4 -> TP=1": ({"tp": 4}, {"tp": 1}, {"swiglu": True}),
+    "MoE EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4}),
+    "sabotage: swapped shard": ({"tp": 2}, {"tp": 1}, {}, "swap-shard"),
+    "sabotage: wrong destination state": ({"tp": 2}, {"tp": 4}, {}, "wrong-state"),
+    "sabotage: 2-layer destination of a 4-layer source": ({"tp": 2}, {"tp": 2}, {}, "other-architecture"),
+    "sabotage: SwiGLU planned with the model's own stride": ({"tp": 2}, {"tp": 4}, {"swiglu": True}, "raw-stride"),
+}
+SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2"}
+TOLERANCE = 1e-6
+REFITS = [name for name in CASES if not name.startswith("sabotage")]
+
+
+@pytest.fixture(scope="module")
+def refits(world):
+    return world.run(rank_refits, CASES, timeout=900)
+
+
+pytestmark = [pytest.mark.world, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("case", REFITS)
+def test_refitted_destination_computes_the_source_logits(refits, case):
+    """After one reshard call the destination's logits equal the source's: bitwise where TP
+    is unchanged, within 1e-6 where TP changes (another summation order)."""
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["before diff"] > 0.1, f"rank {rank} {case}: the destination started too close to the source ({got['before diff']})"
+        if case in SAME_TP:
+            assert got["bitwise"], f"rank {rank} {case}: expected bitwise equal logits, max |diff| {got['max diff']}"
+        else:
+            assert got["max diff"] <= TOLERANCE, f"rank {rank} {case}: max |logit diff| {got['max diff']}, expected <= {TOLERANCE}"
+
+
+@pytest.mark.parametrize("case", REFITS)
+def test_plan_predicts_the_bytes_each_rank_sends(refits, case):
+    """The report's bytes per rank pair are the bytes the executor sent, rank by rank."""
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["sent"] == got["predicted sent"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted sent']}"
+
+
+@pytest.mark.parametrize("case", REFITS)
+def test_plan_covers_every_destination_element_once_and_is_cached(refits, case):
+    """The plan passes its coverage check, says so in its report, and the second plan_reshard is the cached plan."""
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
+        assert "every destination element written exactly once" in got["report"], got["report"]
+        assert got["cached"], f"rank {rank} {case}: plan_reshard planned again for the same pair"
+
+
+def test_a_swapped_shard_changes_the_logits(refits):
+    """The comparison can fail: a plan whose two sources into one tensor are swapped passes
+    the plan checks and runs, and the destination's logits then differ from the source's."""
+    for rank, out in enumerate(refits):
+        got = out["sabotage: swapped shard"]
+        assert got["problems"] == [], f"rank {rank}: {got['problems']}"
+        assert got["max diff"] > 1e-3, f"rank {rank}: swapped shards gave logits within {got['max diff']} of the source"
+
+
+def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(refits):
+    """Passing a state the destination was not built in raises ReshardError on every rank
+    (naming the group and the tensors), before any transfer: the destination is untouched."""
+    for rank, out in enumerate(refits):
+        got = out["sabotage: wrong destination state"]
+        assert got["error"] is not None, f"rank {rank}: no error for a wrong destination state"
+        assert "pass the state the model was built in" in got["error"] and "word_embeddings" in got["error"], got["error"]
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
+
+
+def test_swiglu_needs_partition_stride_two(refits):
+    """The gated fc1 holds [gate, up] per TP rank: planned with partition stride 1 (what
+    megatron-core < 0.19 leaves on the parameter) the refitted logits are wrong; the view's
+    stride 2 makes them right (case "SwiGLU TP=2 -> TP=4"). From 0.19 on, megatron-core sets 2 itself."""
+    for rank, out in enumerate(refits):
+        got = out["sabotage: SwiGLU planned with the model's own stride"]
+        if got["model's own fc1 stride"] == 2:
+            assert got["max diff"] <= TOLERANCE, f"rank {rank}: megatron-core's own stride 2 gave max |diff| {got['max diff']}"
+        else:
+            assert got["max diff"] > 1e-3, f"rank {rank}: stride 1 should scramble gate and up, max |diff| {got['max diff']}"
+
+
+def test_another_architecture_raises_naming_the_tensors_and_moves_nothing(refits):
+    """A 2-layer destination of a 4-layer source (every destination tensor has a source, but
+    not the other way round) is refused on every rank, naming the unmatched layers."""
+    for rank, out in enumerate(refits):
+        got = out["sabotage: 2-layer destination of a 4-layer source"]
+        assert got["error"] is not None and "decoder.layers.2" in got["error"] and "another architecture" in got["error"], f"rank {rank}: {got['error']}"
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
+
+
+def test_tp_splits_that_do_not_tile_are_refused_before_planning():
+    """megatron-core's LCM tiling needs the dimension to divide into lcm(splits x strides)
+    tiles; the check names the tensor and the sizes (no world needed: pure data)."""
+    from scoped_parallel.adapters.megatron_reshard import _match
+
+    src = {"w": ((6, 4), "torch.float32", 0, 2, 1, 0)}  # split 1 way, stride 2 (SwiGLU)
+    dst = {"w": ((6, 4), "torch.float32", 0, 2, 3, 0)}  # split 3 ways, stride 2: needs 6 | lcm(2, 6) = 6: fine
+    assert _match(src, dst) == []
+    dst = {"w": ((6, 4), "torch.float32", 0, 2, 2, 0)}  # 2 ways x stride 2 = 4 tiles of 6 rows: no
+    problems = _match(src, dst)
+    assert len(problems) == 1 and "'w'" in problems[0] and "6" in problems[0] and "4 tiles" in problems[0], problems

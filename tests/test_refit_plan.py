@@ -1,0 +1,120 @@
+"""The refit plan as plain data (``scoped_parallel.refit.plan``): the flat planner, the
+checks every plan passes before anything moves, and the report. No torch.distributed."""
+
+from __future__ import annotations
+
+import pytest
+
+from scoped_parallel import ReshardError
+from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
+
+
+def _zero3(ranks: int, numel: int, name: str = "w") -> list[tuple[int, str, int, int, int]]:
+    size = -(-numel // ranks)
+    return [(r, name, min(r * size, numel), min((r + 1) * size, numel), 4) for r in range(ranks)]
+
+
+def test_flat_whole_replicas_copy_locally_and_move_nothing():
+    """Replica -> replica on the same ranks: every element comes from the rank itself."""
+    plan = plan_flat("flat", [(r, "w", 0, 10, 4) for r in range(4)], [(r, "w", 0, 10, 4) for r in range(4)])
+    assert plan.bytes_between() == {}, plan.bytes_between()
+    assert [(t.src_rank, t.dst_rank) for t in plan.transfers] == [(r, r) for r in range(4)]
+
+
+def test_flat_zero3_into_replicas_receives_what_each_rank_does_not_hold():
+    """4 ZeRO-3 partitions of 10 elements (3, 3, 3, 1) into whole replicas: each rank
+    receives the other ranks' partitions, one transfer per peer."""
+    plan = plan_flat("flat", _zero3(4, 10), [(r, "w", 0, 10, 4) for r in range(4)])
+    assert plan.problems() == []
+    for rank in range(4):
+        held = min((rank + 1) * 3, 10) - min(rank * 3, 10)
+        assert plan.bytes_received(rank) == (10 - held) * 4, (rank, plan.bytes_received(rank))
+    assert plan.bytes_between()[(3, 0)] == 4  # rank 3 holds the one element left
+
+
+def test_flat_zero3_regroup_takes_each_element_once_and_prefers_local():
+    """4 partitions -> 2 partitions per replica pair (rank r holds half r % 2... as ranks
+    0-1 and 2-3 here): local elements are copied, the rest received, nothing twice."""
+    dst = [(r, "w", 0 if r % 2 == 0 else 8, 8 if r % 2 == 0 else 16, 4) for r in range(4)]
+    plan = plan_flat("flat", _zero3(4, 16), dst)
+    assert plan.problems() == []
+    local = {t.dst_rank: t.nbytes for t in plan.transfers if t.local}
+    assert local == {0: 16, 3: 16}, local  # rank 0 holds [0, 4) of [0, 8); rank 3 holds [12, 16) of [8, 16)
+
+
+def test_flat_replicated_sources_share_the_sending():
+    """Two replica holders, four receivers: each holder sends to two (least loaded first)."""
+    sources = [(0, "w", 0, 8, 4), (1, "w", 0, 8, 4)]
+    targets = [(r, "w", 0, 8, 4) for r in range(2, 6)]
+    plan = plan_flat("flat", sources, targets)
+    sent = {r: plan.bytes_sent(r) for r in (0, 1)}
+    assert sent == {0: 64, 1: 64}, sent
+
+
+def test_flat_missing_elements_raise_naming_the_tensor_and_the_range():
+    with pytest.raises(ReshardError, match=r"'w': elements \[6, 8\) needed on rank 1"):
+        plan_flat("flat", [(0, "w", 0, 6, 4)], [(1, "w", 0, 8, 4)])
+
+
+def _pieces() -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+    return (Piece(0, "w", (4, 4), 4), Piece(1, "w", (4, 4), 4)), (Piece(0, "w", (8, 4), 4),)
+
+
+def _whole() -> list[Transfer]:
+    return [
+        Transfer(0, 0, "w", "w", ((0, 4), (0, 4)), ((0, 4), (0, 4)), 4),
+        Transfer(1, 0, "w", "w", ((0, 4), (0, 4)), ((4, 8), (0, 4)), 4),
+    ]
+
+
+def test_a_sound_plan_has_no_problems_and_reports_the_pair_bytes():
+    src, dst = _pieces()
+    plan = ReshardPlan("test", tuple(_whole()), src, dst, {0: 64})
+    assert plan.problems() == []
+    assert plan.bytes_between() == {(1, 0): 64}
+    report = plan.report()
+    assert "every destination element written exactly once" in report and "1->0: 64" in report, report
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda ts: ts[:1], "64 of 128 bytes never written"),
+        (lambda ts: ts + ts[:1], "both write the same elements"),
+        (lambda ts: [ts[0], Transfer(1, 0, "w", "w", ((0, 4), (0, 4)), ((4, 9), (0, 4)), 4)], "outside its shape"),
+        (lambda ts: [ts[0], Transfer(2, 0, "w", "w", ((0, 4), (0, 4)), ((4, 8), (0, 4)), 4)], "which does not hold it"),
+        (lambda ts: [ts[0], Transfer(1, 0, "w", "w", ((0, 2), (0, 4)), ((4, 8), (0, 4)), 4)], "differ in size"),
+        (lambda ts: ts + [Transfer(1, 1, "w", "w", ((0, 4), (0, 4)), ((0, 4), (0, 4)), 4)], "not a destination tensor there"),
+    ],
+    ids=["gap", "overlap", "out-of-bounds", "wrong-holder", "size-mismatch", "unknown-destination"],
+)
+def test_each_kind_of_broken_plan_is_reported_and_check_raises(change, expected):
+    src, dst = _pieces()
+    plan = ReshardPlan("test", tuple(change(_whole())), src, dst)
+    problems = plan.problems()
+    assert any(expected in p for p in problems), f"expected a problem containing {expected!r}, got {problems}"
+    with pytest.raises(ReshardError, match="Nothing was moved"):
+        plan.check()
+
+
+@pytest.mark.parametrize(
+    "box, shape, contiguous",
+    [
+        (((0, 8), (0, 4)), (8, 4), True),
+        (((2, 5), (0, 4)), (8, 4), True),  # rows of a row-major matrix
+        (((0, 8), (0, 2)), (8, 4), False),  # columns
+        (((3, 4), (1, 3)), (8, 4), True),  # part of one row
+        (((0, 2), (1, 3)), (8, 4), False),
+        (((2, 6),), (8,), True),
+    ],
+)
+def test_box_contiguity(box, shape, contiguous):
+    assert box_is_contiguous(box, shape) is contiguous
+
+
+def test_reshard_without_a_backend_for_the_models_names_the_types():
+    """No registered backend claims a plain object: the error names both types and the fix."""
+    import scoped_parallel as sp
+
+    with pytest.raises(ReshardError, match=r"no reshard backend knows both object and object .*scoped_parallel.adapters"):
+        sp.plan_reshard(object(), None, object(), None)

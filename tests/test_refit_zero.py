@@ -1,0 +1,228 @@
+"""Refit between two states' layouts, Hugging Face models under DeepSpeed (4 gloo ranks).
+
+The actor is a tiny ``LlamaForCausalLM`` (from a config, nothing downloaded) under ZeRO-3
+in state A (Ulysses SP=2 x DP=2: ZeRO-3 partitions every parameter over SP x DP, the 4
+ranks), trained one step. It is refitted with one ``scoped_parallel.reshard`` call into:
+
+* a rollout copy under ZeRO-0 in state B (SP=4): a whole replica per rank;
+* a reference copy under ZeRO-3 in state C (TP=2 as DeepSpeed's mpu, so DP=2: ZeRO-3
+  partitions over the rank pairs {0, 2} and {1, 3}, another split than the actor's).
+
+Both destinations start from other weights (another seed). After the refit every
+destination parameter equals the actor's (gathered with DeepSpeed's own
+``GatheredParameters``) bit for bit, and so do the logits on the same tokens (the same
+module code on the same weights: the same reduction order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+import _adapter_deepspeed_support as support  # noqa: E402
+
+WORLD_TIMEOUT = 600.0
+VOCAB, SEQ = 64, 8
+
+
+def _llama(seed: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    return LlamaForCausalLM(config)
+
+
+def _config(stage: int) -> dict[str, Any]:
+    return support.config(stage=stage, train_micro_batch_size_per_gpu=1, zero_optimization={
+        "stage": stage, "stage3_param_persistence_threshold": 0})
+
+
+def _engine(state: Any, seed: int, stage: int, train: bool) -> Any:
+    ds = support._ds()
+    module = _llama(seed)
+    with state.activate():
+        if train:
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+            engine, *_ = ds.initialize(model=module, optimizer=optimizer, config=_config(stage), mpu=state)
+        else:
+            module.requires_grad_(False)
+            engine, *_ = ds.initialize(model=module, config=_config(stage), mpu=state)
+            engine.eval()
+    return engine
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(11))
+
+
+def _full(engine: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every parameter whole, and the logits on the fixed tokens, computed with the whole weights."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+        return [p.detach().clone() for p in params], engine.module(input_ids=_tokens()).logits.detach().clone()
+
+
+def _swap(plan: Any) -> Any:
+    """Two transfers into different boxes of one destination tensor, their sources swapped."""
+    transfers = list(plan.transfers)
+    for i, a in enumerate(transfers):
+        for j in range(i + 1, len(transfers)):
+            b = transfers[j]
+            if (a.dst_rank, a.dst_name) == (b.dst_rank, b.dst_name) and "proj" in a.dst_name and a.dst_box != b.dst_box \
+                    and a.nbytes == b.nbytes:
+                transfers[i] = dataclasses.replace(a, src_rank=b.src_rank, src_box=b.src_box)
+                transfers[j] = dataclasses.replace(b, src_rank=a.src_rank, src_box=a.src_box)
+                return dataclasses.replace(plan, transfers=tuple(transfers))
+    raise AssertionError("no two transfers into one tensor to swap")
+
+
+def _rank_refits(rank: int) -> dict[str, Any]:
+    import scoped_parallel as sp
+
+    out: dict[str, Any] = {}
+    with support.isolated():
+        a = support.state(name="actor", sequence_parallel_size=2)
+        b = support.state(name="rollout", sequence_parallel_size=4)
+        c = support.state(name="reference", tensor_model_parallel_size=2)
+        engines: list[Any] = []
+        try:
+            with support.installed():
+                actor = _engine(a, 1, stage=3, train=True)
+                engines.append(actor)
+                with a.activate():
+                    loss = actor(input_ids=_tokens()).logits.float().pow(2).mean()
+                    actor.backward(loss)
+                    actor.step()
+                src_params, src_logits = _full(actor)
+                out["actor partition groups"] = sorted({support.ranks(p.ds_process_group) for p in actor.module.parameters()})
+                for name, state, stage in (("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", b, 0), ("ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", c, 3)):
+                    dst = _engine(state, 2, stage=stage, train=False)
+                    engines.append(dst)
+                    before_params, before = _full(dst)
+                    plan = sp.plan_reshard(actor, a, dst, state)
+                    done = sp.reshard(actor, a, dst, state)
+                    params, logits = _full(dst)
+                    out[name] = {
+                        "backend": plan.backend,
+                        "problems": plan.problems(),
+                        "cached": done.plan is plan,
+                        "sent": done.sent,
+                        "predicted": {d: n for (s, d), n in plan.bytes_between().items() if s == rank},
+                        "received": plan.bytes_received(rank),
+                        "source bytes held": sum(p.nbytes for p in plan.sources if p.rank == rank),
+                        "destination bytes": sum(p.nbytes for p in plan.targets if p.rank == rank),
+                        "model bytes": sum(p.numel() * p.element_size() for p in src_params),
+                        "started different": not torch.equal(before, src_logits),
+                        "params equal": len(params) == len(src_params) and all(map(torch.equal, params, src_params)),
+                        "logits equal": torch.equal(logits, src_logits),
+                        "partition groups": sorted({support.ranks(p.ds_process_group) for p in dst.module.parameters()
+                                                    if hasattr(p, "ds_process_group")}),
+                    }
+                    if stage == 3:
+                        out[name]["staging"] = plan.staging.get(rank)
+                        # sabotage 1: a swapped shard runs (the plan checks pass) and the weights come out wrong
+                        sp.reshard(actor, a, dst, state, plan=_swap(plan))
+                        out["swapped shard params equal"] = all(map(torch.equal, _full(dst)[0], src_params))
+                        # sabotage 2: the state the destination was not built in
+                        kept = _full(dst)[0]
+                        try:
+                            sp.reshard(actor, a, dst, b)
+                            out["wrong state error"] = None
+                        except sp.ReshardError as err:
+                            out["wrong state error"] = str(err)
+                        out["wrong state untouched"] = all(map(torch.equal, _full(dst)[0], kept))
+                        # the cache: one entry per pair of states, gone from both when one is destroyed
+                        out["cache entries before destroy"] = len(a.adapter_record("reshard", lambda s: None).entries)
+                        support.drop(dst)
+                        engines.remove(dst)
+                        c.destroy()
+                        out["cache entries after destroy"] = len(a.adapter_record("reshard", lambda s: None).entries)
+        finally:
+            support.drop(*engines)
+            support.destroy(a, b, c)
+    return out
+
+
+@pytest.fixture(scope="module")
+def refits(world):
+    return world.run(_rank_refits, timeout=WORLD_TIMEOUT)
+
+
+pytestmark = [pytest.mark.world, pytest.mark.slow]
+CASES = ("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", "ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_refitted_destination_equals_the_actor_bit_for_bit(refits, case):
+    """Every destination parameter and the logits equal the trained actor's, bit for bit."""
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["backend"] == "flat", got["backend"]
+        assert got["started different"], f"rank {rank} {case}: the destination started equal to the actor"
+        assert got["params equal"], f"rank {rank} {case}: destination parameters differ from the actor's"
+        assert got["logits equal"], f"rank {rank} {case}: destination logits differ from the actor's"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plan_predicts_the_bytes_sent_and_covers_every_element(refits, case):
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
+        assert got["sent"] == got["predicted"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted']}"
+        assert got["cached"], f"rank {rank} {case}: reshard planned again after plan_reshard"
+
+
+def test_layouts_are_the_ones_described(refits):
+    """The actor is partitioned over the 4 ranks, the ZeRO-3 destination over rank pairs."""
+    for rank, out in enumerate(refits):
+        assert out["actor partition groups"] == [(0, 1, 2, 3)], out["actor partition groups"]
+        pair = (0, 2) if rank % 2 == 0 else (1, 3)
+        assert out[CASES[1]]["partition groups"] == [pair], f"rank {rank}: {out[CASES[1]]['partition groups']}, expected [{pair}]"
+
+
+def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_partition(refits):
+    """Each rank sends from its quarter of the actor and receives at most its half of the
+    ZeRO-3 destination (less what it holds already); no staging buffer."""
+    for rank, out in enumerate(refits):
+        got = out[CASES[1]]
+        model = got["model bytes"]
+        assert got["source bytes held"] <= model // 4 + 4096, f"rank {rank}: holds {got['source bytes held']} of {model} source bytes"
+        assert got["destination bytes"] <= model // 2 + 4096, f"rank {rank}: fills {got['destination bytes']} of {model} bytes"
+        assert 0 < got["received"] < got["destination bytes"], f"rank {rank}: received {got['received']}"
+        assert got["staging"] == 0, f"rank {rank}: staging {got['staging']}"
+        full = out[CASES[0]]
+        assert full["received"] == model - full["source bytes held"], f"rank {rank}: a whole replica receives all it does not hold"
+
+
+def test_a_swapped_shard_gives_other_weights(refits):
+    """The equality check can fail: a plan with two sources swapped runs and the weights
+    differ (on the ranks of the replica the swapped transfer writes: the reference is two
+    ZeRO-3 replicas, over ranks {0, 2} and {1, 3})."""
+    seen = [out["swapped shard params equal"] for out in refits]
+    assert seen.count(False) == 2, f"per rank, destination equal to the actor after the swap: {seen} (expected one replica's two ranks False)"
+
+
+def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(refits):
+    for rank, out in enumerate(refits):
+        error = out["wrong state error"]
+        assert error is not None and "no group of ParallelState 'rollout'" in error, f"rank {rank}: {error}"
+        assert out["wrong state untouched"], f"rank {rank}: the destination changed although the refit was refused"
+
+
+def test_the_plan_cache_leaves_both_states_when_one_is_destroyed(refits):
+    for rank, out in enumerate(refits):
+        assert (out["cache entries before destroy"], out["cache entries after destroy"]) == (2, 1), (
+            f"rank {rank}: actor cache entries before/after destroying the reference state: "
+            f"{out['cache entries before destroy']}, {out['cache entries after destroy']} (expected 2, 1)"
+        )
