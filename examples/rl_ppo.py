@@ -1,4 +1,4 @@
-"""PPO with an actor, a critic and a reference model, each with its own parallel layout, in one job.
+"""PPO with an actor, a critic, a reference model and a rollout copy, each with its own parallel layout, in one job.
 
 Run (4 CPU ranks over gloo; NCCL, one GPU per rank, when CUDA GPUs are present)::
 
@@ -22,13 +22,18 @@ actor      Ulysses SP=2 x DP=2       ZeRO-2, AdamW, ``mpu`` = its state (returne
                                      ``register_with_transformers``)
 critic     DP=4                      ZeRO-1, AdamW; Llama backbone + scalar value head
 reference  Ulysses SP=4              ZeRO-0, frozen, eval; the actor's initial weights
+rollout    DP=4 (no SP)              ZeRO-0, frozen, eval; refitted from the actor before
+                                     every rollout with ``scoped_parallel.reshard``
 =========  ========================  =====================================================
 
 One step, everything on synthetic tokens with fixed seeds:
 
-1. rollout: the actor samples a response to each random prompt (every rank of the actor
-   samples its share of the batch, with SP off in eval mode), then scores the whole
-   sequences with SP on: the old log-probs of the response tokens.
+1. rollout: ``reshard(actor, actor_state, rollout, rollout_state)`` copies the actor's
+   current weights into the rollout copy (the plan is made once, printed at the start and
+   cached; with the actor under ZeRO-2 every rank already holds all weights, so the plan is
+   local copies only); the rollout copy samples a response to each random prompt (every
+   rank its share of the batch), then the actor scores the whole sequences with SP on: the
+   old log-probs of the response tokens.
 2. the reference scores the same sequences (its log-probs, for the KL term) and the
    critic predicts a value per position.
 3. reward = fraction of even token ids in the response, at the last token; advantages by
@@ -45,7 +50,9 @@ the process, which is what ``--bench`` compares against.
 
 ``--verify``: after the interleaved run, re-run the actor and the critic alone (fresh
 engines, same seeds) on exactly the inputs each received, and check that rollouts, losses
-and final parameters are bit-identical; exits non-zero if not.
+and final parameters are bit-identical; exits non-zero if not. Alone, the actor samples
+its rollouts itself: identical rollouts mean every refit gave the copy the actor's weights
+bit for bit.
 
 ``--bench``: the same models' step work timed with scopes and adapters (the interleaved
 run) and on plain DeepSpeed without adapters, one model at a time (a single model needs
@@ -89,7 +96,7 @@ from deepspeed.utils import groups  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from scoped_parallel import ParallelState, adapters  # noqa: E402
+from scoped_parallel import ParallelState, adapters, plan_reshard, reshard  # noqa: E402
 from scoped_parallel import shared_groups  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS = 128, 64, 2, 4, 4
@@ -125,6 +132,11 @@ SPECS = {
     "critic": Spec("critic", sp=1, zero_stage=1, lr=1e-2, seed=2),
     "reference": Spec("reference", sp=4, zero_stage=0, lr=None, seed=1),  # the actor's initial weights
 }
+# The rollout copy: the actor's weights in another layout (DP=4, no SP, ZeRO-0, eval), refitted
+# from the actor with scoped_parallel.reshard before every rollout and used to generate. Its own
+# initial weights (seed 3) are never used: a refit that missed an element would change the rollouts.
+ROLLOUT = Spec("rollout", sp=1, zero_stage=0, lr=None, seed=3)
+ALL_SPECS = {**SPECS, "rollout": ROLLOUT}
 
 
 @dataclasses.dataclass
@@ -360,17 +372,29 @@ def sample(engine: Any, prompts: torch.Tensor, uniforms: torch.Tensor) -> torch.
     return tokens
 
 
-def rollout(engine: Any, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Actor: sample responses (each rank of the model its share of the batch), then old log-probs."""
+def generate(engine: Any, step: int, batch: int) -> torch.Tensor:
+    """Sample responses, each rank of the model its share of the batch; the whole batch back."""
     prompts, uniforms = rollout_inputs(step, batch)
     per = batch // groups._get_sequence_data_parallel_world_size()
     first = groups._get_sequence_data_parallel_rank() * per
     mine = slice(first, first + per)
+    training = engine.training
     engine.eval()
     with torch.no_grad():
         tokens = sdp_gather(sample(engine, prompts[mine], uniforms[mine]))
-    engine.train()
+    engine.train(training)
+    return tokens
+
+
+def rollout(engine: Any, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Actor alone (``--verify``, ``--bench``): sample responses itself, then old log-probs."""
+    tokens = generate(engine, step, batch)
     return tokens, sequence_logprobs(engine, tokens)
+
+
+def refit(engine: Any, actor: Model, state: ParallelState) -> None:
+    """The rollout copy takes the actor's current weights (one call; the plan is cached)."""
+    reshard(actor.engine, actor.state, engine, state)
 
 
 def sequence_logprobs(engine: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -455,10 +479,12 @@ def timed(model: Model, seconds: dict[str, float], fn: Any, *args: Any) -> Any:
 
 
 def ppo_step(models: dict[str, Model], step: int, batch: int) -> tuple[Batch, StepStats]:
-    actor, critic, reference = models["actor"], models["critic"], models["reference"]
+    actor, critic, reference, copy = models["actor"], models["critic"], models["reference"], models["rollout"]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    tokens, old = timed(actor, seconds, rollout, step, batch)
+    timed(copy, seconds, refit, actor, copy.state)
+    tokens = timed(copy, seconds, generate, step, batch)
+    old = timed(actor, seconds, sequence_logprobs, tokens)
     ref = timed(reference, seconds, sequence_logprobs, tokens)
     values = timed(critic, seconds, critic_values, tokens)
     data = score(step, tokens, old, ref, values)
@@ -475,7 +501,11 @@ def interleaved_run(
 
     Returns every step's batch and stats, and the trained models' final parameters.
     """
-    models = {name: build_model(spec, states[name]) for name, spec in SPECS.items()}
+    models = {name: build_model(spec, states[name]) for name, spec in ALL_SPECS.items()}
+    plan = plan_reshard(models["actor"].engine, states["actor"], models["rollout"].engine, states["rollout"])
+    if show:
+        print("actor -> rollout copy, refitted before every rollout; the plan (computed once, cached):\n"
+              + "\n".join("  " + line for line in plan.report().splitlines()), flush=True)
     batches, stats = [], []
     for step in range(steps):
         data, st = ppo_step(models, step, batch)
@@ -613,7 +643,8 @@ def bench(states: dict[str, ParallelState], batches: list[Batch], stats: list[St
             _, stats, _ = interleaved_run(states, len(batches), len(batches[0].tokens), show=False)
         adapters.uninstall()
         for name, (seconds, identical) in plain_run(batches, stats).items():
-            scoped[name] += _steady([s.model_seconds[name] for s in stats])
+            # alone, the actor samples itself; interleaved, its rollout copy does (refit + sampling)
+            scoped[name] += _steady([s.model_seconds[name] + (s.model_seconds["rollout"] if name == "actor" else 0.0) for s in stats])
             plain[name] += _steady(seconds)
             same[name] = same[name] and _world_all(identical)
     runs = {"scoped": scoped, "plain": plain}
@@ -664,7 +695,7 @@ def layout_summary(states: dict[str, ParallelState], backend: str) -> str:
     for name, state in states.items():
         shown = [k for k in ("sp", "dp", "sp-dp") if len(state.layout.groups(k)[0]) > 1]
         text = "  ".join(f"{k} {' '.join(map(str, state.layout.groups(k)))}" for k in shown)
-        lines.append(f"  {name:<9} {state.layout!r:<42} ZeRO-{SPECS[name].zero_stage}  {text}")
+        lines.append(f"  {name:<9} {state.layout!r:<42} ZeRO-{ALL_SPECS[name].zero_stage}  {text}")
     lines.append("rank 0's groups shared between states (same ranks: one process group, share_groups=True):")
     for ranks, users in shared_groups({name: state.layout for name, state in states.items()}, 0).items():
         objects = {id(states[name].group(kind)) for name, kind in (user.split(".", 1) for user in users)}
@@ -685,9 +716,9 @@ def progress(done: int, total: int, st: StepStats) -> None:
 
 
 def summary_table(stats: list[StepStats]) -> str:
-    lines = ["step  reward  actor loss  critic loss        kl   s/step   (actor / critic / reference s)"]
+    lines = ["step  reward  actor loss  critic loss        kl   s/step   (actor / critic / reference / rollout s)"]
     for i, s in enumerate(stats, 1):
-        per = " / ".join(f"{s.model_seconds[name]:.2f}" for name in SPECS)
+        per = " / ".join(f"{s.model_seconds[name]:.2f}" for name in ALL_SPECS)
         lines.append(f"{i:>4}  {s.reward:6.3f}  {s.actor_loss:+10.4f}  {s.critic_loss:11.4f}  "
                      f"{s.kl:8.5f}  {s.seconds:7.2f}   ({per})")
     first, last = stats[0], stats[-1]
@@ -733,7 +764,7 @@ def main() -> int:
     world, show = dist.get_world_size(), dist.get_rank() == 0
     states = {
         name: ParallelState.from_config(ds_config(spec), name=name, timeout=TIMEOUT)
-        for name, spec in SPECS.items()
+        for name, spec in ALL_SPECS.items()
     }
     if show:
         print(layout_summary(states, backend), flush=True)
