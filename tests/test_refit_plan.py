@@ -118,3 +118,83 @@ def test_reshard_without_a_backend_for_the_models_names_the_types():
 
     with pytest.raises(ReshardError, match=r"no reshard backend knows both object and object .*scoped_parallel.adapters"):
         sp.plan_reshard(object(), None, object(), None)
+
+
+class _FakeState:
+    """Duck-typed stand-in for a ParallelState (the cache reads layout, kinds, ranks, records)."""
+
+    def __init__(self, tp_ranks: tuple[int, ...], layout: str = "tp=2") -> None:
+        self.layout, self.destroyed, self._tp, self._records = layout, False, tp_ranks, {}
+
+    def kinds(self) -> tuple[str, ...]:
+        return ("tp",)
+
+    def ranks(self, kind: str) -> tuple[int, ...]:
+        return self._tp
+
+    def adapter_record(self, owner: str, factory):  # noqa: ANN001
+        if owner not in self._records:
+            self._records[owner] = factory(self)
+        return self._records[owner]
+
+    def destroy(self) -> None:
+        self.destroyed = True
+        for record in self._records.values():
+            record.state_destroyed(self)
+        self._records.clear()
+
+
+class _CountingBackend:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.planned = 0
+
+    def claims(self, model) -> bool:  # noqa: ANN001
+        return isinstance(model, _Model)
+
+    def plan(self, *args) -> ReshardPlan:  # noqa: ANN002
+        self.planned += 1
+        return ReshardPlan("counting", (), (), ())
+
+
+class _Model:
+    pass
+
+
+def test_plan_cache_is_keyed_on_rank_lists_and_leaves_both_states_on_destroy(monkeypatch):
+    """Same models and states: planned once. A state with the same sizes but other rank
+    lists: planned again. Destroying either state drops the entry from both."""
+    from scoped_parallel.refit import api
+
+    backend = _CountingBackend()
+    monkeypatch.setattr(api, "_BACKENDS", [backend])
+    monkeypatch.setattr(api, "_check_same_ranks", lambda a, b: None)
+    src, dst, model_a, model_b = _FakeState((0, 1)), _FakeState((0, 2)), _Model(), _Model()
+    first = api.plan_reshard(model_a, src, model_b, dst)
+    assert api.plan_reshard(model_a, src, model_b, dst) is first and backend.planned == 1
+    other = _FakeState((0, 1))  # the same sizes as dst, other TP ranks on this rank
+    api.plan_reshard(model_a, src, model_b, other)
+    assert backend.planned == 2, "a state with other rank lists must not reuse the plan"
+    assert len(src.adapter_record("reshard", None).entries) == 2
+    dst.destroy()
+    assert len(src.adapter_record("reshard", None).entries) == 1, "destroying dst left its entry in src's cache"
+    api.plan_reshard(model_a, src, _Model(), other)
+    assert backend.planned == 3, "another destination model must not reuse the plan"
+
+
+def test_megatron_core_without_resharding_is_named_with_its_version():
+    """megatron-core < 0.16 has no megatron.core.resharding: the Megatron backend says so,
+    naming the installed version (runs in the 0.13-0.15 venvs of make test-megatron-versions)."""
+    pytest.importorskip("megatron.core")
+    try:
+        import megatron.core.resharding  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("this megatron-core has megatron.core.resharding")
+    from scoped_parallel import UnsupportedSetupError
+    from scoped_parallel.adapters.megatron_reshard import _resharding
+
+    with pytest.raises(UnsupportedSetupError, match=r"megatron-core 0\.1[0-5]\.\d+ has no megatron.core.resharding \(added in 0.16\)"):
+        _resharding()
