@@ -25,7 +25,7 @@ around it:
   and all raise the same :class:`~scoped_parallel.errors.ReshardError` (megatron-core
   0.16-0.18 plan on rank 0 only, so an error raised inside their planner would leave the
   other ranks waiting). The planner's ops are then gathered into a
-  :class:`~scoped_parallel.refit.ReshardPlan`, which checks that every destination
+  :class:`~scoped_parallel.refit.plan.ReshardPlan`, which checks that every destination
   element is written exactly once and reports bytes per rank pair.
 * **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point
   over the default group, receives straight into contiguous destination slices), because
@@ -243,6 +243,7 @@ class MegatronBackend:
     name = "megatron"
 
     def claims(self, model: Any) -> bool:
+        """Whether every chunk of ``model`` (unwrapped) is a megatron-core ``MegatronModule``."""
         if "megatron.core" not in sys.modules:  # no Megatron model exists without it
             return False
         from megatron.core.transformer.module import MegatronModule
@@ -258,6 +259,7 @@ class MegatronBackend:
         return chunks, canonical_tensors(chunks), bool(getattr(config, "gated_linear_unit", False))
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
+        """The checked plan (collective over the world; see the module docstring)."""
         resharding, build = _resharding()
         src_chunks, src_named, src_gated = self._views(src_model, src_state)
         dst_chunks, dst_named, dst_gated = self._views(dst_model, dst_state)
@@ -332,6 +334,8 @@ class MegatronBackend:
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
                 service: Any = None, bucket_bytes: int = 1 << 26) -> dict[int, int]:
+        """Run this rank's part of ``plan`` with ``run_plan`` (or megatron-core's executor and
+        ``service``, a ``CopyService`` or backend name); returns the bytes sent by peer ({} with ``service``)."""
         src = dict(canonical_tensors(_chunks(src_model)))
         dst = dict(canonical_tensors(_chunks(dst_model)))
         if service is None:

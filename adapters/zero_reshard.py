@@ -4,7 +4,7 @@ The ``"flat"`` reshard backend: each parameter is a flat run of elements; a rank
 of it (a replica: no ZeRO, ZeRO-1/2 model weights, Ulysses SP which splits activations,
 not weights) or one ZeRO-3 partition of it (``param.ds_tensor``: elements
 ``[i * p, (i + 1) * p)`` for partition ``i`` of the parameter's ``ds_process_group``, the
-last one padded). :func:`scoped_parallel.refit.plan_flat` intersects what the source
+last one padded). :func:`scoped_parallel.refit.plan.plan_flat` intersects what the source
 ranks hold with what each destination rank must fill; every element comes from the
 destination rank itself where it holds it, else from the least-loaded holder, so a
 ZeRO-3 source is never gathered to full size anywhere, and a ZeRO-3 destination receives
@@ -114,10 +114,12 @@ class FlatBackend:
     name = "flat"
 
     def claims(self, model: Any) -> bool:
+        """Whether ``model`` is one torch module (or an engine / wrapper holding one as ``.module``)."""
         models = model if isinstance(model, (list, tuple)) else [model]
         return len(models) == 1 and isinstance(_module(models[0]), torch.nn.Module)
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
+        """The checked plan (collective over the world; see the module docstring)."""
         src_rows, dst_rows = flat_pieces(src_model), _targets(dst_model)
         local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
         world = dist.get_world_size()
@@ -154,6 +156,7 @@ class FlatBackend:
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
                 bucket_bytes: int = 1 << 26) -> dict[int, int]:
+        """Run this rank's part of ``plan``; returns the bytes sent by peer."""
         sources = {row[0]: row[6] for row in flat_pieces(src_model)}
         targets = {row[0]: row[6] for row in _targets(dst_model)}
         sent = run_plan(plan, sources, targets, bucket_bytes=bucket_bytes)

@@ -178,7 +178,7 @@ def reshard(
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
     a given plan is checked again. ``options`` go to the backend's executor (megatron:
     ``service=`` a megatron-core ``CopyService`` or backend name; flat: ``bucket_bytes=``).
-    Returns a :class:`Refit`: the plan that ran and the bytes this rank sent by peer.
+    Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
     """
     chosen = _backend(src_model, dst_model, backend)
     if plan is None:

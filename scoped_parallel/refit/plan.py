@@ -91,6 +91,7 @@ class Piece:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the piece."""
         return math.prod(self.shape) * self.itemsize
 
 
@@ -109,10 +110,12 @@ class Transfer:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the transfer moves."""
         return _volume(self.dst_box) * self.itemsize
 
     @property
     def local(self) -> bool:
+        """Whether source and destination are the same rank (a copy, no communication)."""
         return self.src_rank == self.dst_rank
 
 
@@ -149,13 +152,16 @@ class ReshardPlan:
         return dict(sorted(out.items()))
 
     def bytes_sent(self, rank: int) -> int:
+        """Bytes ``rank`` sends to other ranks (local copies not counted)."""
         return sum(t.nbytes for t in self.transfers if t.src_rank == rank and not t.local)
 
     def bytes_received(self, rank: int) -> int:
+        """Bytes ``rank`` receives from other ranks (local copies not counted)."""
         return sum(t.nbytes for t in self.transfers if t.dst_rank == rank and not t.local)
 
     @property
     def ranks(self) -> tuple[int, ...]:
+        """Every rank that holds a source piece or fills a destination piece."""
         return tuple(sorted({p.rank for p in self.sources} | {p.rank for p in self.targets}))
 
     # ---------------------------------------------------------------- checks
@@ -203,7 +209,7 @@ class ReshardPlan:
         return found[:limit]
 
     def check(self) -> ReshardPlan:
-        """Raise :class:`ReshardError` listing the problems, or return the plan."""
+        """Raise :class:`~scoped_parallel.errors.ReshardError` listing the problems, or return the plan."""
         problems = self.problems()
         if problems:
             raise ReshardError(
@@ -257,7 +263,7 @@ def plan_flat(
     must fill) elements ``[start, stop)`` of the flattened tensor ``name``. Each needed
     element comes from the destination rank itself where it holds it, else from the holder
     that has been given the fewest bytes to send so far (ties: the nearest rank after the
-    destination), so replicas share the sending. Raises :class:`ReshardError` naming the
+    destination), so replicas share the sending. Raises :class:`~scoped_parallel.errors.ReshardError` naming the
     tensor and the elements that no source holds.
 
     >>> plan = plan_flat("flat", [(0, "w", 0, 4, 4), (1, "w", 4, 8, 4)], [(r, "w", 0, 8, 4) for r in (0, 1)])
