@@ -160,22 +160,14 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                 out["src logits"] = logits(src)
             with dst_state.activate():
                 out["dst logits before"] = logits(dst)
-            if sabotage == "other-architecture":
+            if sabotage in ("other-architecture", "wrong-state"):
+                target = dst_state
+                if sabotage == "wrong-state":
+                    target = _state("wrong", {"tp": 2} if dst_layout.get("tp", 1) != 2 else {"tp": 1})
+                    states.append(target)
                 before = snapshot(dst)
                 try:
-                    sp.reshard(src, src_state, dst, dst_state)
-                    out["error"] = None
-                except sp.ReshardError as err:
-                    out["error"] = str(err)
-                out["dst untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
-                return out
-            if sabotage == "wrong-state":
-                wrong_layout = {"tp": 2} if dst_layout.get("tp", 1) != 2 else {"tp": 1}
-                wrong = _state("wrong", wrong_layout)
-                states.append(wrong)
-                before = snapshot(dst)
-                try:
-                    sp.reshard(src, src_state, dst, wrong)
+                    sp.reshard(src, src_state, dst, target)
                     out["error"] = None
                 except sp.ReshardError as err:
                     out["error"] = str(err)

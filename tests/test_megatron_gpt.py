@@ -10,25 +10,11 @@ per-state setters and virtual pipeline values, and the memory buffer inside a sc
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("megatron.core.parallel_state")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "megatron_two_models.py"
-
-
-def _example():
-    module = sys.modules.get("megatron_two_models_example")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("megatron_two_models_example", EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
+from _refit_megatron import example as _example  # noqa: E402  (loads examples/megatron_two_models.py once)
 
 
 def rank_gpt_runs(rank, steps):
