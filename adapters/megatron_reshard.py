@@ -269,7 +269,7 @@ class MegatronBackend:
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        world = dist.get_world_size()
         mine = (local, _summary(src_named, src_state, src_gated), _summary(dst_named, dst_state, dst_gated))
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)  # the one gather every decision below is made on
@@ -329,7 +329,6 @@ class MegatronBackend:
             f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
             "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
         )
-        del rank
         return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,

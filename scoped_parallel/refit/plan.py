@@ -34,6 +34,7 @@ logits comparison catches it)::
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -60,6 +61,22 @@ def _inside(box: Box, shape: tuple[int, ...]) -> bool:
 
 def _overlap(a: Box, b: Box) -> bool:
     return all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(a, b))
+
+
+def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
+    """Two boxes that share an element, or None: a sweep along the dimension where the boxes
+    differ most, comparing each box only with those still open along it."""
+    if len(boxes) < 2:
+        return None
+    dim = max(range(len(boxes[0])), key=lambda d: len({b[d][0] for b in boxes}))
+    open_: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b[dim]):
+        open_ = [a for a in open_ if a[dim][1] > box[dim][0]]
+        for other in open_:
+            if _overlap(other, box):
+                return other, box
+        open_.append(box)
+    return None
 
 
 def box_is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
@@ -197,10 +214,9 @@ class ReshardPlan:
         for (rank, name), boxes in written.items():
             piece = targets[(rank, name)]
             total = sum(_volume(b) for b in boxes)
-            ordered = sorted(boxes)
-            overlaps = [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:] if _overlap(a, b)]
-            if overlaps:
-                found.append(f"destination {name!r} on rank {rank}: boxes {overlaps[0][0]} and {overlaps[0][1]} both write the same elements")
+            overlap = _first_overlap(boxes)
+            if overlap:
+                found.append(f"destination {name!r} on rank {rank}: boxes {overlap[0]} and {overlap[1]} both write the same elements")
             elif total != math.prod(piece.shape):
                 missing = (math.prod(piece.shape) - total) * piece.itemsize
                 found.append(f"destination {name!r} on rank {rank}: {missing} of {piece.nbytes} bytes never written")
@@ -272,30 +288,44 @@ def plan_flat(
     """
     sources = sorted(sources)
     targets = sorted(targets, key=lambda t: (t[1], t[0], t[2]))
-    held: dict[str, list[tuple[int, int, int]]] = {}
+    world = max([s[0] for s in sources] + [t[0] for t in targets], default=0) + 1
+    # per tensor: the cut points of every source piece, and who holds each elementary segment
+    cuts: dict[str, list[int]] = {}
+    holders: dict[str, list[dict[int, int]]] = {}  # segment index -> {rank: its piece's start}
+    by_name: dict[str, list[tuple[int, int, int]]] = {}
     for rank, name, start, stop, _ in sources:
         if stop > start:
-            held.setdefault(name, []).append((start, stop, rank))
-    world = max([s[0] for s in sources] + [t[0] for t in targets], default=0) + 1
+            by_name.setdefault(name, []).append((start, stop, rank))
+    for name, pieces in by_name.items():
+        points = sorted({p for a, b, _ in pieces for p in (a, b)})
+        cuts[name], holders[name] = points, [{} for _ in points[:-1]]
+        for a, b, rank in pieces:
+            for i in range(bisect.bisect_left(points, a), bisect.bisect_left(points, b)):
+                holders[name][i].setdefault(rank, a)
     load: dict[int, int] = {}
     transfers: list[Transfer] = []
     for dst_rank, name, start, stop, itemsize in targets:
-        pieces = held.get(name, [])
-        cuts = sorted({start, stop} | {p for a, b, _ in pieces for p in (a, b) if start < p < stop})
+        points, held = cuts.get(name, []), holders.get(name, [])
+        first = max(bisect.bisect_right(points, start) - 1, 0)
+        bounds = sorted({start, stop} | {p for p in points if start < p < stop})
         runs: list[list[int]] = []  # [src_rank, src_piece_start, seg_start, seg_stop]
-        for a, b in zip(cuts, cuts[1:]):
-            holders = [(r, ps) for ps, pe, r in pieces if ps <= a and b <= pe]
-            if not holders:
+        index = first
+        for a, b in zip(bounds, bounds[1:]):
+            while index + 1 < len(points) and points[index + 1] <= a:
+                index += 1
+            inside = index + 1 < len(points) and points[index] <= a and b <= points[index + 1]
+            who = held[index] if inside else {}
+            if not who:
                 raise ReshardError(
                     f"{name!r}: elements [{a}, {b}) needed on rank {dst_rank} are held by no source rank "
                     "(the source and destination models differ in this tensor's size)"
                 )
-            local = [h for h in holders if h[0] == dst_rank]
-            rank, piece_start = local[0] if local else min(
-                holders, key=lambda h: (load.get(h[0], 0), (h[0] - dst_rank) % world)
-            )
-            if rank != dst_rank:
+            if dst_rank in who:
+                rank = dst_rank
+            else:
+                rank = min(who, key=lambda h: (load.get(h, 0), (h - dst_rank) % world))
                 load[rank] = load.get(rank, 0) + (b - a) * itemsize
+            piece_start = who[rank]
             if runs and runs[-1][0] == rank and runs[-1][1] == piece_start and runs[-1][3] == a:
                 runs[-1][3] = b
             else:
