@@ -37,6 +37,7 @@ around it:
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from typing import Any
@@ -50,7 +51,9 @@ from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["MegatronBackend", "canonical_tensors"]
 
-_TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce")
+#: what megatron-core's ``extract_param_metadata`` reads from a parameter (0.16-0.19)
+_TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "partition_sizes", "allreduce")
+_EXPERT_INDEX = re.compile(r"^(weight|bias)(\d+)$")
 
 
 def _resharding() -> tuple[Any, Any]:
@@ -135,59 +138,92 @@ class _View(torch.nn.Module):
             yield prefix + name, tensor
 
 
+def _megatron_version() -> tuple[int, int]:
+    from megatron.core import package_info
+
+    return tuple(int(x) for x in package_info.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+def _gated_fc1(chunks: list[Any]) -> set[int]:
+    """``id`` of the ``linear_fc1`` weight and bias of every MLP whose own config is gated
+    (SwiGLU: ``[gate, up]`` per TP rank, partition stride 2), for megatron-core < 0.19, which
+    leaves the stride at 1 (0.19 sets it on the parameter itself: trusted as it is)."""
+    if _megatron_version() >= (0, 19):
+        return set()
+    out = set()
+    for chunk in chunks:
+        for module in chunk.named_modules():
+            mlp = module[1]
+            fc1 = getattr(mlp, "linear_fc1", None)
+            if fc1 is not None and bool(getattr(getattr(mlp, "config", None), "gated_linear_unit", False)):
+                out.update(id(t) for t in (getattr(fc1, "weight", None), getattr(fc1, "bias", None)) if t is not None)
+    return out
+
+
 def _stand_in(name: str, tensor: torch.Tensor, gated: bool) -> torch.Tensor:
-    """A meta tensor with ``tensor``'s shape, dtype and Megatron sharding attributes (the
-    gated fc1's partition stride of 2 where megatron-core < 0.19 left it at 1)."""
+    """A meta tensor with ``tensor``'s shape, dtype and the Megatron sharding attributes
+    megatron-core's planner reads (stride 2 where ``gated`` and the parameter says 1)."""
     stand = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), requires_grad=False)
     for attr in _TP_ATTRS:
         if hasattr(tensor, attr):
             setattr(stand, attr, getattr(tensor, attr))
-    if gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and getattr(tensor, "tensor_model_parallel", False) \
-            and int(getattr(tensor, "partition_stride", 1)) == 1:
+    if gated and getattr(tensor, "tensor_model_parallel", False) and int(getattr(tensor, "partition_stride", 1)) == 1:
         stand.partition_stride = 2  # type: ignore[attr-defined]
     return stand
 
 
-def _summary(named: list[tuple[str, torch.Tensor]], state: Any, gated: bool) -> list[tuple[Any, ...]]:
-    """``(name, local shape, dtype, itemsize, partition dim or None, stride, split size)`` per tensor."""
+def _global_expert_name(name: str, state: Any, experts: int | None) -> str:
+    """For the checks only: a grouped-GEMM expert tensor ``...weightK`` under its global
+    expert number (megatron-core's planner renames these itself; the view keeps them local)."""
+    parts = name.split(".")
+    found = _EXPERT_INDEX.match(parts[-1])
+    if not found or not experts:
+        return name
+    per_rank = experts // state.get_expert_model_parallel_world_size()
+    parts[-1] = f"{found.group(1)}{state.get_expert_model_parallel_rank() * per_rank + int(found.group(2))}"
+    return ".".join(parts)
+
+
+def _summary(named: list[tuple[str, torch.Tensor]], state: Any, gated: set[int], experts: int | None) -> list[tuple[Any, ...]]:
+    """``(name for the checks, local shape, dtype, itemsize, partition dim or None, stride,
+    split size, name in the view)`` per tensor."""
     tp = state.get_tensor_model_parallel_world_size()
     etp = state.get_expert_tensor_parallel_world_size()
     rows = []
     for name, tensor in named:
-        stand = _stand_in(name, tensor, gated)
+        stand = _stand_in(name, tensor, id(tensor) in gated)
         sharded = bool(getattr(stand, "tensor_model_parallel", False))
         expert = not bool(getattr(stand, "allreduce", True))
         rows.append((
-            name, tuple(tensor.shape), str(tensor.dtype), tensor.element_size(),
+            _global_expert_name(name, state, experts) if expert else name, tuple(tensor.shape), str(tensor.dtype), tensor.element_size(),
             int(getattr(stand, "partition_dim", 0)) if sharded else None,
-            int(getattr(stand, "partition_stride", 1)), (etp if expert else tp) if sharded else 1,
+            int(getattr(stand, "partition_stride", 1)), (etp if expert else tp) if sharded else 1, name,
         ))
     return rows
 
 
-def _built_in(chunks: list[Any], state: Any, role: str) -> list[str]:
-    """Problems with the claim that ``chunks`` were built with ``state``'s groups."""
-    problems = []
+def _built_in(chunks: list[Any], state: Any, role: str, collection: Any) -> list[str]:
+    """Problems with the claim that ``chunks`` were built with ``state``'s groups: a model's
+    own ``pg_collection`` must hold the state's TP, PP, EP, expert-TP and DP ranks."""
     for chunk in chunks:
         own = getattr(chunk, "pg_collection", None)
-        for field, kind in (("tp", "tp"), ("pp", "pp")):
-            group = getattr(own, field, None)
-            if group is None:
+        for field in ("tp", "pp", "ep", "expt_tp", "dp"):
+            built, given = getattr(own, field, None), getattr(collection, field, None)
+            if built is None or given is None:
                 continue
-            built, given = tuple(dist.get_process_group_ranks(group)), tuple(state.ranks(kind))
-            if built != given:
-                problems.append(
-                    f"the {role} model was built with {kind.upper()} group {list(built)}, but {describe_state(state)} "
-                    f"has {list(given)} on this rank: pass the state the model was built in"
-                )
-                return problems
-    return problems
+            built_ranks, given_ranks = dist.get_process_group_ranks(built), dist.get_process_group_ranks(given)
+            if built_ranks != given_ranks:
+                return [
+                    f"the {role} model was built with {field} group {built_ranks}, but {describe_state(state)} "
+                    f"has {given_ranks} on this rank: pass the state the model was built in"
+                ]
+    return []
 
 
 def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems: list[str]) -> dict[str, tuple[Any, ...]]:
     """Per name: (global shape, dtype, partition dim, stride, split size, first rank), checked equal on every rank."""
     out: dict[str, tuple[Any, ...]] = {}
-    for rank, (name, shape, dtype, _, dim, stride, size) in rows:
+    for rank, (name, shape, dtype, _, dim, stride, size, _view) in rows:
         full = list(shape)
         if dim is not None:
             full[dim] *= size
@@ -253,24 +289,25 @@ class MegatronBackend:
         except Exception:  # noqa: BLE001 - not a Megatron model
             return False
 
-    def _views(self, model: Any, state: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], bool]:
+    def _views(self, model: Any, state: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], set[int]]:
         chunks = _chunks(model)
-        config = getattr(chunks[0], "config", None)
-        return chunks, canonical_tensors(chunks), bool(getattr(config, "gated_linear_unit", False))
+        return chunks, canonical_tensors(chunks), _gated_fc1(chunks)
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
         """The checked plan (collective over the world; see the module docstring)."""
         resharding, build = _resharding()
         src_chunks, src_named, src_gated = self._views(src_model, src_state)
         dst_chunks, dst_named, dst_gated = self._views(dst_model, dst_state)
-        local = _built_in(src_chunks, src_state, "source") + _built_in(dst_chunks, dst_state, "destination")
+        src_groups, dst_groups = src_state.process_group_collection(), dst_state.process_group_collection()
+        experts = getattr(src_chunks[0].config, "num_moe_experts", None)
+        local = _built_in(src_chunks, src_state, "source", src_groups) + _built_in(dst_chunks, dst_state, "destination", dst_groups)
         for role, named in (("source", src_named), ("destination", dst_named)):
             names = [n for n, _ in named]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
         world = dist.get_world_size()
-        mine = (local, _summary(src_named, src_state, src_gated), _summary(dst_named, dst_state, dst_gated))
+        mine = (local, _summary(src_named, src_state, src_gated, experts), _summary(dst_named, dst_state, dst_gated, experts))
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)  # the one gather every decision below is made on
 
@@ -281,9 +318,8 @@ class MegatronBackend:
         if problems:
             raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 
-        src_view = _View([(n, _stand_in(n, t, src_gated)) for n, t in src_named], src_state.process_group_collection(), src_chunks[0].config)
-        dst_view = _View([(n, _stand_in(n, t, dst_gated)) for n, t in dst_named], dst_state.process_group_collection(), dst_chunks[0].config)
-        experts = getattr(src_chunks[0].config, "num_moe_experts", None)
+        src_view = _View([(n, _stand_in(n, t, id(t) in src_gated)) for n, t in src_named], src_groups, src_chunks[0].config)
+        dst_view = _View([(n, _stand_in(n, t, id(t) in dst_gated)) for n, t in dst_named], dst_groups, dst_chunks[0].config)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -297,9 +333,9 @@ class MegatronBackend:
         )
         all_ops: list[Any] = [None] * world
         dist.all_gather_object(all_ops, ops)
-        shapes_src = {(r, row[0]): row[1] for r, g in enumerate(gathered) for row in g[1]}
-        shapes_dst = {(r, row[0]): row[1] for r, g in enumerate(gathered) for row in g[2]}
-        itemsize = {(r, row[0]): row[3] for r, g in enumerate(gathered) for row in g[2]}
+        shapes_src = {(r, row[7]): row[1] for r, g in enumerate(gathered) for row in g[1]}
+        shapes_dst = {(r, row[7]): row[1] for r, g in enumerate(gathered) for row in g[2]}
+        itemsize = {(r, row[7]): row[3] for r, g in enumerate(gathered) for row in g[2]}
         sends = {op[0]: (r, op) for r, (_, s) in enumerate(all_ops) for op in s}
         transfers, unpaired = [], []
         for r, (recvs, _) in enumerate(all_ops):
@@ -317,11 +353,12 @@ class MegatronBackend:
             raise ReshardError("megatron-core's plan does not pair up (nothing was moved):\n  " + "\n  ".join(unpaired[:20]))
 
         transfers.sort(key=lambda t: (t.dst_name, t.dst_rank, t.dst_box))
-        sources = tuple(Piece(r, row[0], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
-        targets = tuple(Piece(r, row[0], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[2])
+        sources = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
+        targets = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[2])
         staging: dict[int, int] = {r: 0 for r in range(world)}
         for t in transfers:
-            if not t.local and not box_is_contiguous(t.src_box, shapes_src[(t.src_rank, t.src_name)]):
+            src_shape = shapes_src.get((t.src_rank, t.src_name))  # None: a wrong holder, which check() reports
+            if not t.local and src_shape is not None and not box_is_contiguous(t.src_box, src_shape):
                 staging[t.src_rank] += t.nbytes
             if not box_is_contiguous(t.dst_box, shapes_dst[(t.dst_rank, t.dst_name)]):
                 staging[t.dst_rank] += t.nbytes
@@ -330,6 +367,14 @@ class MegatronBackend:
             "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
         )
         return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
+
+    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+        """What this rank holds of the source and fills of the destination now, as the plan lists them."""
+        rank = dist.get_rank()
+        return tuple(
+            tuple(Piece(rank, name, tuple(t.shape), t.element_size(), str(t.dtype)) for name, t in canonical_tensors(_chunks(model)))
+            for model in (src_model, dst_model)
+        )  # type: ignore[return-value]
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
                 service: Any = None, bucket_bytes: int = 1 << 26) -> dict[int, int]:

@@ -14,8 +14,9 @@ only its own partition. Receives land in the destination's own storage (no stagi
 rollout ZeRO-0 under SP=8 (a full replica per rank): each rollout rank receives 7/8 of
 every parameter, one eighth from each peer, and copies its own eighth locally.
 
-A ZeRO-3 destination parameter kept whole on every rank (``ds_persist``, below
-``stage3_param_persistence_threshold``) is filled whole and its partition copied from it.
+A ZeRO-3 destination is always written in its partitions; the parameters DeepSpeed keeps
+whole between forwards (``ds_persist``, below ``stage3_param_persistence_threshold``) are
+then gathered again from them.
 A destination engine with an optimizer that keeps its own master copy (ZeRO >= 1, or
 fp16/bf16) is refused: its next step would overwrite the refitted weights.
 """
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import ReshardPlan, plan_flat, register_backend
+from scoped_parallel.refit import Piece, ReshardPlan, plan_flat, register_backend
 from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["FlatBackend", "flat_pieces"]
@@ -63,20 +64,21 @@ def flat_pieces(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, i
     return out
 
 
-def _persistent(param: Any) -> bool:
-    return hasattr(param, "ds_tensor") and bool(getattr(param, "ds_persist", False)) and param.data.numel() == int(param.ds_numel)
-
-
-def _targets(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, int, torch.Tensor, Any]]:
-    out = []
-    params = dict(_module(model).named_parameters())
-    for row in flat_pieces(model):
-        param = params[row[0]]
-        if _persistent(param):  # whole on every rank: fill it whole, then its partition from it
-            flat = param.data.view(-1)
-            row = (row[0], row[1], row[2], row[3], 0, flat.numel(), flat, None)
-        out.append(row)
-    return out
+def _refresh_persistent(model: Any) -> None:
+    """After the partitions changed: the ZeRO-3 parameters DeepSpeed keeps whole between
+    forwards (``ds_persist``, below ``stage3_param_persistence_threshold``) are gathered again
+    from them, over their partition group (every rank of the group walks the same parameters
+    in the same order; ``ds_persist`` is the same on all of them)."""
+    for param in _module(model).parameters():
+        if not (hasattr(param, "ds_tensor") and getattr(param, "ds_persist", False)):
+            continue
+        group = param.ds_process_group
+        gathered = torch.empty(param.ds_tensor.numel() * dist.get_world_size(group), dtype=param.ds_tensor.dtype,
+                               device=param.ds_tensor.device)
+        dist.all_gather_into_tensor(gathered, param.ds_tensor.data.view(-1).contiguous(), group=group)
+        if param.data.numel() == int(param.ds_numel):  # gathered now (after a first forward): refresh it
+            with torch.no_grad():
+                param.data.view(-1).copy_(gathered[: int(param.ds_numel)])
 
 
 def _local_problems(model: Any, state: Any, role: str, rows: list[Any]) -> list[str]:
@@ -120,7 +122,7 @@ class FlatBackend:
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
         """The checked plan (collective over the world; see the module docstring)."""
-        src_rows, dst_rows = flat_pieces(src_model), _targets(dst_model)
+        src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
         local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
         world = dist.get_world_size()
         gathered: list[Any] = [None] * world
@@ -158,14 +160,18 @@ class FlatBackend:
                 bucket_bytes: int = 1 << 26) -> dict[int, int]:
         """Run this rank's part of ``plan``; returns the bytes sent by peer."""
         sources = {row[0]: row[6] for row in flat_pieces(src_model)}
-        targets = {row[0]: row[6] for row in _targets(dst_model)}
+        targets = {row[0]: row[6] for row in flat_pieces(dst_model)}
         sent = run_plan(plan, sources, targets, bucket_bytes=bucket_bytes)
-        with torch.no_grad():
-            for param in _module(dst_model).parameters():
-                if _persistent(param):
-                    start, stop, flat = _partition(param)
-                    flat.copy_(param.data.view(-1)[start:stop])
+        _refresh_persistent(dst_model)
         return sent
+
+    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+        """What this rank holds of the source and fills of the destination now, as the plan lists them."""
+        rank = dist.get_rank()
+        return tuple(
+            tuple(Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in flat_pieces(model))
+            for model in (src_model, dst_model)
+        )  # type: ignore[return-value]
 
 
 register_backend(FlatBackend())

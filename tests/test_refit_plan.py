@@ -198,3 +198,11 @@ def test_megatron_core_without_resharding_is_named_with_its_version():
 
     with pytest.raises(UnsupportedSetupError, match=r"megatron-core 0\.1[0-5]\.\d+ has no megatron.core.resharding \(added in 0.16\)"):
         _resharding()
+
+
+def test_two_transfers_into_one_scalar_are_reported_not_crashed():
+    """0-d tensors have empty boxes: two writes of one scalar are an overlap, reported as such."""
+    one = Transfer(0, 1, "s", "s", (), (), 4)
+    plan = ReshardPlan("test", (one, one), (Piece(0, "s", (), 4),), (Piece(1, "s", (), 4),))
+    assert any("both write the same elements" in p for p in plan.problems()), plan.problems()
+    assert ReshardPlan("test", (one,), (Piece(0, "s", (), 4),), (Piece(1, "s", (), 4),)).problems() == []

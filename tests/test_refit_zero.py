@@ -41,21 +41,25 @@ def _llama(seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _config(stage: int) -> dict[str, Any]:
-    return support.config(stage=stage, train_micro_batch_size_per_gpu=1, zero_optimization={
-        "stage": stage, "stage3_param_persistence_threshold": 0})
+def _config(stage: int, persist: bool = False) -> dict[str, Any]:
+    """ZeRO ``stage``; with ``persist`` DeepSpeed's default persistence threshold (1e5 elements:
+    every parameter of the tiny model stays whole after the first forward), else 0."""
+    zero: dict[str, Any] = {"stage": stage}
+    if not persist:
+        zero["stage3_param_persistence_threshold"] = 0
+    return support.config(stage=stage, train_micro_batch_size_per_gpu=1, zero_optimization=zero)
 
 
-def _engine(state: Any, seed: int, stage: int, train: bool) -> Any:
+def _engine(state: Any, seed: int, stage: int, train: bool, persist: bool = False) -> Any:
     ds = support._ds()
     module = _llama(seed)
     with state.activate():
         if train:
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
-            engine, *_ = ds.initialize(model=module, optimizer=optimizer, config=_config(stage), mpu=state)
+            engine, *_ = ds.initialize(model=module, optimizer=optimizer, config=_config(stage, persist), mpu=state)
         else:
             module.requires_grad_(False)
-            engine, *_ = ds.initialize(model=module, config=_config(stage), mpu=state)
+            engine, *_ = ds.initialize(model=module, config=_config(stage, persist), mpu=state)
             engine.eval()
     return engine
 
@@ -100,14 +104,18 @@ def _rank_refits(rank: int) -> dict[str, Any]:
             with support.installed():
                 actor = _engine(a, 1, stage=3, train=True)
                 engines.append(actor)
-                with a.activate():
-                    loss = actor(input_ids=_tokens()).logits.float().pow(2).mean()
-                    actor.backward(loss)
-                    actor.step()
+
+                def train() -> None:
+                    with a.activate():
+                        loss = actor(input_ids=_tokens()).logits.float().pow(2).mean()
+                        actor.backward(loss)
+                        actor.step()
+
+                train()
                 src_params, src_logits = _full(actor)
                 out["actor partition groups"] = sorted({support.ranks(p.ds_process_group) for p in actor.module.parameters()})
                 for name, state, stage in (("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", b, 0), ("ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", c, 3)):
-                    dst = _engine(state, 2, stage=stage, train=False)
+                    dst = _engine(state, 2, stage=stage, train=False, persist=True)
                     engines.append(dst)
                     before_params, before = _full(dst)
                     plan = sp.plan_reshard(actor, a, dst, state)
@@ -129,6 +137,27 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                         "partition groups": sorted({support.ranks(p.ds_process_group) for p in dst.module.parameters()
                                                     if hasattr(p, "ds_process_group")}),
                     }
+                    # the rollout's own forward, one more actor step, the next refit: the engine's
+                    # forward (whole ZeRO-3 parameters kept between forwards) sees the new weights
+                    with state.activate(), torch.no_grad():
+                        dst(input_ids=_tokens())
+                    train()
+                    src_params, src_logits = _full(actor)
+                    sp.reshard(actor, a, dst, state)
+                    with state.activate(), torch.no_grad():
+                        out[name]["second refit, engine forward equal"] = torch.equal(dst(input_ids=_tokens()).logits, src_logits)
+                    if stage == 0:
+                        # a destination tensor changes dtype after planning: the cached plan is not used,
+                        # and the new plan is refused on every rank (a dtype change is not a refit)
+                        norm = dst.module.model.norm.weight
+                        kept = norm.data
+                        norm.data = kept.double()
+                        try:
+                            sp.reshard(actor, a, dst, state)
+                            out["changed dtype error"] = None
+                        except sp.ReshardError as err:
+                            out["changed dtype error"] = str(err)
+                        norm.data = kept
                     if stage == 3:
                         out[name]["staging"] = plan.staging.get(rank)
                         # sabotage 1: a swapped shard runs (the plan checks pass) and the weights come out wrong
@@ -226,3 +255,20 @@ def test_the_plan_cache_leaves_both_states_when_one_is_destroyed(refits):
             f"rank {rank}: actor cache entries before/after destroying the reference state: "
             f"{out['cache entries before destroy']}, {out['cache entries after destroy']} (expected 2, 1)"
         )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_second_refit_after_a_destination_forward_reaches_the_engines_forward(refits, case):
+    """With DeepSpeed's default persistence threshold the ZeRO-3 destination keeps its
+    (small) parameters whole after its first forward; the next refit updates those whole
+    copies too: the engine's own forward equals the actor's logits bit for bit."""
+    for rank, out in enumerate(refits):
+        assert out[case]["second refit, engine forward equal"], f"rank {rank} {case}: the engine's forward after the second refit differs"
+
+
+def test_a_tensor_that_changed_after_planning_is_not_refitted_with_the_stale_plan(refits):
+    """A destination tensor upcast after the plan was made: every rank sees the cached plan
+    no longer matches, plans again, and the new plan is refused (dtype) on every rank."""
+    for rank, out in enumerate(refits):
+        error = out["changed dtype error"]
+        assert error is not None and "'model.norm.weight'" in error and "does not reshape or cast" in error, f"rank {rank}: {error}"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
-from scoped_parallel.refit.plan import ReshardPlan
+from scoped_parallel.refit.plan import Piece, ReshardPlan
 
 __all__ = ["Backend", "Refit", "backends", "plan_reshard", "register_backend", "reshard"]
 
@@ -61,6 +61,9 @@ class Backend(Protocol):
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int]:
         """Move this rank's part of ``plan``; returns the bytes sent by peer."""
+
+    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+        """This rank's source and destination pieces as they are now (local, no communication)."""
 
 
 _BACKENDS: list[Backend] = []
@@ -118,6 +121,13 @@ class _PlanCache:
             partner.entries.pop(key, None)
         self.entries.clear()
 
+    def drop_dead(self) -> None:
+        """Forget the plans of models that no longer exist (from both caches)."""
+        for key, (refs, _, partner) in list(self.entries.items()):
+            if any(r() is None for r in refs):
+                self.entries.pop(key, None)
+                partner.entries.pop(key, None)
+
 
 def _caches(src_state: Any, dst_state: Any) -> tuple[_PlanCache, _PlanCache]:
     return src_state.adapter_record("reshard", _PlanCache), dst_state.adapter_record("reshard", _PlanCache)
@@ -135,20 +145,22 @@ def _check_same_ranks(src_state: Any, dst_state: Any) -> None:
             )
 
 
-def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, backend: str | None = None) -> ReshardPlan:
+def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, backend: str | None = None,
+                 replan: bool = False) -> ReshardPlan:
     """The dry run: the checked plan of ``reshard`` with the same arguments, nothing moved.
 
     Collective (every rank calls it, with its own chunks of both models). Print
     ``plan.report()`` for bytes per rank pair, staging memory per rank and the coverage
     check. Raises :class:`~scoped_parallel.errors.ReshardError` on every rank alike, naming
     the tensor, when the two models cannot be matched (other architecture, sizes that do
-    not divide, a state that is not the one a model was built in).
+    not divide, a state that is not the one a model was built in). ``replan=True`` ignores
+    the cached plan (every rank must pass the same value).
     """
     chosen = _backend(src_model, dst_model, backend)
     key = (chosen.name, tuple(id(m) for m in _chunks(src_model)), tuple(id(m) for m in _chunks(dst_model)),
            _state_key(src_state), _state_key(dst_state))
     src_cache, dst_cache = _caches(src_state, dst_state)
-    entry = src_cache.entries.get(key)
+    entry = None if replan else src_cache.entries.get(key)
     if entry is not None and dst_cache.entries.get(key) is not None:
         refs, plan, _ = entry
         alive = [r() for r in refs]
@@ -157,9 +169,31 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
     _check_same_ranks(src_state, dst_state)
     plan = chosen.plan(src_model, src_state, dst_model, dst_state).check()
     refs = tuple(weakref.ref(m) for m in _chunks(src_model) + _chunks(dst_model))
+    src_cache.drop_dead()
+    dst_cache.drop_dead()
     src_cache.entries[key] = (refs, plan, dst_cache)
     dst_cache.entries[key] = (refs, plan, src_cache)
     return plan
+
+
+def _current(chosen: Backend, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> bool:
+    """Whether, on every rank, the models still hold exactly the pieces ``plan`` lists
+    (one small all-reduce: every rank gets the same answer)."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    live_src, live_dst = chosen.pieces(src_model, src_state, dst_model, dst_state)
+
+    def rows(pieces: Any) -> list[tuple[Any, ...]]:
+        return sorted((p.name, p.shape, p.itemsize, p.dtype) for p in pieces)
+
+    same = rows(live_src) == rows(p for p in plan.sources if p.rank == rank) and \
+        rows(live_dst) == rows(p for p in plan.targets if p.rank == rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(same)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def reshard(
@@ -176,14 +210,25 @@ def reshard(
     (the same architecture, laid out by ``dst_state``). Collective over the world.
 
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
-    a given plan is checked again. ``options`` go to the backend's executor (megatron:
+    a given plan is checked again. Either way every rank first confirms that the models
+    still hold the pieces the plan lists (one small all-reduce); a cached plan that no
+    longer matches is made again, a given one raises. ``options`` go to the backend's executor (megatron:
     ``service=`` a megatron-core ``CopyService`` or backend name; flat: ``bucket_bytes=``).
     Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
     """
     chosen = _backend(src_model, dst_model, backend)
     if plan is None:
         plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name)
+        if not _current(chosen, plan, src_model, src_state, dst_model, dst_state):
+            # a tensor changed shape, dtype or partition since the plan was made (e.g. a buffer
+            # upcast by the first forward): plan again, on every rank alike
+            plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, replan=True)
     else:
         plan.check()
+        if not _current(chosen, plan, src_model, src_state, dst_model, dst_state):
+            raise ReshardError(
+                "the given plan does not match the models as they are now (a tensor changed shape, dtype or "
+                "ZeRO-3 partition since it was planned); plan again with plan_reshard(..., replan=True). Nothing was moved."
+            )
     sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
     return Refit(plan, dict(sorted(sent.items())))

@@ -68,6 +68,8 @@ def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
     differ most, comparing each box only with those still open along it."""
     if len(boxes) < 2:
         return None
+    if not boxes[0]:  # a scalar: any two boxes are the same element
+        return boxes[0], boxes[1]
     dim = max(range(len(boxes[0])), key=lambda d: len({b[d][0] for b in boxes}))
     open_: list[Box] = []
     for box in sorted(boxes, key=lambda b: b[dim]):
