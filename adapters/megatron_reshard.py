@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, UnsupportedSetupError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, register_backend
+from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, pieces_match, register_backend
 from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["MegatronBackend", "canonical_tensors"]
@@ -100,6 +100,7 @@ def canonical_tensors(chunks: list[Any]) -> list[tuple[str, torch.Tensor]]:
     for chunk in chunks:
         layers: dict[str, str] = {}
         experts: dict[str, str] = {}
+        buffers: list[tuple[str, torch.Tensor]] = []
         for path, module in chunk.named_modules():
             parts = path.split(".")
             number = getattr(module, "layer_number", None)
@@ -110,12 +111,11 @@ def canonical_tensors(chunks: list[Any]) -> list[tuple[str, torch.Tensor]]:
             if indices is not None and local is not None:
                 base = f"{path}.experts.local_experts" if path else "experts.local_experts"
                 experts.update({f"{base}.{i}": f"{base}.{g}" for i, g in enumerate(indices)})
+            if module._buffers:
+                skip = module._non_persistent_buffers_set
+                buffers += [(f"{path}.{b}" if path else b, t) for b, t in module._buffers.items() if t is not None and b not in skip]
         tied = bool(getattr(chunk, "share_embeddings_and_output_weights", False))
-        named = list(chunk.named_parameters())
-        for path, module in chunk.named_modules():
-            skip = getattr(module, "_non_persistent_buffers_set", set())
-            named += [(f"{path}.{b}" if path else b, t) for b, t in module._buffers.items() if t is not None and b not in skip]
-        for name, tensor in named:
+        for name, tensor in list(chunk.named_parameters()) + buffers:
             canonical = _rewrite(_rewrite(name, experts), layers)
             if tied and name == "output_layer.weight":
                 canonical = "embedding.word_embeddings.weight"
@@ -368,24 +368,23 @@ class MegatronBackend:
         )
         return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
 
-    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
-        """What this rank holds of the source and fills of the destination now, as the plan lists them."""
-        rank = dist.get_rank()
-        return tuple(
-            tuple(Piece(rank, name, tuple(t.shape), t.element_size(), str(t.dtype)) for name, t in canonical_tensors(_chunks(model)))
-            for model in (src_model, dst_model)
-        )  # type: ignore[return-value]
-
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                service: Any = None, bucket_bytes: int = 1 << 26) -> dict[int, int]:
+                service: Any = None, bucket_bytes: int = 1 << 26) -> dict[int, int] | None:
         """Run this rank's part of ``plan`` with ``run_plan`` (or megatron-core's executor and
-        ``service``, a ``CopyService`` or backend name); returns the bytes sent by peer ({} with ``service``)."""
+        ``service``, a ``CopyService`` or backend name); returns the bytes sent by peer ({} with
+        ``service``), or None on every rank when the models no longer hold the planned pieces."""
+        rank = dist.get_rank()
         src = dict(canonical_tensors(_chunks(src_model)))
         dst = dict(canonical_tensors(_chunks(dst_model)))
+
+        def pieces(tensors: dict[str, torch.Tensor]) -> list[Piece]:
+            return [Piece(rank, n, tuple(t.shape), t.element_size(), str(t.dtype)) for n, t in tensors.items()]
+
+        if not pieces_match(plan, pieces(src), pieces(dst)):
+            return None
         if service is None:
             return run_plan(plan, {n: t.data for n, t in src.items()}, {n: t.data for n, t in dst.items()}, bucket_bytes=bucket_bytes)
         resharding, _ = _resharding()
-        rank = dist.get_rank()
 
         def slices(box: Any) -> tuple[slice, ...]:
             return tuple(slice(a, b) for a, b in box)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, plan_flat, register_backend
+from scoped_parallel.refit import Piece, ReshardPlan, pieces_match, plan_flat, register_backend
 from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["FlatBackend", "flat_pieces"]
@@ -157,21 +157,20 @@ class FlatBackend:
         return ReshardPlan(plan.backend, plan.transfers, plan.sources, plan.targets, {r: 0 for r in range(world)}, notes)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                bucket_bytes: int = 1 << 26) -> dict[int, int]:
-        """Run this rank's part of ``plan``; returns the bytes sent by peer."""
-        sources = {row[0]: row[6] for row in flat_pieces(src_model)}
-        targets = {row[0]: row[6] for row in flat_pieces(dst_model)}
-        sent = run_plan(plan, sources, targets, bucket_bytes=bucket_bytes)
+                bucket_bytes: int = 1 << 26) -> dict[int, int] | None:
+        """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
+        rank when the models no longer hold the planned pieces (nothing moved)."""
+        rank = dist.get_rank()
+        src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
+
+        def pieces(rows: list[Any]) -> list[Piece]:
+            return [Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in rows]
+
+        if not pieces_match(plan, pieces(src_rows), pieces(dst_rows)):
+            return None
+        sent = run_plan(plan, {row[0]: row[6] for row in src_rows}, {row[0]: row[6] for row in dst_rows}, bucket_bytes=bucket_bytes)
         _refresh_persistent(dst_model)
         return sent
-
-    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
-        """What this rank holds of the source and fills of the destination now, as the plan lists them."""
-        rank = dist.get_rank()
-        return tuple(
-            tuple(Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in flat_pieces(model))
-            for model in (src_model, dst_model)
-        )  # type: ignore[return-value]
 
 
 register_backend(FlatBackend())

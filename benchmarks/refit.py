@@ -1,11 +1,11 @@
 """Refit time and peak memory: scoped_parallel.reshard against the two ways the field does it.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/refit.py [--rounds 7] [--json benchmarks/refit.json]
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/refit.py [--rounds 11] [--json benchmarks/refit.json]
 
 One megatron-core GPTModel (local spec, hidden 256, FFN 1024, 4 layers, vocab 2048: about
 4.2 M parameters, 16 MiB in fp32) trained in state "actor" (TP=2 x DP=2), copied into the same
 architecture in state "rollout" (TP=4), on 4 CPU ranks over gloo, three ways, interleaved
-(ours, (a), (b), ours, ...) for ``--rounds`` rounds after one warm-up round each:
+(ours, (a), (b), ours, ...) for ``--rounds`` rounds (11) after one warm-up round each:
 
 * **ours**: ``scoped_parallel.reshard(actor, actor_state, rollout, rollout_state)``
   (megatron-core's planner, plan cached, ``run_plan`` executing);
@@ -171,7 +171,7 @@ def allgather_resplit(src: list[Any], src_state: Any, dst: list[Any], dst_state:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "refit.json"))
     args = parser.parse_args()
     dist.init_process_group("gloo")

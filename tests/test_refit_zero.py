@@ -157,6 +157,11 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                             out["changed dtype error"] = None
                         except sp.ReshardError as err:
                             out["changed dtype error"] = str(err)
+                        try:  # the old plan handed in explicitly: refused, nothing moved
+                            sp.reshard(actor, a, dst, state, plan=plan)
+                            out["stale given plan error"] = None
+                        except sp.ReshardError as err:
+                            out["stale given plan error"] = str(err)
                         norm.data = kept
                     if stage == 3:
                         out[name]["staging"] = plan.staging.get(rank)
@@ -272,3 +277,5 @@ def test_a_tensor_that_changed_after_planning_is_not_refitted_with_the_stale_pla
     for rank, out in enumerate(refits):
         error = out["changed dtype error"]
         assert error is not None and "'model.norm.weight'" in error and "does not reshape or cast" in error, f"rank {rank}: {error}"
+        stale = out["stale given plan error"]
+        assert stale is not None and "does not match the models as they are now" in stale, f"rank {rank}: {stale}"

@@ -6,7 +6,7 @@
 (no torch), :mod:`~scoped_parallel.refit.execute` runs a plan with torch's point-to-point calls.
 """
 
-from scoped_parallel.refit.api import Backend, Refit, backends, plan_reshard, register_backend, reshard
+from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard
 from scoped_parallel.refit.plan import Box, Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Transfer",
     "backends",
     "box_is_contiguous",
+    "pieces_match",
     "plan_flat",
     "plan_reshard",
     "register_backend",

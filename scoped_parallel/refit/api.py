@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
 from scoped_parallel.refit.plan import Piece, ReshardPlan
 
-__all__ = ["Backend", "Refit", "backends", "plan_reshard", "register_backend", "reshard"]
+__all__ = ["Backend", "Refit", "backends", "pieces_match", "plan_reshard", "register_backend", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,10 @@ class Backend(Protocol):
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
         """The checked plan; collective over the world; raises ReshardError on every rank alike."""
 
-    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int]:
-        """Move this rank's part of ``plan``; returns the bytes sent by peer."""
-
-    def pieces(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
-        """This rank's source and destination pieces as they are now (local, no communication)."""
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int] | None:
+        """Move this rank's part of ``plan``; returns the bytes sent by peer. First, with
+        :func:`~scoped_parallel.refit.api.pieces_match`, every rank confirms that the models still hold the pieces the
+        plan lists; if not, returns None on every rank and moves nothing."""
 
 
 _BACKENDS: list[Backend] = []
@@ -176,24 +175,24 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
     return plan
 
 
-def _current(chosen: Backend, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> bool:
-    """Whether, on every rank, the models still hold exactly the pieces ``plan`` lists
-    (one small all-reduce: every rank gets the same answer)."""
+def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece]) -> bool:
+    """Whether, on every rank, ``sources``/``targets`` (this rank's pieces as the models hold
+    them now) are the pieces ``plan`` lists for this rank. Collective: one small all-reduce,
+    so every rank gets the same answer (for backends: call it before moving anything)."""
     import torch
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    live_src, live_dst = chosen.pieces(src_model, src_state, dst_model, dst_state)
-
-    def rows(pieces: Any) -> list[tuple[Any, ...]]:
-        return sorted((p.name, p.shape, p.itemsize, p.dtype) for p in pieces)
-
-    same = rows(live_src) == rows(p for p in plan.sources if p.rank == rank) and \
-        rows(live_dst) == rows(p for p in plan.targets if p.rank == rank)
+    planned_src, planned_dst = plan.pieces_of(rank)
+    same = _rows(sources) == planned_src and _rows(targets) == planned_dst
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     flag = torch.tensor([int(same)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _rows(pieces: Iterable[Piece]) -> list[tuple[Any, ...]]:
+    return sorted((p.name, p.shape, p.itemsize, p.dtype) for p in pieces)
 
 
 def reshard(
@@ -211,24 +210,26 @@ def reshard(
 
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
     a given plan is checked again. Either way every rank first confirms that the models
-    still hold the pieces the plan lists (one small all-reduce); a cached plan that no
-    longer matches is made again, a given one raises. ``options`` go to the backend's executor (megatron:
+    still hold the pieces the plan lists (:func:`~scoped_parallel.refit.api.pieces_match`, one small all-reduce); a
+    cached plan that no longer matches is made again, a given one raises. ``options`` go to the backend's executor (megatron:
     ``service=`` a megatron-core ``CopyService`` or backend name; flat: ``bucket_bytes=``).
     Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
     """
     chosen = _backend(src_model, dst_model, backend)
+    given = plan is not None
     if plan is None:
         plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name)
-        if not _current(chosen, plan, src_model, src_state, dst_model, dst_state):
-            # a tensor changed shape, dtype or partition since the plan was made (e.g. a buffer
-            # upcast by the first forward): plan again, on every rank alike
-            plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, replan=True)
     else:
         plan.check()
-        if not _current(chosen, plan, src_model, src_state, dst_model, dst_state):
-            raise ReshardError(
-                "the given plan does not match the models as they are now (a tensor changed shape, dtype or "
-                "ZeRO-3 partition since it was planned); plan again with plan_reshard(..., replan=True). Nothing was moved."
-            )
     sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
+    if sent is None and not given:
+        # a tensor changed shape, dtype or partition since the plan was made (e.g. a buffer
+        # upcast by the first forward): plan again, on every rank alike, and run that
+        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, replan=True)
+        sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
+    if sent is None:
+        raise ReshardError(
+            "the plan does not match the models as they are now (a tensor changed shape, dtype or ZeRO-3 "
+            "partition since it was planned); plan again with plan_reshard(..., replan=True). Nothing was moved."
+        )
     return Refit(plan, dict(sorted(sent.items())))

@@ -25,7 +25,15 @@ def _view(tensor: torch.Tensor, box: Box) -> torch.Tensor:
 
 
 def _buckets(plan: ReshardPlan, bucket_bytes: int) -> list[int]:
-    """The bucket of each transfer, from the plan alone (every rank computes the same)."""
+    """The bucket of each transfer, from the plan alone (every rank computes the same);
+    kept on the plan for the next run."""
+    memo = plan.__dict__.setdefault("_buckets_memo", {})  # a frozen dataclass; this bypasses nothing it checks
+    if bucket_bytes not in memo:
+        memo[bucket_bytes] = _cut(plan, bucket_bytes)
+    return memo[bucket_bytes]  # type: ignore[no-any-return]
+
+
+def _cut(plan: ReshardPlan, bucket_bytes: int) -> list[int]:
     out, filled, bucket = [], 0, 0
     for t in plan.transfers:
         if filled and filled + t.nbytes > bucket_bytes:

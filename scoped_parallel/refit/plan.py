@@ -35,9 +35,10 @@ logits comparison catches it)::
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from scoped_parallel.errors import ReshardError
 
@@ -156,10 +157,34 @@ class ReshardPlan:
 
     # ---------------------------------------------------------------- queries
 
+    @functools.cached_property
+    def _by_rank(self) -> dict[int, tuple[tuple[int, Transfer], ...]]:
+        out: dict[int, list[tuple[int, Transfer]]] = {}
+        for i, t in enumerate(self.transfers):
+            out.setdefault(t.src_rank, []).append((i, t))
+            if t.dst_rank != t.src_rank:
+                out.setdefault(t.dst_rank, []).append((i, t))
+        return {rank: tuple(items) for rank, items in out.items()}
+
+    @functools.cached_property
+    def _pieces_by_rank(self) -> dict[int, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+        out: dict[int, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {}
+        for which, pieces in ((0, self.sources), (1, self.targets)):
+            for p in pieces:
+                out.setdefault(p.rank, ([], []))[which].append((p.name, p.shape, p.itemsize, p.dtype))
+        for src, dst in out.values():
+            src.sort()
+            dst.sort()
+        return out
+
     def for_rank(self, rank: int) -> tuple[tuple[int, Transfer], ...]:
         """``(index, transfer)`` of the transfers ``rank`` sends or receives, in plan order
-        (the index is the transfer's id, the same on both ends)."""
-        return tuple((i, t) for i, t in enumerate(self.transfers) if rank in (t.src_rank, t.dst_rank))
+        (the index is the transfer's id, the same on both ends). Computed once per plan."""
+        return self._by_rank.get(rank, ())
+
+    def pieces_of(self, rank: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """``(name, shape, itemsize, dtype)`` of ``rank``'s source and destination pieces, sorted."""
+        return self._pieces_by_rank.get(rank, ([], []))
 
     def bytes_between(self, include_local: bool = False) -> dict[tuple[int, int], int]:
         """Bytes sent from rank to rank, ``{(src, dst): bytes}`` (local copies left out unless asked)."""
