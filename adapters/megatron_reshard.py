@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 import sys
 import warnings
 from typing import Any
@@ -46,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, UnsupportedSetupError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, pieces_match, register_backend
+from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, pieces_match, register_backend, unmatched_names
 from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["MegatronBackend", "canonical_tensors"]
@@ -236,13 +237,9 @@ def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems:
 
 def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]]) -> list[str]:
     """The reasons the destination cannot be filled from the source, per tensor."""
-    problems = []
-    extra = sorted(set(src) - set(dst))
-    if extra:
-        problems.append(f"source tensors {extra[:3]} (of {len(extra)}) have no counterpart in the destination model (another architecture?)")
+    problems = unmatched_names(src, {name: entry[5] for name, entry in dst.items()})
     for name, (shape, dtype, dim, stride, size, rank) in dst.items():
         if name not in src:
-            problems.append(f"destination {name!r} (rank {rank}) has no counterpart in the source model (another architecture?)")
             continue
         s_shape, s_dtype, s_dim, s_stride, s_size, _ = src[name]
         if s_shape != shape:
@@ -289,21 +286,20 @@ class MegatronBackend:
         except Exception:  # noqa: BLE001 - not a Megatron model
             return False
 
-    def _views(self, model: Any, state: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], set[int]]:
+    def _views(self, model: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], set[int]]:
         chunks = _chunks(model)
         return chunks, canonical_tensors(chunks), _gated_fc1(chunks)
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
         """The checked plan (collective over the world; see the module docstring)."""
         resharding, build = _resharding()
-        src_chunks, src_named, src_gated = self._views(src_model, src_state)
-        dst_chunks, dst_named, dst_gated = self._views(dst_model, dst_state)
+        src_chunks, src_named, src_gated = self._views(src_model)
+        dst_chunks, dst_named, dst_gated = self._views(dst_model)
         src_groups, dst_groups = src_state.process_group_collection(), dst_state.process_group_collection()
         experts = getattr(src_chunks[0].config, "num_moe_experts", None)
         local = _built_in(src_chunks, src_state, "source", src_groups) + _built_in(dst_chunks, dst_state, "destination", dst_groups)
         for role, named in (("source", src_named), ("destination", dst_named)):
-            names = [n for n, _ in named]
-            twice = sorted({n for n in names if names.count(n) > 1})
+            twice = sorted(n for n, count in Counter(n for n, _ in named).items() if count > 1)
             if twice:
                 local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
         world = dist.get_world_size()
@@ -385,14 +381,10 @@ class MegatronBackend:
         if service is None:
             return run_plan(plan, {n: t.data for n, t in src.items()}, {n: t.data for n, t in dst.items()}, bucket_bytes=bucket_bytes)
         resharding, _ = _resharding()
-
-        def slices(box: Any) -> tuple[slice, ...]:
-            return tuple(slice(a, b) for a, b in box)
-
         op = resharding.TransferOp
         mplan = resharding.ReshardPlan(
-            [op(t.src_name, t.dst_rank, True, slices(t.src_box), slices(t.dst_box), task_id=i) for i, t in plan.for_rank(rank) if t.src_rank == rank],
-            [op(t.dst_name, t.src_rank, False, slices(t.dst_box), slices(t.src_box), task_id=i) for i, t in plan.for_rank(rank) if t.dst_rank == rank],
+            [op(t.src_name, t.dst_rank, True, box_slices(t.src_box), box_slices(t.dst_box), task_id=i) for i, t in plan.for_rank(rank) if t.src_rank == rank],
+            [op(t.dst_name, t.src_rank, False, box_slices(t.dst_box), box_slices(t.src_box), task_id=i) for i, t in plan.for_rank(rank) if t.dst_rank == rank],
         )
         if isinstance(service, str):
             service = resharding.get_or_create_service(service)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, pieces_match, plan_flat, register_backend
+from scoped_parallel.refit import Piece, ReshardPlan, pieces_match, plan_flat, register_backend, unmatched_names
 from scoped_parallel.refit.execute import run_plan
 
 __all__ = ["FlatBackend", "flat_pieces"]
@@ -136,14 +136,10 @@ class FlatBackend:
                     seen = shapes[role].setdefault(name, (shape, dtype, r))
                     if seen[:2] != (shape, dtype):
                         problems.append(f"{role} {name!r}: {seen[:2]} on rank {seen[2]} but {(shape, dtype)} on rank {r}")
-        extra = sorted(set(shapes["source"]) - set(shapes["destination"]))
-        if extra:
-            problems.append(f"source tensors {extra[:3]} (of {len(extra)}) have no counterpart in the destination model (another architecture?)")
+        problems += unmatched_names(shapes["source"], {name: entry[2] for name, entry in shapes["destination"].items()})
         for name, (shape, dtype, r) in shapes["destination"].items():
             src = shapes["source"].get(name)
-            if src is None:
-                problems.append(f"destination {name!r} (rank {r}) has no counterpart in the source model (another architecture?)")
-            elif src[:2] != (shape, dtype):
+            if src is not None and src[:2] != (shape, dtype):
                 problems.append(f"{name!r}: source {src[0]} {src[1]} but destination {shape} {dtype}; refit copies, it does not reshape or cast")
         if problems:
             raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))

@@ -7,7 +7,7 @@
 """
 
 from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard
-from scoped_parallel.refit.plan import Box, Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
+from scoped_parallel.refit.plan import Box, Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, plan_flat, unmatched_names
 
 __all__ = [
     "Backend",
@@ -18,9 +18,11 @@ __all__ = [
     "Transfer",
     "backends",
     "box_is_contiguous",
+    "box_slices",
     "pieces_match",
     "plan_flat",
     "plan_reshard",
     "register_backend",
     "reshard",
+    "unmatched_names",
 ]

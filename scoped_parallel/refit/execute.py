@@ -15,13 +15,13 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from scoped_parallel.refit.plan import Box, ReshardPlan, box_is_contiguous
+from scoped_parallel.refit.plan import Box, ReshardPlan, box_is_contiguous, box_slices
 
 __all__ = ["run_plan"]
 
 
 def _view(tensor: torch.Tensor, box: Box) -> torch.Tensor:
-    return tensor[tuple(slice(a, b) for a, b in box)]
+    return tensor[box_slices(box)]
 
 
 def _buckets(plan: ReshardPlan, bucket_bytes: int) -> list[int]:

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping
 
 from scoped_parallel.errors import ReshardError
 
-__all__ = ["Box", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "plan_flat"]
+__all__ = ["Box", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "box_slices", "plan_flat", "unmatched_names"]
 
 #: per dimension ``(start, stop)``, local coordinates of one piece
 Box = tuple[tuple[int, int], ...]
@@ -80,6 +80,34 @@ def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
                 return other, box
         open_.append(box)
     return None
+
+
+def unmatched_names(source: Iterable[str], destination: Mapping[str, int]) -> list[str]:
+    """The tensors one model has and the other lacks (``destination``: name -> a rank that
+    fills it), as a backend's plan check reports them: a refit needs the same architecture.
+
+    >>> unmatched_names(["a", "b"], {"a": 0, "c": 2})
+    ["source tensors ['b'] (of 1) have no counterpart in the destination model (another architecture?)", "destination 'c' (rank 2) has no counterpart in the source model (another architecture?)"]
+    """
+    source = set(source)
+    problems = []
+    extra = sorted(source - set(destination))
+    if extra:
+        problems.append(f"source tensors {extra[:3]} (of {len(extra)}) have no counterpart in the destination model (another architecture?)")
+    problems += [
+        f"destination {name!r} (rank {rank}) has no counterpart in the source model (another architecture?)"
+        for name, rank in destination.items() if name not in source
+    ]
+    return problems
+
+
+def box_slices(box: Box) -> tuple[slice, ...]:
+    """``box`` as the index of a tensor: ``tensor[box_slices(box)]``.
+
+    >>> box_slices(((0, 2), (1, 4)))
+    (slice(0, 2, None), slice(1, 4, None))
+    """
+    return tuple(slice(a, b) for a, b in box)
 
 
 def box_is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
