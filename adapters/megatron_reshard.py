@@ -29,7 +29,7 @@ around it:
   element is written exactly once and reports bytes per rank pair.
 * **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point
   over the default group, receives straight into contiguous destination slices), because
-  megatron-core 0.19's executor synchronises CUDA and 0.16's gloo service allocates a CUDA
+  megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service allocates a CUDA
   stream. ``reshard(..., service=...)`` (a megatron-core ``CopyService`` or a backend name
   such as ``"nccl"``) runs megatron-core's own ``execute_reshard_plan`` instead.
 """

@@ -14,10 +14,11 @@ architecture in state "rollout" (TP=4), on 4 CPU ranks over gloo, three ways, in
   shard out of it; one bucket of the whole model (what a bucket size above the model size
   gives), which is when the full model sits on every rank at once;
 * **(b) megatron-core's ``swap_model_weights`` called directly**, each model given a
-  hand-built ``ProcessGroupCollection`` (tp, pp, dp from the states' groups), with a CPU
+  hand-built ``ProcessGroupCollection`` (tp, pp, dp, ep from the states' groups: 0.17+
+  reads ``ep`` for its plan-cache key), with a CPU
   copy service (megatron-core 0.16's gloo service allocates a CUDA stream); megatron-core
   caches its plan on the target model, so both (b) and ours time the copy, not the planning.
-  With megatron-core 0.19+ and no GPU, (b) is left out (its executor calls
+  With megatron-core 0.17+ and no GPU, (b) is left out (its executor calls
   ``torch.cuda.synchronize()``).
 
 Each method's result is checked against the others bit for bit (the rollout's parameters).
@@ -193,7 +194,8 @@ def main() -> int:
     with example().cpu_shims(), adapters.installed(targets=("megatron",)):
         actor, rollout = build(actor_state, 1), build(rollout_state, 2)
         for model, state in ((actor, actor_state), (rollout, rollout_state)):
-            model[0].pg_collection = ProcessGroupCollection(tp=state.group("tp"), pp=state.group("pp"), dp=state.group("dp"))
+            model[0].pg_collection = ProcessGroupCollection(
+                tp=state.group("tp"), pp=state.group("pp"), dp=state.group("dp"), ep=state.group("ep"))
 
         start = time.perf_counter()
         plan = sp.plan_reshard(actor, actor_state, rollout, rollout_state)
@@ -214,8 +216,8 @@ def main() -> int:
 
         methods = {"ours": ours, "(a) all-gather + re-split": gathered, "(b) swap_model_weights direct": direct}
         version = tuple(int(x) for x in __import__("megatron.core", fromlist=["package_info"]).package_info.__version__.split(".")[:2])
-        direct_runs = version < (0, 19) or torch.cuda.is_available()
-        if not direct_runs:  # megatron-core 0.19's execute_reshard_plan calls torch.cuda.synchronize()
+        direct_runs = version < (0, 17) or torch.cuda.is_available()
+        if not direct_runs:  # megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize()
             del methods["(b) swap_model_weights direct"]
             sent["direct"] = {}
         outcome: dict[str, list[torch.Tensor]] = {}
@@ -262,7 +264,7 @@ def main() -> int:
             t, p = results["seconds"][m], results["peak_bytes"][m]
             print(f"  {m:<32} {t['fastest'] * 1e3:9.1f} ({t['median'] * 1e3:7.1f}) {p['median'] / 2**20:14.2f} ({p['min'] / 2**20:6.2f})")
         if not direct_runs:
-            print("  (b) not run: megatron-core >= 0.19's executor calls torch.cuda.synchronize(), and there is no GPU")
+            print("  (b) not run: megatron-core >= 0.17's executor calls torch.cuda.synchronize(), and there is no GPU")
         ratio = results["ratio_ours_over_direct"]
         print(f"  ours / (b): {'n/a' if ratio is None else f'{ratio:.3f}'} (goal <= 1.05); peak ours / (a): "
               f"{results['peak_ours_over_allgather']:.3f}; results bit-identical: {same}; "
