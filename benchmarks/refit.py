@@ -102,50 +102,6 @@ def build(state: Any, seed: int) -> list[Any]:
                          max_sequence_length=64, share_embeddings_and_output_weights=False)]
 
 
-def cpu_copy_service() -> Any:
-    """A megatron-core ``CopyService`` on torch's batched point-to-point calls (CPU, gloo), counting bytes."""
-    from megatron.core.resharding.copy_services.base import CopyService
-
-    class Service(CopyService):
-        def __init__(self) -> None:
-            self.sends: list[Any] = []
-            self.recvs: list[Any] = []
-            self.sent: dict[int, int] = {}
-
-        def submit_send(self, tensor: Any, dest_rank: int, task_id: Any = None) -> None:
-            self.sends.append((task_id, tensor, dest_rank))
-
-        def submit_recv(self, tensor: Any, src_rank: int, task_id: Any = None) -> None:
-            self.recvs.append((task_id, tensor, src_rank))
-
-        def submit_send_with_id(self, task_id: Any, tensor: Any, dest_rank: int) -> None:
-            self.submit_send(tensor, dest_rank, task_id)
-
-        def submit_recv_with_id(self, task_id: Any, tensor: Any, src_rank: int) -> None:
-            self.submit_recv(tensor, src_rank, task_id)
-
-        def run(self) -> None:
-            me = dist.get_rank()
-            local = {task: tensor for task, tensor, peer in self.sends if peer == me}
-            ops = []
-            for task, tensor, peer in self.recvs:
-                if peer == me:
-                    tensor.copy_(local[task])
-                else:
-                    ops.append(dist.P2POp(dist.irecv, tensor, peer))
-            for _, tensor, peer in self.sends:
-                if peer != me:
-                    ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
-                    self.sent[peer] = self.sent.get(peer, 0) + tensor.numel() * tensor.element_size()
-            if ops:
-                for request in dist.batch_isend_irecv(ops):
-                    request.wait()
-            self.sends.clear()
-            self.recvs.clear()
-
-    return Service()
-
-
 def allgather_resplit(src: list[Any], src_state: Any, dst: list[Any], dst_state: Any) -> None:
     """(a): every TP-sharded tensor gathered to full size (all of them held at once: one
     bucket of the whole model), then each rank's destination shard cut out of it."""
@@ -185,7 +141,8 @@ def main() -> int:
     from megatron.core import resharding
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from _refit_megatron import example
+    from _refit_megatron import cpu_copy_service, example
+    from scoped_parallel.adapters.megatron_reshard import _megatron_version
 
     rank = dist.get_rank()
     actor_state = ParallelState(name="actor", tensor_model_parallel_size=2)
@@ -215,8 +172,7 @@ def main() -> int:
             allgather_resplit(actor, actor_state, rollout, rollout_state)
 
         methods = {"ours": ours, "(a) all-gather + re-split": gathered, "(b) swap_model_weights direct": direct}
-        version = tuple(int(x) for x in __import__("megatron.core", fromlist=["package_info"]).package_info.__version__.split(".")[:2])
-        direct_runs = version < (0, 17) or torch.cuda.is_available()
+        direct_runs = _megatron_version() < (0, 17) or torch.cuda.is_available()
         if not direct_runs:  # megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize()
             del methods["(b) swap_model_weights direct"]
             sent["direct"] = {}

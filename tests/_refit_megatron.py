@@ -116,6 +116,50 @@ def logits(chunks: list[Any]) -> torch.Tensor:
     return next(x for x in everyone if x is not None)
 
 
+def cpu_copy_service() -> Any:
+    """A megatron-core ``CopyService`` on torch's batched point-to-point calls (CPU, gloo), counting bytes."""
+    from megatron.core.resharding.copy_services.base import CopyService
+
+    class Service(CopyService):
+        def __init__(self) -> None:
+            self.sends: list[Any] = []
+            self.recvs: list[Any] = []
+            self.sent: dict[int, int] = {}
+
+        def submit_send(self, tensor: Any, dest_rank: int, task_id: Any = None) -> None:
+            self.sends.append((task_id, tensor, dest_rank))
+
+        def submit_recv(self, tensor: Any, src_rank: int, task_id: Any = None) -> None:
+            self.recvs.append((task_id, tensor, src_rank))
+
+        def submit_send_with_id(self, task_id: Any, tensor: Any, dest_rank: int) -> None:
+            self.submit_send(tensor, dest_rank, task_id)
+
+        def submit_recv_with_id(self, task_id: Any, tensor: Any, src_rank: int) -> None:
+            self.submit_recv(tensor, src_rank, task_id)
+
+        def run(self) -> None:
+            me = dist.get_rank()
+            local = {task: tensor for task, tensor, peer in self.sends if peer == me}
+            ops = []
+            for task, tensor, peer in self.recvs:
+                if peer == me:
+                    tensor.copy_(local[task])
+                else:
+                    ops.append(dist.P2POp(dist.irecv, tensor, peer))
+            for _, tensor, peer in self.sends:
+                if peer != me:
+                    ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+                    self.sent[peer] = self.sent.get(peer, 0) + tensor.numel() * tensor.element_size()
+            if ops:
+                for request in dist.batch_isend_irecv(ops):
+                    request.wait()
+            self.sends.clear()
+            self.recvs.clear()
+
+    return Service()
+
+
 def _state(name: str, layout: dict[str, int]) -> Any:
     from scoped_parallel import ParallelState
 
@@ -143,7 +187,9 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
 
     ``sabotage``: "wrong-state" passes a destination state of another layout (expects a
     ReshardError and an untouched destination); "swap-shard" runs a plan whose first two
-    remote transfers into one tensor have their sources swapped.
+    remote transfers into one tensor have their sources swapped. Not a sabotage: "service"
+    runs the plan with megatron-core's own executor (``reshard(..., service=)``) and the
+    CPU copy service above, which counts the bytes sent.
     """
     import scoped_parallel as sp
     from scoped_parallel import adapters
@@ -191,8 +237,14 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                     plan = megatron_reshard.MegatronBackend().plan(src, src_state, dst, dst_state)
                 finally:
                     megatron_reshard._stand_in = fixed
-            done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
-            out["sent"] = done.sent
+            if sabotage == "service":
+                service = cpu_copy_service()
+                done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service)
+                out["sent"] = dict(sorted(service.sent.items()))
+                out["refit sent"] = done.sent
+            else:
+                done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
+                out["sent"] = done.sent
             with dst_state.activate():
                 out["dst logits"] = logits(dst)
             out["plan transfers"] = len(plan.transfers)
