@@ -32,8 +32,11 @@ def example() -> Any:
     return module
 
 
-def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int = 0, layers: int = 4, tied: bool = False) -> list[Any]:
-    """This rank's chunks of a tiny GPTModel laid out by the active scope's state."""
+def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int = 0, layers: int = 4, tied: bool = False,
+          bf16: bool = False) -> list[Any]:
+    """This rank's chunks of a tiny GPTModel laid out by the active scope's state; ``bf16``:
+    each chunk wrapped in megatron-core's ``Float16Module`` (bf16 weights, as mixed-precision
+    training holds them), which the refit unwraps."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state as ps
@@ -56,7 +59,7 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
         num_layers=layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
         tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        pipeline_dtype=torch.float32, batch_p2p_sync=False, use_cpu_initialization=True,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, batch_p2p_sync=False, use_cpu_initialization=True,
         attention_dropout=0.0, hidden_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         gated_linear_unit=swiglu, activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
@@ -74,6 +77,10 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=tied, **kwargs,
         ))
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     return chunks
 
 

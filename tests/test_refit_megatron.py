@@ -33,13 +33,15 @@ CASES = {
     "SwiGLU TP=2 -> TP=4": ({"tp": 2}, {"tp": 4}, {"swiglu": True}),
     "SwiGLU TP=4 -> TP=1": ({"tp": 4}, {"tp": 1}, {"swiglu": True}),
     "MoE EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4}),
+    "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2": ({"tp": 2, "pp": 2}, {"tp": 2}, {"bf16": True}),
     "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {}, "service"),
     "sabotage: swapped shard": ({"tp": 2}, {"tp": 1}, {}, "swap-shard"),
     "sabotage: wrong destination state": ({"tp": 2}, {"tp": 4}, {}, "wrong-state"),
     "sabotage: 2-layer destination of a 4-layer source": ({"tp": 2}, {"tp": 2}, {}, "other-architecture"),
     "sabotage: SwiGLU planned with the model's own stride": ({"tp": 2}, {"tp": 4}, {"swiglu": True}, "raw-stride"),
 }
-SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2"}
+SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2",
+           "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2"}
 TOLERANCE = 1e-6
 SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
 # megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize(): without a GPU
