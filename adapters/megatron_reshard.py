@@ -270,6 +270,34 @@ def _box(slices: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, 
     return tuple(out)
 
 
+def _reroute_replicated(transfers: list[Transfer], full_reads: set[int], shapes_src: dict[tuple[int, str], tuple[int, ...]]) -> int:
+    """Give a holder to each whole-tensor read that megatron-core's replicated fallback
+    (``_finalize_dp_transfers``) sent to a rank that does not hold the tensor; returns how many.
+
+    That fallback takes the source from the parameter's dense data-parallel group. An expert's
+    parameter that is not TP-sharded (``linear_fc2.bias``) is held only by the ranks of its
+    expert-parallel slot, so across EP sizes the fallback reads it from ranks without it
+    (EP=4 -> EP=2, 4 ranks: expert 1's bias read on rank 0). The tensor is whole on every
+    holder, so any holder is right: the destination rank itself where it holds it (a local
+    copy), else the holders in turn by destination rank. Indexes in ``full_reads``: the
+    transfers whose source slice was the whole tensor; nothing else is touched, and
+    ``ReshardPlan.check()`` still judges the result."""
+    holders: dict[str, list[int]] = {}
+    for rank, name in sorted(shapes_src):
+        holders.setdefault(name, []).append(rank)
+    moved = 0
+    for i in sorted(full_reads):
+        t = transfers[i]
+        ranks = holders.get(t.src_name)
+        if (t.src_rank, t.src_name) in shapes_src or not ranks:
+            continue
+        src = t.dst_rank if t.dst_rank in ranks else ranks[t.dst_rank % len(ranks)]
+        box = tuple((0, n) for n in shapes_src[(src, t.src_name)])
+        transfers[i] = Transfer(src, t.dst_rank, t.src_name, t.dst_name, box, t.dst_box, t.itemsize)
+        moved += 1
+    return moved
+
+
 class MegatronBackend:
     """The ``"megatron"`` reshard backend (see the module docstring)."""
 
@@ -333,7 +361,9 @@ class MegatronBackend:
         shapes_dst = {(r, row[7]): row[1] for r, g in enumerate(gathered) for row in g[2]}
         itemsize = {(r, row[7]): row[3] for r, g in enumerate(gathered) for row in g[2]}
         sends = {op[0]: (r, op) for r, (_, s) in enumerate(all_ops) for op in s}
-        transfers, unpaired = [], []
+        transfers: list[Transfer] = []
+        unpaired: list[str] = []
+        full_reads: set[int] = set()
         for r, (recvs, _) in enumerate(all_ops):
             for task, name, peer, my_slice in recvs:
                 paired = sends.pop(task, None)
@@ -342,11 +372,14 @@ class MegatronBackend:
                     continue
                 src_name, src_slice = paired[1][1], paired[1][3]
                 src_shape = shapes_src.get((peer, src_name), ())
+                if all(s == slice(None) for s in src_slice):
+                    full_reads.add(len(transfers))
                 transfers.append(Transfer(peer, r, src_name, name, _box(src_slice, src_shape),
                                           _box(my_slice, shapes_dst[(r, name)]), itemsize[(r, name)]))
         unpaired += [f"send {task} of {op[1]!r} from rank {r} to rank {op[2]} has no matching receive" for task, (r, op) in sends.items()]
         if unpaired:
             raise ReshardError("megatron-core's plan does not pair up (nothing was moved):\n  " + "\n  ".join(unpaired[:20]))
+        rerouted = _reroute_replicated(transfers, full_reads, shapes_src)
 
         transfers.sort(key=lambda t: (t.dst_name, t.dst_rank, t.dst_box))
         sources = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
@@ -361,7 +394,9 @@ class MegatronBackend:
         notes = (
             f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
             "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
-        )
+        ) + ((f"{rerouted} whole-tensor reads rerouted to a rank that holds the tensor (megatron-core's replicated "
+               "fallback picks from the dense DP group; expert tensors not sharded by TP live on their EP ranks only)",)
+             if rerouted else ())
         return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,

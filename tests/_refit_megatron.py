@@ -33,7 +33,7 @@ def example() -> Any:
 
 
 def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int = 0, layers: int = 4, tied: bool = False,
-          bf16: bool = False) -> list[Any]:
+          bf16: bool = False, expert_bias: bool = False) -> list[Any]:
     """This rank's chunks of a tiny GPTModel laid out by the active scope's state; ``bf16``:
     each chunk wrapped in megatron-core's ``Float16Module`` (bf16 weights, as mixed-precision
     training holds them), which the refit unwraps."""
@@ -53,8 +53,8 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
             moe_utils.te_general_gemm = None
     vpp = layout.get("vpp", 1)
     moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="allgather",
-               moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, add_bias_linear=False,
-               expert_model_parallel_size=layout.get("ep", 1)) if experts else {}
+               moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, add_bias_linear=expert_bias,
+               expert_model_parallel_size=layout.get("ep", 1), expert_tensor_parallel_size=layout.get("etp")) if experts else {}
     config = TransformerConfig(
         num_layers=layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
         tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
@@ -104,6 +104,8 @@ def logits(chunks: list[Any]) -> torch.Tensor:
         return out, lambda o: (o.sum() * 0, {"logits": o.detach().clone()})
 
     batch = tokens()
+    for chunk in chunks:  # inference: MoE with TP refuses training mode without sequence parallelism
+        chunk.eval()
     micro = ps.get_pipeline_model_parallel_world_size()  # the interleaved schedule wants >= PP micro-batches
     with torch.no_grad():
         results = get_forward_backward_func()(
@@ -172,7 +174,7 @@ def _state(name: str, layout: dict[str, int]) -> Any:
 
     return ParallelState(
         name=name, tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
-        expert_model_parallel_size=layout.get("ep", 1),
+        expert_model_parallel_size=layout.get("ep", 1), expert_tensor_parallel_size=layout.get("etp"),
     )
 
 

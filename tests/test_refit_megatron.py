@@ -34,6 +34,8 @@ CASES = {
     "SwiGLU TP=4 -> TP=1": ({"tp": 4}, {"tp": 1}, {"swiglu": True}),
     "MoE EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4}),
     "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2": ({"tp": 2, "pp": 2}, {"tp": 2}, {"bf16": True}),
+    "MoE with biases EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4, "expert_bias": True}),
+    "MoE with biases TP=2 x EP=2 (expert TP=1) -> TP=1 x EP=4": ({"tp": 2, "ep": 2, "etp": 1}, {"ep": 4}, {"experts": 4, "expert_bias": True}),
     "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {}, "service"),
     "sabotage: swapped shard": ({"tp": 2}, {"tp": 1}, {}, "swap-shard"),
     "sabotage: wrong destination state": ({"tp": 2}, {"tp": 4}, {}, "wrong-state"),
@@ -41,7 +43,7 @@ CASES = {
     "sabotage: SwiGLU planned with the model's own stride": ({"tp": 2}, {"tp": 4}, {"swiglu": True}, "raw-stride"),
 }
 SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2",
-           "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2"}
+           "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2", "MoE with biases EP=4 -> EP=2"}
 TOLERANCE = 1e-6
 SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
 # megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize(): without a GPU
@@ -92,6 +94,15 @@ def test_plan_covers_every_destination_element_once_and_is_cached(refits, case):
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert "every destination element written exactly once" in got["report"], got["report"]
         assert got["cached"], f"rank {rank} {case}: plan_reshard planned again for the same pair"
+
+
+def test_expert_biases_are_read_from_ranks_that_hold_them(refits):
+    """megatron-core's replicated fallback reads an expert's linear_fc2.bias (not TP-sharded)
+    from its dense DP group, i.e. from ranks without that expert when EP changes; the plan
+    reroutes those reads to holders and says so (the logits test of the case shows the result)."""
+    for rank, out in enumerate(refits):
+        got = out["MoE with biases EP=4 -> EP=2"]
+        assert "whole-tensor reads rerouted" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
 
 
 def test_a_swapped_shard_changes_the_logits(refits):
