@@ -6,7 +6,9 @@ ranks), trained one step. It is refitted with one ``scoped_parallel.reshard`` ca
 
 * a rollout copy under ZeRO-0 in state B (SP=4): a whole replica per rank;
 * a reference copy under ZeRO-3 in state C (TP=2 as DeepSpeed's mpu, so DP=2: ZeRO-3
-  partitions over the rank pairs {0, 2} and {1, 3}, another split than the actor's).
+  partitions over the rank pairs {0, 2} and {1, 3}, another split than the actor's);
+* the same under ZeRO-3 with ``offload_param`` (device cpu): DeepSpeed's offload code path
+  (on the CPU accelerator the host is the device, so nothing crosses a bus).
 
 Both destinations start from other weights (another seed). After the refit every
 destination parameter equals the actor's (gathered with DeepSpeed's own
@@ -41,16 +43,18 @@ def _llama(seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _config(stage: int, persist: bool = False) -> dict[str, Any]:
+def _config(stage: int, persist: bool = False, offload: bool = False) -> dict[str, Any]:
     """ZeRO ``stage``; with ``persist`` DeepSpeed's default persistence threshold (1e5 elements:
     every parameter of the tiny model stays whole after the first forward), else 0."""
     zero: dict[str, Any] = {"stage": stage}
     if not persist:
         zero["stage3_param_persistence_threshold"] = 0
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return support.config(stage=stage, train_micro_batch_size_per_gpu=1, zero_optimization=zero)
 
 
-def _engine(state: Any, seed: int, stage: int, train: bool, persist: bool = False) -> Any:
+def _engine(state: Any, seed: int, stage: int, train: bool, persist: bool = False, offload: bool = False) -> Any:
     ds = support._ds()
     module = _llama(seed)
     with state.activate():
@@ -59,7 +63,7 @@ def _engine(state: Any, seed: int, stage: int, train: bool, persist: bool = Fals
             engine, *_ = ds.initialize(model=module, optimizer=optimizer, config=_config(stage, persist), mpu=state)
         else:
             module.requires_grad_(False)
-            engine, *_ = ds.initialize(model=module, config=_config(stage, persist), mpu=state)
+            engine, *_ = ds.initialize(model=module, config=_config(stage, persist, offload), mpu=state)
             engine.eval()
     return engine
 
@@ -99,6 +103,7 @@ def _rank_refits(rank: int) -> dict[str, Any]:
         a = support.state(name="actor", sequence_parallel_size=2)
         b = support.state(name="rollout", sequence_parallel_size=4)
         c = support.state(name="reference", tensor_model_parallel_size=2)
+        d = support.state(name="offloaded", tensor_model_parallel_size=2)
         engines: list[Any] = []
         try:
             with support.installed():
@@ -114,8 +119,10 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                 train()
                 src_params, src_logits = _full(actor)
                 out["actor partition groups"] = sorted({support.ranks(p.ds_process_group) for p in actor.module.parameters()})
-                for name, state, stage in (("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", b, 0), ("ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", c, 3)):
-                    dst = _engine(state, 2, stage=stage, train=False, persist=True)
+                for name, state, stage in (("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", b, 0), ("ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", c, 3),
+                                           ("ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2, parameters offloaded", d, 3)):
+                    offloaded = "offloaded" in name
+                    dst = _engine(state, 2, stage=stage, train=False, persist=True, offload=offloaded)
                     engines.append(dst)
                     before_params, before = _full(dst)
                     plan = sp.plan_reshard(actor, a, dst, state)
@@ -163,7 +170,10 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                         except sp.ReshardError as err:
                             out["stale given plan error"] = str(err)
                         norm.data = kept
-                    if stage == 3:
+                    if stage == 3 and offloaded:
+                        out[name]["param devices"] = sorted({str(p.ds_tensor.device) for p in dst.module.parameters()})
+                        out[name]["offload config"] = str(dst.zero_offload_param())
+                    if stage == 3 and not offloaded:
                         out[name]["staging"] = plan.staging.get(rank)
                         # sabotage 1: a swapped shard runs (the plan checks pass) and the weights come out wrong
                         sp.reshard(actor, a, dst, state, plan=_swap(plan))
@@ -184,7 +194,7 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                         out["cache entries after destroy"] = len(a.adapter_record("reshard", lambda s: None).entries)
         finally:
             support.drop(*engines)
-            support.destroy(a, b, c)
+            support.destroy(a, b, c, d)
     return out
 
 
@@ -194,7 +204,7 @@ def refits(world):
 
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
-CASES = ("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", "ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2")
+CASES = ("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", "ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", "ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2, parameters offloaded")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -223,6 +233,9 @@ def test_layouts_are_the_ones_described(refits):
         assert out["actor partition groups"] == [(0, 1, 2, 3)], out["actor partition groups"]
         pair = (0, 2) if rank % 2 == 0 else (1, 3)
         assert out[CASES[1]]["partition groups"] == [pair], f"rank {rank}: {out[CASES[1]]['partition groups']}, expected [{pair}]"
+        offloaded = out[CASES[2]]
+        assert offloaded["partition groups"] == [pair], f"rank {rank}: {offloaded['partition groups']}, expected [{pair}]"
+        assert "device='cpu'" in offloaded["offload config"], f"rank {rank}: offload_param not in effect: {offloaded['offload config']}"
 
 
 def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_partition(refits):

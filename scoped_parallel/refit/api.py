@@ -182,11 +182,12 @@ def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[
     import torch
     import torch.distributed as dist
 
+    from scoped_parallel.refit.execute import comm_device
+
     rank = dist.get_rank()
     planned_src, planned_dst = plan.pieces_of(rank)
     same = _rows(sources) == planned_src and _rows(targets) == planned_dst
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([int(same)], device=device)
+    flag = torch.tensor([int(same)], device=comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

@@ -6,6 +6,11 @@ talking), and each bucket is one ``batch_isend_irecv`` that every rank waits for
 the next. A receive lands straight in the destination tensor when its box is contiguous
 there (flat partitions always are), else in a buffer copied in afterwards; a send reads
 the source box in place when it is contiguous. Local transfers are plain copies.
+
+A tensor on another device than the one the group's backend carries (ZeRO-3 partitions
+offloaded to host memory, on GPUs whose group is NCCL) is sent from a copy on that device
+and received into a buffer there, then copied in. On CPU with gloo every tensor is already
+on the backend's device, so nothing is staged (the staging path needs a GPU to run).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import torch.distributed as dist
 
 from scoped_parallel.refit.plan import Box, ReshardPlan, box_is_contiguous, box_slices
 
-__all__ = ["run_plan"]
+__all__ = ["comm_device", "run_plan"]
+
+
+def comm_device(group: object = None) -> torch.device:
+    """The device whose tensors ``group``'s backend sends: this process's current GPU for
+    NCCL, else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _view(tensor: torch.Tensor, box: Box) -> torch.Tensor:
@@ -56,6 +69,7 @@ def run_plan(
     group: the plan's ranks are global ranks). Returns the bytes this rank sent, by peer
     (for comparison with the plan's prediction)."""
     rank = dist.get_rank()
+    device = comm_device(group)
     bucket_of = _buckets(plan, bucket_bytes)
     mine = plan.for_rank(rank)
     sent: dict[int, int] = {}
@@ -70,15 +84,16 @@ def run_plan(
                     _view(targets[t.dst_name], t.dst_box).copy_(_view(sources[t.src_name], t.src_box))
                 elif t.src_rank == rank:
                     data = _view(sources[t.src_name], t.src_box)
-                    ops.append(dist.P2POp(dist.isend, data.contiguous(), t.dst_rank, group=group))
+                    data = data.to(device) if data.device != device else data.contiguous()
+                    ops.append(dist.P2POp(dist.isend, data, t.dst_rank, group=group))
                     sent[t.dst_rank] = sent.get(t.dst_rank, 0) + t.nbytes
                 else:
                     target = targets[t.dst_name]
                     view = _view(target, t.dst_box)
-                    if box_is_contiguous(t.dst_box, tuple(target.shape)) and target.is_contiguous():
+                    if box_is_contiguous(t.dst_box, tuple(target.shape)) and target.is_contiguous() and target.device == device:
                         ops.append(dist.P2POp(dist.irecv, view, t.src_rank, group=group))
                     else:
-                        buffer = torch.empty_like(view, memory_format=torch.contiguous_format)
+                        buffer = torch.empty(view.shape, dtype=view.dtype, device=device)
                         ops.append(dist.P2POp(dist.irecv, buffer, t.src_rank, group=group))
                         writebacks.append((view, buffer))
             if ops:
