@@ -270,32 +270,49 @@ def _box(slices: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, 
     return tuple(out)
 
 
-def _reroute_replicated(transfers: list[Transfer], full_reads: set[int], shapes_src: dict[tuple[int, str], tuple[int, ...]]) -> int:
-    """Give a holder to each whole-tensor read that megatron-core's replicated fallback
-    (``_finalize_dp_transfers``) sent to a rank that does not hold the tensor; returns how many.
+def _reroute_replicated(transfers: list[Transfer], full_reads: set[int], src_global: dict[tuple[int, str], str],
+                        dst_global: dict[tuple[int, str], str], shapes_src: dict[tuple[int, str], tuple[int, ...]]) -> list[str]:
+    """Give a holder to each whole-tensor read of an expert's tensor that megatron-core's
+    replicated fallback (``_finalize_dp_transfers``) sent to a rank without that tensor;
+    returns the destination names of the reads it moved.
 
     That fallback takes the source from the parameter's dense data-parallel group. An expert's
-    parameter that is not TP-sharded (``linear_fc2.bias``) is held only by the ranks of its
+    tensor that TP does not shard (``linear_fc2.bias``) is held only by the ranks of its
     expert-parallel slot, so across EP sizes the fallback reads it from ranks without it
-    (EP=4 -> EP=2, 4 ranks: expert 1's bias read on rank 0). The tensor is whole on every
-    holder, so any holder is right: the destination rank itself where it holds it (a local
-    copy), else the holders in turn by destination rank. Indexes in ``full_reads``: the
-    transfers whose source slice was the whole tensor; nothing else is touched, and
-    ``ReshardPlan.check()`` still judges the result."""
-    holders: dict[str, list[int]] = {}
-    for rank, name in sorted(shapes_src):
-        holders.setdefault(name, []).append(rank)
-    moved = 0
+    (EP=4 -> EP=2, 4 ranks: expert 1's bias read on rank 0). Holders are found by global
+    name (``src_global``/``dst_global``: (rank, name in the view) -> name with global layer
+    and expert numbers; grouped-GEMM view names are rank-local), and the tensor is whole on
+    every holder, so any holder is right: the destination rank itself where it holds it (a
+    local copy), else the holders in turn by destination rank. Only the transfers indexed in
+    ``full_reads`` (the source slice was the whole tensor) into expert tensors are touched;
+    the global-name pairing check and ``ReshardPlan.check()`` still judge the result."""
+    holders: dict[str, list[tuple[int, str]]] = {}
+    for (rank, view), name in sorted(src_global.items()):
+        holders.setdefault(name, []).append((rank, view))
+    moved = []
     for i in sorted(full_reads):
         t = transfers[i]
-        ranks = holders.get(t.src_name)
-        if (t.src_rank, t.src_name) in shapes_src or not ranks:
+        wanted = dst_global[(t.dst_rank, t.dst_name)]
+        found = holders.get(wanted)
+        if ".experts." not in wanted or not found or src_global.get((t.src_rank, t.src_name)) == wanted:
             continue
-        src = t.dst_rank if t.dst_rank in ranks else ranks[t.dst_rank % len(ranks)]
-        box = tuple((0, n) for n in shapes_src[(src, t.src_name)])
-        transfers[i] = Transfer(src, t.dst_rank, t.src_name, t.dst_name, box, t.dst_box, t.itemsize)
-        moved += 1
+        ranks = [r for r, _ in found]
+        rank, view = found[ranks.index(t.dst_rank)] if t.dst_rank in ranks else found[t.dst_rank % len(found)]
+        box = tuple((0, n) for n in shapes_src[(rank, view)])
+        transfers[i] = Transfer(rank, t.dst_rank, view, t.dst_name, box, t.dst_box, t.itemsize)
+        moved.append(t.dst_name)
     return moved
+
+
+def _misnamed(transfers: list[Transfer], src_global: dict[tuple[int, str], str], dst_global: dict[tuple[int, str], str]) -> list[str]:
+    """Transfers that read another tensor than the one they write, by global name (a plan
+    that pairs a grouped-GEMM expert with another expert would otherwise pass every size check)."""
+    return [
+        f"transfer into {dst_global[(t.dst_rank, t.dst_name)]!r} on rank {t.dst_rank} reads "
+        f"{src_global.get((t.src_rank, t.src_name), t.src_name)!r} on rank {t.src_rank}"
+        for t in transfers
+        if src_global.get((t.src_rank, t.src_name)) not in (None, dst_global[(t.dst_rank, t.dst_name)])
+    ]
 
 
 class MegatronBackend:
@@ -379,7 +396,12 @@ class MegatronBackend:
         unpaired += [f"send {task} of {op[1]!r} from rank {r} to rank {op[2]} has no matching receive" for task, (r, op) in sends.items()]
         if unpaired:
             raise ReshardError("megatron-core's plan does not pair up (nothing was moved):\n  " + "\n  ".join(unpaired[:20]))
-        rerouted = _reroute_replicated(transfers, full_reads, shapes_src)
+        src_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[1]}
+        dst_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[2]}
+        rerouted = _reroute_replicated(transfers, full_reads, src_global, dst_global, shapes_src)
+        misnamed = _misnamed(transfers, src_global, dst_global)
+        if misnamed:
+            raise ReshardError("megatron-core's plan copies between different tensors (nothing was moved):\n  " + "\n  ".join(misnamed[:20]))
 
         transfers.sort(key=lambda t: (t.dst_name, t.dst_rank, t.dst_box))
         sources = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
@@ -394,8 +416,9 @@ class MegatronBackend:
         notes = (
             f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
             "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
-        ) + ((f"{rerouted} whole-tensor reads rerouted to a rank that holds the tensor (megatron-core's replicated "
-               "fallback picks from the dense DP group; expert tensors not sharded by TP live on their EP ranks only)",)
+        ) + ((f"{len(rerouted)} whole-tensor reads of expert tensors rerouted to a rank that holds them (megatron-core's "
+               "replicated fallback picks from the dense DP group; expert tensors not sharded by TP live on their EP ranks "
+               f"only): {', '.join(sorted(set(rerouted))[:4])}{', ...' if len(set(rerouted)) > 4 else ''}",)
              if rerouted else ())
         return ReshardPlan("megatron", tuple(transfers), sources, targets, staging, notes)
 

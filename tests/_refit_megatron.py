@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,16 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=tied, **kwargs,
         ))
+    if expert_bias:  # megatron-core zeroes biases: give each expert its own, the same on every holder
+        from scoped_parallel.adapters.megatron_reshard import canonical_tensors
+
+        filled = 0
+        for name, tensor in canonical_tensors(chunks):
+            if ".experts." in name and name.endswith("bias"):
+                g = torch.Generator().manual_seed(seed * 100_003 + zlib.crc32(name.encode()))
+                tensor.data.copy_(torch.randn(tensor.shape, generator=g))
+                filled += 1
+        assert filled, "no expert bias found to fill"
     if bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -250,7 +261,7 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                 service = cpu_copy_service()
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service)
                 out["sent"] = dict(sorted(service.sent.items()))
-                out["refit sent"] = done.sent
+                out["refit sent"] = done.sent  # {} by contract: the bytes are the service's to count
             else:
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
                 out["sent"] = done.sent

@@ -84,6 +84,7 @@ def test_plan_predicts_the_bytes_each_rank_sends(refits, case):
     for rank, out in enumerate(refits):
         got = out[case]
         assert got["sent"] == got["predicted sent"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted sent']}"
+        assert got.get("refit sent", {}) == {}, f"rank {rank} {case}: with service=, Refit.sent should be {{}}, got {got['refit sent']}"
 
 
 @pytest.mark.parametrize("case", REFITS)
@@ -99,10 +100,11 @@ def test_plan_covers_every_destination_element_once_and_is_cached(refits, case):
 def test_expert_biases_are_read_from_ranks_that_hold_them(refits):
     """megatron-core's replicated fallback reads an expert's linear_fc2.bias (not TP-sharded)
     from its dense DP group, i.e. from ranks without that expert when EP changes; the plan
-    reroutes those reads to holders and says so (the logits test of the case shows the result)."""
+    reroutes those reads to holders and says so. Each expert's bias is its own random vector
+    (``build``), so the case's logits test fails if a bias is missed or taken from another expert."""
     for rank, out in enumerate(refits):
         got = out["MoE with biases EP=4 -> EP=2"]
-        assert "whole-tensor reads rerouted" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
+        assert "whole-tensor reads of expert tensors rerouted" in got["report"] and "linear_fc2.bias" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
 
 
 def test_a_swapped_shard_changes_the_logits(refits):

@@ -171,7 +171,6 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                             out["stale given plan error"] = str(err)
                         norm.data = kept
                     if stage == 3 and offloaded:
-                        out[name]["param devices"] = sorted({str(p.ds_tensor.device) for p in dst.module.parameters()})
                         out[name]["offload config"] = str(dst.zero_offload_param())
                     if stage == 3 and not offloaded:
                         out[name]["staging"] = plan.staging.get(rank)

@@ -7,10 +7,10 @@ the next. A receive lands straight in the destination tensor when its box is con
 there (flat partitions always are), else in a buffer copied in afterwards; a send reads
 the source box in place when it is contiguous. Local transfers are plain copies.
 
-A tensor on another device than the one the group's backend carries (ZeRO-3 partitions
-offloaded to host memory, on GPUs whose group is NCCL) is sent from a copy on that device
-and received into a buffer there, then copied in. On CPU with gloo every tensor is already
-on the backend's device, so nothing is staged (the staging path needs a GPU to run).
+All transfers go over one device, :func:`comm_device` (the GPU under NCCL, else the CPU):
+a tensor elsewhere (ZeRO-3 partitions offloaded to host memory, under NCCL) is sent from a
+copy on that device and received into a buffer there, then copied in. On CPU with gloo
+nothing is staged (the staging path needs a GPU to run).
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ __all__ = ["comm_device", "run_plan"]
 
 
 def comm_device(group: object = None) -> torch.device:
-    """The device whose tensors ``group``'s backend sends: this process's current GPU for
-    NCCL, else the CPU (gloo)."""
-    if dist.get_backend(group) == "nccl":
+    """The one device every rank communicates from over ``group``: this process's current
+    GPU where NCCL is the group's CUDA backend (``"nccl"``, ``"cpu:gloo,cuda:nccl"``) and a
+    GPU is present, else the CPU. Every rank derives it from the group's configuration alone,
+    so sender and receiver always use the same backend for a transfer."""
+    config = str(dist.get_backend_config(group))
+    backends = dict(part.split(":", 1) for part in config.split(",") if ":" in part) or {"cuda" if config == "nccl" else "cpu": config}
+    if backends.get("cuda") == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -84,7 +88,7 @@ def run_plan(
                     _view(targets[t.dst_name], t.dst_box).copy_(_view(sources[t.src_name], t.src_box))
                 elif t.src_rank == rank:
                     data = _view(sources[t.src_name], t.src_box)
-                    data = data.to(device) if data.device != device else data.contiguous()
+                    data = data.to(device).contiguous()
                     ops.append(dist.P2POp(dist.isend, data, t.dst_rank, group=group))
                     sent[t.dst_rank] = sent.get(t.dst_rank, 0) + t.nbytes
                 else:
