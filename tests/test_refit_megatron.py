@@ -158,3 +158,36 @@ def test_tp_splits_that_do_not_tile_are_refused_before_planning():
     dst = {"w": ((6, 4), "torch.float32", 0, 2, 2, 0)}  # 2 ways x stride 2 = 4 tiles of 6 rows: no
     problems = _match(src, dst)
     assert len(problems) == 1 and "'w'" in problems[0] and "6" in problems[0] and "4 tiles" in problems[0], problems
+
+
+def test_a_transfer_between_two_tensors_of_other_global_names_is_named():
+    """Grouped-GEMM experts share view names across ranks ("...weight0" is expert 0 on one
+    rank, expert 2 on another): the pairing check compares global names (pure data)."""
+    from scoped_parallel.adapters.megatron_reshard import _misnamed
+    from scoped_parallel.refit import Transfer
+
+    t = Transfer(0, 1, "fc2.weight0", "fc2.weight0", ((0, 4),), ((0, 4),), 4)
+    got = _misnamed([t], {(0, "fc2.weight0"): "fc2.weight2"}, {(1, "fc2.weight0"): "fc2.weight0"})
+    assert got == ["transfer into 'fc2.weight0' on rank 1 reads 'fc2.weight2' on rank 0"], got
+    assert _misnamed([t], {(0, "fc2.weight0"): "fc2.weight0"}, {(1, "fc2.weight0"): "fc2.weight0"}) == []
+
+
+def test_expert_reads_from_a_non_holder_go_to_a_holder_by_global_name():
+    """A whole-tensor read of an expert tensor from a rank without it is given a holder of
+    the same global name (the destination rank itself where it holds it); other reads and
+    non-expert tensors are left as they are (pure data)."""
+    from scoped_parallel.adapters.megatron_reshard import _reroute_replicated
+    from scoped_parallel.refit import Transfer
+
+    name = "layers.0.mlp.experts.local_experts.1.linear_fc2.bias"
+    src_global = {(1, name): name, (3, name): name, (0, "layers.0.norm.weight"): "layers.0.norm.weight"}
+    dst_global = {(0, name): name, (1, name): name, (2, "layers.0.norm.weight"): "layers.0.norm.weight"}
+    shapes = {key: (8,) for key in src_global}
+    transfers = [
+        Transfer(0, 0, name, name, (), ((0, 8),), 4),  # rank 0 does not hold expert 1: rerouted
+        Transfer(2, 1, name, name, (), ((0, 8),), 4),  # rank 2 neither; rank 1 holds it: local copy
+        Transfer(0, 2, "layers.0.norm.weight", "layers.0.norm.weight", ((0, 8),), ((0, 8),), 4),  # not an expert
+    ]
+    moved = _reroute_replicated(transfers, {0, 1, 2}, src_global, dst_global, shapes)
+    assert moved == [name, name], moved
+    assert [(t.src_rank, t.dst_rank, t.src_box) for t in transfers] == [(1, 0, ((0, 8),)), (1, 1, ((0, 8),)), (0, 2, ((0, 8),))], transfers
