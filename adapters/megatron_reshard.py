@@ -296,8 +296,9 @@ def _reroute_replicated(transfers: list[Transfer], full_reads: set[int], src_glo
         found = holders.get(wanted)
         if ".experts." not in wanted or not found or src_global.get((t.src_rank, t.src_name)) == wanted:
             continue
-        ranks = [r for r, _ in found]
-        rank, view = found[ranks.index(t.dst_rank)] if t.dst_rank in ranks else found[t.dst_rank % len(found)]
+        views = dict(found)
+        rank = t.dst_rank if t.dst_rank in views else found[t.dst_rank % len(found)][0]
+        view = views[rank]
         box = tuple((0, n) for n in shapes_src[(rank, view)])
         transfers[i] = Transfer(rank, t.dst_rank, view, t.dst_name, box, t.dst_box, t.itemsize)
         moved.append(t.dst_name)

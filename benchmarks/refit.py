@@ -141,8 +141,7 @@ def main() -> int:
     from megatron.core import resharding
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from _refit_megatron import cpu_copy_service, example
-    from scoped_parallel.adapters.megatron_reshard import _megatron_version
+    from _refit_megatron import cpu_copy_service, example, megatron_executor_runs
 
     rank = dist.get_rank()
     actor_state = ParallelState(name="actor", tensor_model_parallel_size=2)
@@ -172,10 +171,9 @@ def main() -> int:
             allgather_resplit(actor, actor_state, rollout, rollout_state)
 
         methods = {"ours": ours, "(a) all-gather + re-split": gathered, "(b) swap_model_weights direct": direct}
-        direct_runs = _megatron_version() < (0, 17) or torch.cuda.is_available()
-        if not direct_runs:  # megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize()
+        direct_runs = megatron_executor_runs()
+        if not direct_runs:
             del methods["(b) swap_model_weights direct"]
-            sent["direct"] = {}
         outcome: dict[str, list[torch.Tensor]] = {}
         times: dict[str, list[float]] = {m: [] for m in methods}
         peaks: dict[str, list[int]] = {m: [] for m in methods}
@@ -190,7 +188,7 @@ def main() -> int:
                 outcome[name] = [p.detach().clone() for p in rollout[0].parameters()]
         same = all(all(map(torch.equal, outcome[name], outcome["ours"])) for name in methods)
         predicted = {d: b for (s, d), b in plan.bytes_between().items() if s == rank}
-        bytes_ok = torch.tensor([int(sent["ours"] == predicted and (sent["direct"] == predicted or not direct_runs))])
+        bytes_ok = torch.tensor([int(sent["ours"] == predicted and (not direct_runs or sent["direct"] == predicted))])
         dist.all_reduce(bytes_ok, op=dist.ReduceOp.MIN)
         fastest = {m: min(t) for m, t in times.items()}
         results = {

@@ -136,6 +136,14 @@ def logits(chunks: list[Any]) -> torch.Tensor:
     return next(x for x in everyone if x is not None)
 
 
+def megatron_executor_runs() -> bool:
+    """Whether megatron-core's own ``execute_reshard_plan`` can run here: from 0.17 on it calls
+    ``torch.cuda.synchronize()``, so it needs a GPU whatever the copy service."""
+    from scoped_parallel.adapters.megatron_reshard import _megatron_version
+
+    return _megatron_version() < (0, 17) or torch.cuda.is_available()
+
+
 def cpu_copy_service() -> Any:
     """A megatron-core ``CopyService`` on torch's batched point-to-point calls (CPU, gloo), counting bytes."""
     from megatron.core.resharding.copy_services.base import CopyService

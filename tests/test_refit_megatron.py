@@ -18,8 +18,7 @@ import pytest
 
 pytest.importorskip("megatron.core.resharding")
 
-import torch  # noqa: E402
-from _refit_megatron import rank_refits  # noqa: E402
+from _refit_megatron import megatron_executor_runs, rank_refits  # noqa: E402
 
 from scoped_parallel.adapters.megatron_reshard import _megatron_version  # noqa: E402
 
@@ -46,10 +45,7 @@ SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> 
            "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2", "MoE with biases EP=4 -> EP=2"}
 TOLERANCE = 1e-6
 SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
-# megatron-core 0.17+'s execute_reshard_plan calls torch.cuda.synchronize(): without a GPU
-# the service path cannot run, whatever the copy service
-SERVICE_RUNS = _megatron_version() < (0, 17) or torch.cuda.is_available()
-RUN = {name: case for name, case in CASES.items() if name != SERVICE or SERVICE_RUNS}
+RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
 REFITS = [
     pytest.param(name, marks=pytest.mark.skipif(
         name not in RUN, reason=f"megatron-core {'.'.join(map(str, _megatron_version()))}'s executor needs CUDA (torch.cuda.synchronize)"))
