@@ -9,6 +9,8 @@ state from a torn-down world never shares its dead groups into a new world.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch.distributed as dist
 
@@ -182,3 +184,61 @@ def test_share_groups_false_builds_its_own_world_sized_group():
             assert state.group("dp") is not dist.distributed_c10d._get_default_group()
         finally:
             state.destroy()
+
+
+def _best_of_interleaved(world_size: int, rank: int, sizes: dict[str, int], rounds: int) -> tuple[float, float, int]:
+    """Fastest of ``rounds`` constructions of a state and of torch building the same groups.
+
+    torch's side: ``dist.new_group(ranks, use_local_synchronization=True)`` (every member
+    calls it, nobody else) for each rank set the state creates, handed the ranks
+    ready-made; the state must also work its groups out from the layout. Run side by
+    side, round by round, so that machine noise hits both alike.
+    """
+    ours = theirs = float("inf")
+    created: list[tuple[int, ...]] = []
+    for _ in range(rounds):
+        with fake_world(world_size, rank):
+            before = _groups.creation_count()
+            start = time.perf_counter()
+            state = ParallelState(**sizes)
+            ours = min(ours, time.perf_counter() - start)
+            world = tuple(range(world_size))
+            created = sorted({e.ranks for e in state._table.entries.values()} - {world})
+            assert _groups.creation_count() - before == len(created)
+            state.destroy()
+        with fake_world(world_size, rank):
+            start = time.perf_counter()
+            built = [dist.new_group(list(ranks), use_local_synchronization=True) for ranks in created]
+            theirs = min(theirs, time.perf_counter() - start)
+            for group in built:
+                dist.destroy_process_group(group)
+    return ours, theirs, len(created)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [65_536, 1_048_576])
+def test_construction_costs_at_most_twice_torchs_own_constructor(world_size):
+    """One rank's state construction (layout math included) costs <= 2x torch creating the same groups.
+
+    Before, every request compared its ranks with a freshly built tuple of the whole
+    world (7x torch's time at 65,536 ranks); now the per-request work is O(the group).
+    """
+    rank = world_size // 2 + 3
+    ours, theirs, groups = _best_of_interleaved(world_size, rank, dict(MEGATRON_BIG), rounds=5)
+    assert ours <= 2 * theirs, (
+        f"{world_size} ranks, {groups} groups: construction {ours * 1e3:.2f} ms, torch's new_group for "
+        f"the same groups {theirs * 1e3:.2f} ms (ratio {ours / theirs:.2f}, expected <= 2)"
+    )
+
+
+def test_default_group_check_of_a_small_group_builds_no_world_sized_tuple():
+    """Whether a request is the default group is decided by its length for every smaller group."""
+    from scoped_parallel.layout.grid import rank_span
+
+    with fake_world(1 << 20, 5):
+        rank_span.cache_clear()
+        request = _groups.GroupRequest(ranks=(4, 5))
+        assert _groups._is_the_default_group(request) is False
+        assert rank_span.cache_info().misses == 0, "a 2-rank request built the world's rank tuple"
+        whole = _groups.GroupRequest(ranks=tuple(range(1 << 20)))
+        assert _groups._is_the_default_group(whole) is True

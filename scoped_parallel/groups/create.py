@@ -31,6 +31,7 @@ It is counted like any shared group and never destroyed here. With ``share=False
 
 from __future__ import annotations
 
+import array
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import Any
 import torch.distributed as dist
 
 from scoped_parallel.groups import torch_compat as compat
+from scoped_parallel.layout.grid import rank_span
 
 __all__ = ["GroupRequest", "acquire", "adopt", "creation_count", "live_groups", "release", "retain"]
 
@@ -72,8 +74,8 @@ class _Entry:
 
 
 _LOCK = threading.RLock()
-_SHARED: dict[tuple[Any, ...], _Entry] = {}
-_BY_GROUP: dict[Any, tuple[tuple[Any, ...] | None, _Entry]] = {}
+_SHARED: dict[_ShareKey, _Entry] = {}
+_BY_GROUP: dict[Any, tuple[_ShareKey | None, _Entry]] = {}
 
 
 class _Counter:
@@ -108,21 +110,40 @@ def _forget_dead() -> None:
 
 
 def _is_the_default_group(request: GroupRequest) -> bool:
-    """Whether ``request`` asks for what the default group already is (see the module doc)."""
-    if request.options is not None or request.timeout is not None:
+    """Whether ``request`` asks for what the default group already is (see the module doc).
+
+    O(1) for every group smaller than the world (the length decides); only a
+    world-sized request, whose ranks are O(world) anyway, is compared rank by rank.
+    """
+    world_size = dist.get_world_size()
+    if len(request.ranks) != world_size or request.options is not None or request.timeout is not None:
         return False
     if request.backend is not None and str(request.backend).lower() != str(dist.get_backend()).lower():
         return False
-    return request.ranks == tuple(range(dist.get_world_size()))
+    ranks, world = request.ranks, rank_span(0, world_size)
+    return ranks is world or (ranks[0] == 0 and ranks[-1] == world_size - 1 and ranks == world)
 
 
-def _share_key(request: GroupRequest) -> tuple[Any, ...]:
-    return (
-        request.ranks,
-        str(request.backend),
-        None if request.options is None else id(request.options),
-        request.timeout,
-    )
+class _ShareKey:
+    """What makes two requests share one group; hashed once (a tuple of a group's ranks
+    would be hashed again, O(group size), on every dict operation)."""
+
+    __slots__ = ("_hash", "_value")
+
+    def __init__(self, request: GroupRequest) -> None:
+        self._value = (
+            request.ranks,
+            str(request.backend),
+            None if request.options is None else id(request.options),
+            request.timeout,
+        )
+        self._hash = hash(self._value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ShareKey) and self._hash == other._hash and self._value == other._value
 
 
 def acquire(request: GroupRequest, *, share: bool) -> Any:
@@ -132,7 +153,7 @@ def acquire(request: GroupRequest, *, share: bool) -> Any:
     """
     with _LOCK:
         _forget_dead()  # never hand out a group from a world that was destroyed
-        key = _share_key(request)
+        key = _ShareKey(request)
         if share:
             entry = _SHARED.get(key)
             if entry is not None:
@@ -160,7 +181,7 @@ def adopt(request: GroupRequest, group: Any, *, share: bool) -> Any:
     """
     with _LOCK:
         _forget_dead()
-        key = _share_key(request)
+        key = _ShareKey(request)
         if share:
             entry = _SHARED.get(key)
             if entry is not None:
@@ -212,10 +233,11 @@ def users(group: Any) -> int:
 
 
 def _group_name(request: GroupRequest, backend: str) -> str:
-    digest = hashlib.sha1(
-        (",".join(map(str, request.ranks)) + "|" + backend).encode(), usedforsecurity=False
-    ).hexdigest()[:20]
-    return f"scoped_parallel:{digest}:{request.tag}"
+    # the ranks as fixed-width integers (no text of every rank: O(group size) in C)
+    digest = hashlib.sha1(array.array("q", request.ranks).tobytes(), usedforsecurity=False)
+    digest.update(b"|" + backend.encode())
+    digest_text = digest.hexdigest()[:20]
+    return f"scoped_parallel:{digest_text}:{request.tag}"
 
 
 def _create(request: GroupRequest) -> Any:

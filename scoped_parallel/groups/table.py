@@ -90,7 +90,11 @@ class GroupTable:
 
     def add(self, key: str, ranks: tuple[int, ...], group: Any, rank: int) -> None:
         """Record ``key`` (the group is held by an earlier :meth:`hold` or by another key)."""
-        self.entries[key] = GroupEntry(ranks, group, ranks.index(rank) if rank in ranks else -1)
+        try:
+            index = ranks.index(rank)
+        except ValueError:
+            index = -1
+        self.entries[key] = GroupEntry(ranks, group, index)
 
     def hold(self, group: Any) -> Any:
         """Count one acquisition of ``group`` (given back by :meth:`release`); return it."""
@@ -127,7 +131,7 @@ def build(
     alias: dict[str, str] = {}
     if member:
         ranks_of = dict(layout.groups_of(rank))
-        opt_ranks = optional_ranks(layout, rank, optional)
+        opt_ranks = optional_ranks(layout, rank, optional, ranks_of)
         by_ranks = {ranks: kind for kind, ranks in reversed(ranks_of.items())}
         alias = {
             slot: by_ranks[ranks]

@@ -137,7 +137,7 @@ def create_group(
         timeout=timeout,
         group_desc=desc,
     )
-    _world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
+    _world.pg_group_ranks[group] = dict(zip(ranks, range(len(ranks))))
     return group
 
 

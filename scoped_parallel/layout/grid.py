@@ -16,6 +16,7 @@ standard library; it is safe to use before (or without) ``torch.distributed``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from typing import Any, Iterator
@@ -39,12 +40,32 @@ from scoped_parallel.layout.kinds import (
 )
 from scoped_parallel.errors import LayoutError, RankNotInLayoutError
 
-__all__ = ["DENSE_AXES", "DENSE_KINDS", "EMBEDDING_KINDS", "EXPERT_KINDS", "ParallelLayout", "canonical_kind"]
+__all__ = [
+    "DENSE_AXES",
+    "DENSE_KINDS",
+    "EMBEDDING_KINDS",
+    "EXPERT_KINDS",
+    "ParallelLayout",
+    "canonical_kind",
+    "rank_span",
+]
 
 
-def _offsets(sizes: tuple[int, ...], strides: tuple[int, ...], axes: tuple[int, ...]) -> list[int]:
-    """Linear offsets of all coordinate combinations over ``axes``, first axis fastest."""
-    offsets = [0]
+@functools.lru_cache(maxsize=4)
+def rank_span(first: int, count: int) -> tuple[int, ...]:
+    """``(first, ..., first + count - 1)``: one shared tuple per span.
+
+    A span of a million ranks is a million int objects; the groups that cover a whole
+    state (or the world) are built from this one tuple instead of anew each time.
+    """
+    return tuple(range(first, first + count))
+
+
+def _offsets(
+    sizes: tuple[int, ...], strides: tuple[int, ...], axes: tuple[int, ...], start: int = 0
+) -> list[int]:
+    """``start`` plus the linear offsets of all coordinate combinations over ``axes``, first axis fastest."""
+    offsets = [start]
     for axis in axes:
         stride = strides[axis]
         offsets = [o + c * stride for c in range(sizes[axis]) for o in offsets]
@@ -355,8 +376,7 @@ class ParallelLayout:
         base = local
         for i in masked:
             base -= ((local // strides[i]) % sizes[i]) * strides[i]
-        start = base + self._rank_offset
-        return tuple(start + o for o in _offsets(sizes, strides, masked))
+        return tuple(_offsets(sizes, strides, masked, base + self._rank_offset))
 
     def groups_of(self, rank: int) -> dict[str, tuple[int, ...]]:
         """The rank's group of every standard kind; embedding kinds only where it is a member."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scoped_parallel.errors import LayoutError
+from scoped_parallel.layout.grid import rank_span
 
 __all__ = ["OptionalGroups", "UNSHARED_SLOTS", "optional_ranks"]
 
@@ -150,7 +151,7 @@ def hierarchical_group(ranks: tuple[int, ...], sizes: tuple[int, ...], level: in
 def _dist_opt_group(layout: Any, rank: int, instances: int) -> tuple[int, ...]:
     """Union of consecutive expert tp-ep-pp groups (Megatron's generation order), one instance."""
     if instances == 1:
-        return tuple(range(layout.rank_offset, layout.rank_offset + layout.world_size))
+        return rank_span(layout.rank_offset, layout.world_size)
     per_instance = layout.expert_data_parallel_size // instances
     members: list[int] = []
     for count, group in enumerate(layout.groups("etp-ep-pp"), start=1):
@@ -162,9 +163,15 @@ def _dist_opt_group(layout: Any, rank: int, instances: int) -> tuple[int, ...]:
     raise AssertionError(f"rank {rank} is in no distributed-optimizer instance")  # pragma: no cover
 
 
-def optional_ranks(layout: Any, rank: int, options: OptionalGroups) -> dict[str, tuple[int, ...]]:
-    """The optional groups ``rank`` belongs to, by slot (see the module docstring)."""
-    groups = layout.groups_of(rank)
+def optional_ranks(
+    layout: Any, rank: int, options: OptionalGroups, groups: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The optional groups ``rank`` belongs to, by slot (see the module docstring).
+
+    ``groups``: ``layout.groups_of(rank)`` where the caller has it already.
+    """
+    if groups is None:
+        groups = layout.groups_of(rank)
     out: dict[str, tuple[int, ...]] = {}
     n = options.num_distributed_optimizer_instances
     out["dist-opt"] = _dist_opt_group(layout, rank, n)
