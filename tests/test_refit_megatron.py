@@ -6,10 +6,13 @@ anywhere), refits the second from the first with one ``scoped_parallel.reshard``
 and compares the destination's full logits (Megatron's forward-only schedule, vocab
 shards gathered) with the source's on the same tokens.
 
-Bitwise where the TP size is the same on both sides (PP, VPP and EP do not change the
-order of any reduction); where TP changes, the row-parallel layers sum partial products
-in another order, so the logits may differ in the last bits: the tolerance is 1e-6
-absolute on logits of magnitude ~1 (the destination before the refit is off by ~0.5).
+Bitwise only where both sides do the same arithmetic on the same shapes: TP and EP
+unchanged (PP, VPP, tied embeddings and DP move whole layers or replicas; every matrix
+multiply keeps its shape). Within 1e-6 absolute (logits of magnitude ~1; the destination
+before the refit is off by ~0.5) where the layout changes a shape: a TP change makes the
+row-parallel layers sum partial products in another order, and an EP change changes how
+many tokens each expert's matrix multiply sees, whose last bit then depends on the CPU's
+BLAS kernels (seen: 2.98e-8 on an AVX-512 EPYC for EP=4 -> EP=2, 0 on another machine).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ CASES = {
     "sabotage: 2-layer destination of a 4-layer source": ({"tp": 2}, {"tp": 2}, {}, "other-architecture"),
     "sabotage: SwiGLU planned with the model's own stride": ({"tp": 2}, {"tp": 4}, {"swiglu": True}, "raw-stride"),
 }
-SAME_TP = {"PP=2 x VPP=2 -> PP=1", "MoE EP=4 -> EP=2", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2",
-           "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2", "MoE with biases EP=4 -> EP=2"}
+#: cases whose two sides multiply matrices of the same shapes (TP and EP unchanged): bitwise
+SAME_SHAPES = {"PP=2 x VPP=2 -> PP=1", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2",
+               "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2"}
 TOLERANCE = 1e-6
 SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
 RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
@@ -63,12 +67,12 @@ pytestmark = [pytest.mark.world, pytest.mark.slow]
 
 @pytest.mark.parametrize("case", REFITS)
 def test_refitted_destination_computes_the_source_logits(refits, case):
-    """After one reshard call the destination's logits equal the source's: bitwise where TP
-    is unchanged, within 1e-6 where TP changes (another summation order)."""
+    """After one reshard call the destination's logits equal the source's: bitwise where TP and
+    EP are unchanged, within 1e-6 where either changes a matrix multiply's shape (module doc)."""
     for rank, out in enumerate(refits):
         got = out[case]
         assert got["before diff"] > 0.1, f"rank {rank} {case}: the destination started too close to the source ({got['before diff']})"
-        if case in SAME_TP:
+        if case in SAME_SHAPES:
             assert got["bitwise"], f"rank {rank} {case}: expected bitwise equal logits, max |diff| {got['max diff']}"
         else:
             assert got["max diff"] <= TOLERANCE, f"rank {rank} {case}: max |logit diff| {got['max diff']}, expected <= {TOLERANCE}"
