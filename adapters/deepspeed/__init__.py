@@ -23,6 +23,8 @@ What is re-pointed, and where (each module's doc has the details):
 ``zero``            ZeRO-3 partitions over SP x DP for a state with SP > 1
 ``zeropp``          ZeRO++ hpZ and qgZ all-to-all groups: per state, cut from its ZeRO ranks
 ``checkpointing``   activation checkpointing's globals (``configure``): per state
+``pipeline``        pipeline ``p2p`` globals (``_grid``, ``_groups``, ``_async``): per engine,
+                    in force while that engine's ``__init__``/``train_batch``/... runs
 ``_records``        the per-state record (``state.adapter_record("deepspeed", ...)``) and
                     ``_release_process_group_references``
 ==================  =======================================================================
@@ -33,10 +35,11 @@ with every other ``deepspeed.*`` module binding the same function object (e.g. t
 star re-export in ``deepspeed.utils``). Every change goes through the adapters'
 ledger, and every patched function finds its state with the scope's ``dispatching``.
 
-Not re-pointed: the cloned WORLD group (shared by every model), pipeline ``p2p`` and
-Domino globals, and the step-time paths themselves: run each engine's
-``forward``/``backward``/``step`` inside its state's scope, because ZeRO-0, BF16 and
-gradient clipping look the data-parallel group up at step time.
+Not re-pointed: the cloned WORLD group (shared by every model), Domino globals, and
+the step-time paths themselves: run each engine's ``forward``/``backward``/``step``
+(a pipeline engine's ``train_batch``/``eval_batch``) inside its state's scope, because
+ZeRO-0, BF16 and gradient clipping look the data-parallel group up at step time.
+Pipeline ``p2p`` globals are re-pointed per engine, not per scope (``pipeline``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Any, Callable
 
 from scoped_parallel.dispatch import dispatching
 from scoped_parallel.adapters._ledger import require
-from scoped_parallel.adapters.deepspeed import autotp, checkpointing, experts, readers, sequence, zeropp  # noqa: F401
+from scoped_parallel.adapters.deepspeed import autotp, checkpointing, experts, pipeline, readers, sequence, zeropp  # noqa: F401
 from scoped_parallel.adapters.deepspeed._records import scoped_release
 from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, MEMOIZED, ORIGINALS, OWNER, SP_IMPL, Mods
 from scoped_parallel.adapters.deepspeed.initialize import scoped_initialize
@@ -116,6 +119,7 @@ def install(ledger: Any) -> None:
     ledger.patch(OWNER, offload, "_convert_to_zero_parameters", scoped_convert_to_zero_parameters(convert))
     ledger.patch_everywhere(OWNER, deepspeed, {"initialize": scoped_initialize(initialize)}, "deepspeed")
     checkpointing.install(ledger)
+    pipeline.install(ledger)
 
 
 def uninstall() -> None:
