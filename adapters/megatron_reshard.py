@@ -27,6 +27,11 @@ around it:
   other ranks waiting). The planner's ops are then gathered into a
   :class:`~scoped_parallel.refit.plan.ReshardPlan`, which checks that every destination
   element is written exactly once and reports bytes per rank pair.
+* **no stale reads after ``optimizer.step()``.** Under megatron-core's DDP with
+  ``overlap_param_gather=True`` the step updates only this rank's shard of the parameter
+  buffer; the other shards arrive with the all-gathers the next forward's pre-hooks finish.
+  Before reading (or writing) any weight, :func:`finish_param_gathers` finishes those
+  gathers on the source, and waits for any in flight on the destination (see there).
 * **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point
   over the default group, receives straight into contiguous destination slices), because
   megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service allocates a CUDA
@@ -50,7 +55,7 @@ from scoped_parallel.errors import ReshardError, UnsupportedSetupError, describe
 from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, pieces_match, register_backend, unmatched_names
 from scoped_parallel.refit.execute import run_plan
 
-__all__ = ["MegatronBackend", "canonical_tensors"]
+__all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers"]
 
 #: what megatron-core's ``extract_param_metadata`` reads from a parameter (0.16-0.19)
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "partition_sizes", "allreduce")
@@ -316,6 +321,120 @@ def _misnamed(transfers: list[Transfer], src_global: dict[tuple[int, str], str],
     ]
 
 
+#: what the finish below reads of megatron-core's DDP bucket groups (the same names 0.16-0.20)
+_BUCKET_GROUP_ATTRS = ("param_gather_dispatched", "param_gather_handle", "finish_param_sync")
+
+
+def _is_megatron_ddp(obj: Any) -> bool:
+    """megatron-core's ``DistributedDataParallel`` (by class, or by its ``ddp_config`` and
+    ``bucket_groups`` where the class moved); not Megatron-FSDP, which keeps no whole weights."""
+    if hasattr(getattr(obj, "ddp_config", None), "overlap_param_gather") and hasattr(obj, "bucket_groups"):
+        return True
+    try:
+        from megatron.core.distributed import DistributedDataParallel
+    except ImportError:  # pragma: no cover - a megatron-core without it
+        return False
+    return isinstance(obj, DistributedDataParallel)
+
+
+def _ddp_wrappers(model: Any) -> list[Any]:
+    """The megatron-core ``DistributedDataParallel`` wrappers in ``model``'s chunks (each
+    chunk's ``.module`` chain, outermost first), in chunk order."""
+    out = []
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        seen: set[int] = set()
+        obj = chunk
+        while obj is not None and id(obj) not in seen:
+            seen.add(id(obj))
+            if _is_megatron_ddp(obj):
+                out.append(obj)
+            obj = obj.__dict__.get("_modules", {}).get("module") if isinstance(obj, torch.nn.Module) else getattr(obj, "module", None)
+    return out
+
+
+def _version_text() -> str:
+    try:
+        from megatron.core import package_info
+
+        return str(package_info.__version__)
+    except ImportError:  # pragma: no cover - megatron-core without package_info
+        return "(unknown version)"
+
+
+def _param_sync_steps(model: Any, role: str) -> tuple[list[Any], list[str]]:
+    """What must run before ``model``'s weights are read (``role="source"``) or written
+    (``"destination"``): ``(steps, problems)``, no communication.
+
+    Only a DDP wrapper whose parameters are gathered by forward pre-hooks has anything
+    pending (``use_forward_hook``: ``overlap_param_gather`` with the distributed optimizer,
+    or, from 0.17, the layer-wise optimizer); without it ``optimizer.step()`` gathers
+    synchronously. Per bucket group (dense, then expert-parallel, in the wrapper's order):
+
+    * a gather never dispatched since the last gradient reduction
+      (``param_gather_dispatched`` is False: ``finish_grad_sync`` clears it, the step then
+      updates this rank's shard only) or dispatched and still in flight
+      (``param_gather_handle``: ``overlap_param_gather_with_optimizer_step``,
+      ``align_param_gather``, a refit between micro-batches) is finished on a source with the
+      group's own ``finish_param_sync(skip_next_bucket_dispatch=True)``: dispatched if need be,
+      waited for, its post-processing (FP8 / MXFP8 copies) done, and marked done, so the next
+      forward's hooks find nothing left to do;
+    * on a destination only a gather in flight is waited for (it would land on the refitted
+      values); one never dispatched gathers, at the next forward, shards that the refit has
+      already written on every data-parallel peer alike, so it needs nothing now.
+
+    A wrapper that gathers in its hooks but lacks these names (a megatron-core version after
+    0.20 that renamed them) falls back to its own ``start_param_sync(force_sync=True)`` (what
+    ``disable_forward_pre_hook`` runs: waits for a gather in flight, gathers the rest
+    synchronously; on a destination the values it gathers are then overwritten); without
+    that either, it is a problem naming
+    ``overlap_param_gather`` (raised as ReshardError on every rank alike)."""
+    steps: list[Any] = []
+    problems: list[str] = []
+    for ddp in _ddp_wrappers(model):
+        hooked = getattr(ddp, "use_forward_hook", None)
+        if hooked is None:
+            hooked = bool(getattr(getattr(ddp, "ddp_config", None), "overlap_param_gather", True))
+        if not hooked:
+            continue
+        groups = [getattr(ddp, name, None) for name in ("bucket_groups", "expert_parallel_bucket_groups")]
+        known = all(isinstance(g, (list, tuple)) for g in groups) and all(
+            all(hasattr(bg, attr) for attr in _BUCKET_GROUP_ATTRS) for g in groups for bg in g)
+        if known:
+            for bucket_group in [bg for g in groups for bg in g]:
+                in_flight = bucket_group.param_gather_handle is not None
+                if in_flight or (role == "source" and not bucket_group.param_gather_dispatched):
+                    steps.append(lambda bg=bucket_group: bg.finish_param_sync(skip_next_bucket_dispatch=True))
+            continue
+        force = getattr(ddp, "start_param_sync", None)
+        if callable(force):
+            steps.append(lambda f=force: f(force_sync=True))
+            continue
+        problems.append(
+            f"the {role} model's megatron-core {_version_text()} DistributedDataParallel gathers parameters lazily "
+            "(overlap_param_gather=True) but has none of bucket_groups / expert_parallel_bucket_groups with "
+            f"{', '.join(_BUCKET_GROUP_ATTRS)}, nor start_param_sync(force_sync=True): its weights may be a step old "
+            "and cannot be made current here; run one forward of the model (or build its DDP with "
+            "overlap_param_gather=False) before the refit"
+        )
+    return steps, problems
+
+
+def finish_param_gathers(model: Any, role: str = "source") -> int:
+    """Finish what megatron-core's DDP left pending on ``model`` (see :func:`_param_sync_steps`),
+    so that a ``role="source"`` model's parameters on this rank hold the last step's weights
+    and no gather is in flight on either model. Collective over each bucket group's
+    data-parallel group (every rank of it finds the same groups pending: megatron-core's own
+    forward hooks rely on that as well). Raises ReshardError, before any communication, where
+    the wrapper's names are unknown. Returns the number of bucket groups (or wrappers) finished."""
+    steps, problems = _param_sync_steps(model, role)
+    if problems:
+        raise ReshardError("cannot refit (nothing was moved): " + "; ".join(problems))
+    with torch.no_grad():
+        for step in steps:
+            step()
+    return len(steps)
+
+
 class MegatronBackend:
     """The ``"megatron"`` reshard backend (see the module docstring)."""
 
@@ -344,6 +463,7 @@ class MegatronBackend:
         src_groups, dst_groups = src_state.process_group_collection(), dst_state.process_group_collection()
         experts = getattr(src_chunks[0].config, "num_moe_experts", None)
         local = _built_in(src_chunks, src_state, "source", src_groups) + _built_in(dst_chunks, dst_state, "destination", dst_groups)
+        local += _param_sync_steps(src_model, "source")[1] + _param_sync_steps(dst_model, "destination")[1]
         for role, named in (("source", src_named), ("destination", dst_named)):
             twice = sorted(n for n, count in Counter(n for n, _ in named).items() if count > 1)
             if twice:
@@ -429,6 +549,9 @@ class MegatronBackend:
         ``service``, a ``CopyService`` or backend name); returns the bytes sent by peer ({} with
         ``service``), or None on every rank when the models no longer hold the planned pieces."""
         rank = dist.get_rank()
+        # before any weight is read or written: the source's last step on every shard, no gather in flight
+        finish_param_gathers(src_model, "source")
+        finish_param_gathers(dst_model, "destination")
         src = dict(canonical_tensors(_chunks(src_model)))
         dst = dict(canonical_tensors(_chunks(dst_model)))
 

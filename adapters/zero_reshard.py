@@ -14,9 +14,19 @@ only its own partition. Receives land in the destination's own storage (no stagi
 rollout ZeRO-0 under SP=8 (a full replica per rank): each rollout rank receives 7/8 of
 every parameter, one eighth from each peer, and copies its own eighth locally.
 
-A ZeRO-3 destination is always written in its partitions; the parameters DeepSpeed keeps
-whole between forwards (``ds_persist``, below ``stage3_param_persistence_threshold``) are
-then gathered again from them.
+A ZeRO-3 destination is always written in its partitions; every parameter that is whole
+at that moment (the ones DeepSpeed keeps whole between forwards, ``ds_persist``, below
+``stage3_param_persistence_threshold``, and any other ``AVAILABLE`` one: inside
+``GatheredParameters``, left gathered by the prefetcher) is then gathered again from them,
+and ZeRO++'s secondary partitions (hpZ, ``ds_secondary_tensor``) are dropped, as DeepSpeed
+drops them after a step, to be rebuilt from the refitted weights.
+
+No stale reads: before anything is read or written, every ZeRO-3 parameter of either model
+whose all-gather is in flight (``ds_status`` ``INFLIGHT``: a prefetch, registered with its
+handle in the module's ``ds_inflight_param_registry``) is waited for (:func:`settle`); a
+parameter in flight whose handle the refit cannot reach is refused (ReshardError on every
+rank, nothing moved). A source is read from its partitions (``ds_tensor``), which the
+optimizer step writes, never from a gathered copy.
 A destination engine with an optimizer that keeps its own master copy (ZeRO >= 1, or
 fp16/bf16) is refused: its next step would overwrite the refitted weights.
 """
@@ -30,9 +40,9 @@ import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
 from scoped_parallel.refit import Piece, ReshardPlan, pieces_match, plan_flat, register_backend, unmatched_names
-from scoped_parallel.refit.execute import run_plan
+from scoped_parallel.refit.execute import comm_device, run_plan
 
-__all__ = ["FlatBackend", "flat_pieces"]
+__all__ = ["FlatBackend", "flat_pieces", "settle"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -64,21 +74,94 @@ def flat_pieces(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, i
     return out
 
 
-def _refresh_persistent(model: Any) -> None:
-    """After the partitions changed: the ZeRO-3 parameters DeepSpeed keeps whole between
-    forwards (``ds_persist``, below ``stage3_param_persistence_threshold``) are gathered again
-    from them, over their partition group (every rank of the group walks the same parameters
-    in the same order; ``ds_persist`` is the same on all of them)."""
-    for param in _module(model).parameters():
-        if not (hasattr(param, "ds_tensor") and getattr(param, "ds_persist", False)):
+def _zero3_params(model: Any) -> list[Any]:
+    return [p for p in _module(model).parameters() if getattr(p, "ds_tensor", None) is not None and hasattr(p, "ds_status")]
+
+
+def _status(param: Any) -> str:
+    return str(getattr(param.ds_status, "name", param.ds_status))
+
+
+def _in_flight(model: Any) -> tuple[list[Any], list[str]]:
+    """``(handles, unreachable)``: the distinct registered handles of ``model``'s ZeRO-3
+    parameters in flight (status ``INFLIGHT``), and the names of those in flight without one."""
+    module = _module(model)
+    registry = getattr(module, "ds_inflight_param_registry", None)
+    handles = getattr(registry, "data", registry) if registry is not None else {}
+    out: dict[int, Any] = {}
+    unreachable = []
+    for name, param in module.named_parameters():
+        if getattr(param, "ds_tensor", None) is None or not hasattr(param, "ds_status") or _status(param) != "INFLIGHT":
             continue
+        handle = handles.get(param) if isinstance(handles, dict) else None
+        if handle is None:
+            unreachable.append(name)
+        else:
+            out.setdefault(id(handle), handle)
+    return list(out.values()), unreachable
+
+
+def settle(model: Any) -> list[str]:
+    """Wait for every all-gather in flight of ``model``'s ZeRO-3 parameters (status
+    ``INFLIGHT``); returns the names of those it could not wait for.
+
+    DeepSpeed's parameter coordinator keeps a prefetched parameter's handle in the
+    module's ``ds_inflight_param_registry`` (param -> handle) until the module that needs
+    it runs; the handle's ``wait()`` makes the parameter ``AVAILABLE`` (whole, gathered
+    from the partitions as they were when the gather began). The handles are waited for
+    where they are, not taken out of the registry: the coordinator's own ``wait()`` on
+    them later is a no-op, and its bookkeeping (what it counts as available) stays its own.
+    A parameter in flight under a handle that is not registered (a caller's own
+    ``all_gather_coalesced``) cannot be waited for here: it is returned, and the refit refused.
+    No communication of its own (the gathers already run on every rank of their group)."""
+    handles, unreachable = _in_flight(model)
+    for handle in handles:
+        handle.wait()
+    return unreachable
+
+
+def _in_flight_problems(model: Any, role: str) -> list[str]:
+    """The refusal for parameters in flight that :func:`settle` cannot wait for (no communication)."""
+    stuck = _in_flight(model)[1]
+    if not stuck:
+        return []
+    return [f"{role} ZeRO-3 parameters {stuck[:3]} are being gathered (INFLIGHT) under a handle that is not in "
+            "the module's ds_inflight_param_registry: wait for that handle before the refit"]
+
+
+def _refresh_gathered(model: Any) -> None:
+    """After the partitions changed: every ZeRO-3 parameter that is whole now (``AVAILABLE``:
+    ``ds_persist`` after a first forward, inside ``GatheredParameters``, left gathered by the
+    prefetcher) or persistent is gathered again from its partitions over its partition group,
+    and its hpZ secondary partition (``ds_secondary_tensor``, a copy of part of the old
+    weights) is dropped, as DeepSpeed's ``invalidate_secondary_tensor`` does after a step:
+    the next partition rebuilds it from the refitted whole parameter.
+
+    Which parameters to gather is agreed over each partition group (one small all-reduce
+    per group, the groups in one order on every rank), so a rank on which a parameter is
+    whole and a peer on which it is not still make the same collective calls; every rank of a
+    group walks the same parameters in the same order, as DeepSpeed's own gathers need."""
+    by_group: dict[tuple[int, ...], tuple[Any, list[Any]]] = {}
+    for param in _zero3_params(model):
+        if getattr(param, "ds_secondary_tensor", None) is not None:
+            param.ds_secondary_tensor = None
         group = param.ds_process_group
-        gathered = torch.empty(param.ds_tensor.numel() * dist.get_world_size(group), dtype=param.ds_tensor.dtype,
-                               device=param.ds_tensor.device)
-        dist.all_gather_into_tensor(gathered, param.ds_tensor.data.view(-1).contiguous(), group=group)
-        if param.data.numel() == int(param.ds_numel):  # gathered now (after a first forward): refresh it
-            with torch.no_grad():
-                param.data.view(-1).copy_(gathered[: int(param.ds_numel)])
+        by_group.setdefault(tuple(dist.get_process_group_ranks(group)), (group, []))[1].append(param)
+    for ranks in sorted(by_group):
+        group, params = by_group[ranks]
+        device = comm_device(group)
+        wanted = torch.tensor([int(_status(p) == "AVAILABLE" or bool(getattr(p, "ds_persist", False))) for p in params], device=device)
+        if len(ranks) > 1:
+            dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=group)
+        for param, want in zip(params, wanted.tolist()):
+            if not want:
+                continue
+            part = param.ds_tensor.data.view(-1).to(device).contiguous()
+            gathered = torch.empty(part.numel() * len(ranks), dtype=part.dtype, device=device)
+            dist.all_gather_into_tensor(gathered, part, group=group)
+            if param.data.numel() == int(param.ds_numel):  # whole on this rank: refresh it
+                with torch.no_grad():
+                    param.data.view(-1).copy_(gathered[: int(param.ds_numel)])
 
 
 def _local_problems(model: Any, state: Any, role: str, rows: list[Any]) -> list[str]:
@@ -124,6 +207,7 @@ class FlatBackend:
         """The checked plan (collective over the world; see the module docstring)."""
         src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
         local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
+        local += _in_flight_problems(src_model, "source") + _in_flight_problems(dst_model, "destination")
         world = dist.get_world_size()
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (local, _describe(src_rows), _describe(dst_rows)))
@@ -157,15 +241,20 @@ class FlatBackend:
         """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
         rank when the models no longer hold the planned pieces (nothing moved)."""
         rank = dist.get_rank()
+        # no gather in flight on either model while partitions are read and written
+        stuck = settle(src_model) + settle(dst_model)
         src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
 
         def pieces(rows: list[Any]) -> list[Piece]:
             return [Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in rows]
 
-        if not pieces_match(plan, pieces(src_rows), pieces(dst_rows)):
+        # a parameter in flight out of reach makes this rank's pieces differ from the plan's:
+        # every rank returns None, and reshard() plans again, where it is refused on every rank
+        held = pieces(src_rows) + [Piece(rank, f"<in flight: {n}>", (0,), 1) for n in stuck]
+        if not pieces_match(plan, held, pieces(dst_rows)):
             return None
         sent = run_plan(plan, {row[0]: row[6] for row in src_rows}, {row[0]: row[6] for row in dst_rows}, bucket_bytes=bucket_bytes)
-        _refresh_persistent(dst_model)
+        _refresh_gathered(dst_model)
         return sent
 
 

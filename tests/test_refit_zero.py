@@ -291,3 +291,126 @@ def test_a_tensor_that_changed_after_planning_is_not_refitted_with_the_stale_pla
         assert error is not None and "'model.norm.weight'" in error and "does not reshape or cast" in error, f"rank {rank}: {error}"
         stale = out["stale given plan error"]
         assert stale is not None and "does not match the models as they are now" in stale, f"rank {rank}: {stale}"
+
+
+# ---------------------------------------------------------------- no stale reads (ZeRO-3 in flight / whole)
+
+def _rank_stale_zero3(rank: int) -> dict[str, Any]:
+    """The trained actor refitted into a ZeRO-3 destination (DP=2, nothing persistent) whose
+    parameters are not simply partitioned when the refit starts:
+
+    * "in flight": an all-gather of every destination parameter dispatched and registered in
+      the module's ``ds_inflight_param_registry``, as the prefetcher leaves it (status INFLIGHT);
+    * "whole": inside ``deepspeed.zero.GatheredParameters`` (status AVAILABLE, no ``ds_persist``).
+
+    Each case runs with the refit as it is and with ``zero_reshard._status`` answering
+    NOT_AVAILABLE (sabotage: nothing counts as in flight or whole, as before the fix)."""
+    import deepspeed
+
+    import scoped_parallel as sp
+    from scoped_parallel.adapters import zero_reshard
+
+    out: dict[str, Any] = {}
+    kept = zero_reshard._status
+    with support.isolated():
+        a = support.state(name="actor", sequence_parallel_size=2)
+        c = support.state(name="reference", tensor_model_parallel_size=2)
+        engines: list[Any] = []
+        try:
+            with support.installed():
+                actor = _engine(a, 1, stage=3, train=True)
+                engines.append(actor)
+                with a.activate():
+                    actor.backward(actor(input_ids=_tokens()).logits.float().pow(2).mean())
+                    actor.step()
+                src_params, src_logits = _full(actor)
+                for sabotage in (False, True):
+                    key = " (sabotage)" if sabotage else ""
+                    # in flight
+                    dst = _engine(c, 2, stage=3, train=False)
+                    engines.append(dst)
+                    params = list(dst.module.parameters())
+                    with c.activate():
+                        handle = params[0].all_gather_coalesced(params)
+                    registry = dst.module.ds_inflight_param_registry
+                    for p in params:
+                        registry[p] = handle
+                    before = sorted({p.ds_status.name for p in params})
+                    if sabotage:
+                        zero_reshard._status = lambda param: "NOT_AVAILABLE"
+                    sp.reshard(actor, a, dst, c)
+                    zero_reshard._status = kept
+                    after = sorted({p.ds_status.name for p in params})
+                    handle.wait()  # what the coordinator does when the module runs (a no-op once waited)
+                    whole = [p.data.detach().clone() for p in params]
+                    with c.activate(), torch.no_grad():
+                        logits = dst(input_ids=_tokens()).logits
+                    out["in flight" + key] = {
+                        "status before": before, "status after": after,
+                        "whole params equal": all(map(torch.equal, whole, src_params)),
+                        "engine forward equal": torch.equal(logits, src_logits),
+                        "refitted partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
+                    }
+                    support.drop(dst)
+                    engines.remove(dst)
+                    # whole, inside GatheredParameters
+                    dst = _engine(c, 2, stage=3, train=False)
+                    engines.append(dst)
+                    params = list(dst.module.parameters())
+                    with deepspeed.zero.GatheredParameters(params):
+                        before = sorted({p.ds_status.name for p in params})
+                        if sabotage:
+                            zero_reshard._status = lambda param: "NOT_AVAILABLE"
+                        sp.reshard(actor, a, dst, c)
+                        zero_reshard._status = kept
+                        inside = [p.data.detach().clone() for p in params]
+                    out["whole" + key] = {
+                        "status before": before,
+                        "whole params equal": all(map(torch.equal, inside, src_params)),
+                        "refitted partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
+                    }
+                    support.drop(dst)
+                    engines.remove(dst)
+        finally:
+            zero_reshard._status = kept
+            support.drop(*engines)
+            support.destroy(a, c)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stale_refits(world):
+    return world.run(_rank_stale_zero3, timeout=WORLD_TIMEOUT)
+
+
+def test_a_destination_gather_in_flight_is_waited_for_and_lands_the_refitted_weights(stale_refits):
+    """A prefetch in flight when the refit starts would land the old weights afterwards (the
+    gather read the partitions before the refit wrote them): the refit waits for it, then
+    gathers the refitted partitions into the whole parameters; nothing is left in flight."""
+    for rank, out in enumerate(stale_refits):
+        got = out["in flight"]
+        assert got["status before"] == ["INFLIGHT"], f"rank {rank}: {got['status before']}"
+        assert got["status after"] == ["AVAILABLE"], f"rank {rank}: {got['status after']}"
+        assert got["whole params equal"] and got["refitted partitions equal"], f"rank {rank}: {got}"
+        assert got["engine forward equal"], f"rank {rank}: the engine's forward after the refit differs"
+
+
+def test_a_whole_destination_parameter_ends_with_the_refitted_weights(stale_refits):
+    """Inside GatheredParameters (AVAILABLE, not persistent) the whole parameters are
+    refreshed from the refitted partitions, not left at the old weights."""
+    for rank, out in enumerate(stale_refits):
+        got = out["whole"]
+        assert got["status before"] == ["AVAILABLE"], f"rank {rank}: {got['status before']}"
+        assert got["whole params equal"] and got["refitted partitions equal"], f"rank {rank}: {got}"
+
+
+def test_without_waiting_and_refreshing_the_whole_parameters_are_stale(stale_refits):
+    """The checks can fail: with nothing counted as in flight or whole (sabotage) the
+    partitions are refitted but the whole parameters hold the old weights in both cases.
+    (The engine's own next forward is right even then: its start drains the registry and
+    gathers again; what reads the whole parameters before it gets the old weights.)"""
+    for rank, out in enumerate(stale_refits):
+        for case in ("in flight (sabotage)", "whole (sabotage)"):
+            got = out[case]
+            assert got["refitted partitions equal"], f"rank {rank} {case}: {got}"
+            assert not got["whole params equal"], f"rank {rank} {case}: the whole parameters were refreshed anyway"
