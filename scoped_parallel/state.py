@@ -189,9 +189,11 @@ class ParallelState(Getters):
             return
         self._destroyed = True
         for record in list(self._adapter_records.values()):  # e.g. a refit plan cache shared with another state
-            hook = getattr(record, "state_destroyed", None)
+            # looked up on the type: a record may answer attribute reads itself (compat's
+            # handle raises its own error for any name once its state is destroyed)
+            hook = getattr(type(record), "state_destroyed", None)
             if hook is not None:
-                hook(self)
+                hook(record, self)
         self._adapter_records.clear()  # adapters may cache answers derived from the groups
         self._memo.clear()
         self._table.release()

@@ -242,3 +242,18 @@ def test_default_group_check_of_a_small_group_builds_no_world_sized_tuple():
         assert rank_span.cache_info().misses == 0, "a 2-rank request built the world's rank tuple"
         whole = _groups.GroupRequest(ranks=tuple(range(1 << 20)))
         assert _groups._is_the_default_group(whole) is True
+
+
+def test_destroy_after_compat_handle_in_scope():
+    """destroy() calls adapter records' hooks through their type: compat's handle, which raises
+    its own error for any attribute once its state is destroyed, no longer breaks destroy()."""
+    from scoped_parallel.compat import parallel_state_wrappers as wrappers
+
+    with fake_world(4, 1):
+        state = ParallelState(tensor_model_parallel_size=2)
+        with state.activate():
+            handle = wrappers.get_current_parallel_state()
+        assert handle is not None
+        state.destroy()
+        assert state.destroyed
+        assert _groups.live_groups() == 0, f"{_groups.live_groups()} groups left alive after destroy()"
