@@ -533,6 +533,12 @@ def replay(model: Model, batches: list[Batch]) -> dict[str, Any]:
             outputs, expected = (timed(model, spent, critic_values, data.tokens),), (data.values,)
         else:
             outputs, expected = (timed(model, spent, sequence_logprobs, data.tokens),), (data.ref_logp,)
+        # Bitwise, also for the actor's tokens, which the interleaved run sampled from the
+        # rollout copy (DP=4, ZeRO-0) and the replay samples from the actor alone (SP=2 x
+        # DP=2): generate() splits rows over SP x DP (4 in both), the actor skips sequence
+        # parallelism in eval (disable_in_eval=True) and both hold whole weights, so every
+        # matrix multiply has the same shape. A rollout layout with TP or another row split
+        # would need a tolerance here.
         same = same and all(map(torch.equal, outputs, expected))
         if name == "actor":
             losses.append(timed(model, spent, actor_update, data)[0])
