@@ -66,7 +66,8 @@ def _worker(rank: int, size: int, port: int, conn: Any, env: dict[str, str]) -> 
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    # one intra-op thread per rank unless a run asks for more (make test-any-cpu uses 2)
+    torch.set_num_threads(int(os.environ.get("SCOPED_PARALLEL_TEST_THREADS", "1")))
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
