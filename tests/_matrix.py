@@ -144,6 +144,9 @@ MEG_VARIANTS: dict[str, str] = {
     "ddp": "DDP + Adam",
     "distributed": "distributed optimizer",
 }
+SP_NORM_NOTE = ("the layer spec's norms are torch LayerNorms whose weights are marked sequence_parallel, "
+                "as megatron-core's Apex and Transformer Engine norms mark them (the local spec's torch norm "
+                "refuses sequence parallelism: the cell \"local spec's torch norm\")")
 
 
 def _megatron_cells() -> list[Cell]:
@@ -164,8 +167,21 @@ def _megatron_cells() -> list[Cell]:
     for test, dims in groups.items():
         for dimension, layout, partner, settings in dims:
             for variant, label in MEG_VARIANTS.items():
+                note = SP_NORM_NOTE if settings.get("sequence_parallel") else ""
                 cells.append(Cell(MEG, f"GPTModel {dimension}, {label}", layout, partner, PROVEN,
-                                  f"{MEG_TESTS}::{test}", {**settings, "optimizer": variant}))
+                                  f"{MEG_TESTS}::{test}", {**settings, "optimizer": variant}, note=note))
+    cells += [
+        Cell(MEG, "GPTModel TP=2, sequence_parallel=True, local spec's torch norm", TP2, PP2, VANILLA_FAILS,
+             f"{MEG_TESTS}::test_tensor_cells", {"sequence_parallel": True, "torch norm": True, "optimizer": "ddp"},
+             expect=("AssertionError", "sequence parallel not supported by torch LayerNorm"),
+             note="without Apex or Transformer Engine the local spec's norm refuses sequence parallelism"),
+        Cell(MEG, "GPTModel CP=2", {"context_parallel_size": 2}, TP2, VANILLA_FAILS,
+             f"{MEG_TESTS}::test_expert_and_context_cells", {"optimizer": "distributed"},
+             expect=("AssertionError", "Context parallelism is only supported by TEDotProductAttention"),
+             note="megatron-core's local attention has no context parallelism (Transformer Engine's has; "
+             "it needs CUDA); the state's CP groups are proven against megatron-core's in "
+             "tests/test_megatron_oracle.py"),
+    ]
     return cells
 
 
