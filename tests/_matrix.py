@@ -200,6 +200,64 @@ def cells_of(test: str) -> list[str]:
     return [c.name for c in CELLS if c.test == test]
 
 
+def compare_runs(scoped: Mapping[str, Any], vanilla: Mapping[str, Any]) -> list[str]:
+    """What differs between a scoped run and the vanilla run (empty: bitwise equal): losses,
+    gradient norms, and every final parameter (``torch.equal``)."""
+    import torch
+
+    problems = []
+    if scoped["losses"] != vanilla["losses"]:
+        problems.append(f"losses scoped {scoped['losses']} vs vanilla {vanilla['losses']}")
+    if scoped["norms"] != vanilla["norms"]:
+        problems.append(f"grad norms scoped {scoped['norms']} vs vanilla {vanilla['norms']}")
+    a, b = scoped["params"], vanilla["params"]
+    if [x.shape for x in a] != [y.shape for y in b]:
+        problems.append(f"parameter shapes differ: scoped {[tuple(x.shape) for x in a]} vs vanilla {[tuple(y.shape) for y in b]}")
+        return problems
+    diffs = [float((x - y).abs().max()) for x, y in zip(a, b) if not torch.equal(x, y)]
+    if diffs:
+        problems.append(f"{len(diffs)} of {len(a)} parameters differ, max |diff| {max(diffs):.3g}")
+    return problems
+
+
+def check_cell(name: str, per_rank: list[Mapping[str, Any]]) -> None:
+    """Assert one cell's outcome on every rank against its status (see the module doc).
+
+    A runner reports per cell: for ``proven``, ``problems`` (:func:`compare_runs`),
+    ``moved``/``parameters`` (how many parameters changed in training, of how many),
+    ``norms`` and the ``state groups``/``vanilla groups`` it compared; otherwise ``error``
+    (type name, message) and, for ``refused``, ``groups made`` before the error.
+    """
+    c = cell(name)
+    for rank, out in enumerate(per_rank):
+        got = out[name]
+        where = f"rank {rank}, {name}"
+        if c.status == PROVEN:
+            assert got["problems"] == [], f"{where}: interleaved in a scope vs vanilla alone: {got['problems']}"
+            assert got["moved"] == got["parameters"], (
+                f"{where}: expected all {got['parameters']} parameters to change in training, {got['moved']} did"
+            )
+            assert None not in got["norms"], f"{where}: the engine reported no gradient norm: {got['norms']}"
+            assert got["state groups"] == got["vanilla groups"], (
+                f"{where}: the vanilla baseline has another layout: state {got['state groups']}, "
+                f"vanilla {got['vanilla groups']}"
+            )
+            continue
+        kind, fragment = c.expect
+        assert got["error"] is not None, (
+            f"{where}: expected {kind} containing {fragment!r}, nothing was raised"
+            + ("; vanilla ran, so the cell's status must change" if c.status == VANILLA_FAILS else "")
+        )
+        assert got["error"][0] == kind and fragment in got["error"][1], (
+            f"{where}: expected {kind} containing {fragment!r}, got {got['error']}"
+        )
+        if c.status == REFUSED:
+            assert got["groups made"] == 0, f"{where}: {got['groups made']} groups were created before the refusal"
+    if c.status != PROVEN:  # every rank alike (messages may name the rank's own groups)
+        kinds = {out[name]["error"][0] for out in per_rank}
+        assert len(kinds) == 1, f"{name}: ranks raised different error types: {sorted(kinds)}"
+
+
 def render_rst() -> str:
     """The docs page ``docs/matrix.rst`` (kept equal to this by a test)."""
     lines = [

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import _adapter_deepspeed_support as support
-from _matrix import PROVEN, REFUSED, VANILLA_FAILS, Cell, cell
+from _matrix import PROVEN, REFUSED, VANILLA_FAILS, Cell, cell, compare_runs
 
 STEPS = 3
 SEED, PARTNER_SEED = 1, 2
@@ -207,12 +207,12 @@ def _data_rank(c: Cell, rank: int) -> int:
     return rank // c.layout.get("tensor_model_parallel_size", 1)
 
 
-def _train(engine: Any, c: Cell, rank: int, scope: Any = None) -> dict[str, Any]:
+def _train(engine: Any, c: Cell, rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {"losses": [], "norms": []}
     for i in range(STEPS):
-        with scope.activate() if scope is not None else contextlib.nullcontext():
-            out["losses"].append(_one_step(engine, c, rank, i))
-            out["norms"].append(_norm(engine))
+        loss, norm = _one_step(engine, c, rank, i)
+        out["losses"].append(loss)
+        out["norms"].append(norm)
     return out
 
 
@@ -222,17 +222,24 @@ def _batch(c: Cell, data_rank: int, i: int, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16) if c.settings.get("config", {}).get("bf16", {}).get("enabled") else x
 
 
-def _one_step(engine: Any, c: Cell, rank: int, i: int) -> float:
+def _one_step(engine: Any, c: Cell, rank: int, i: int) -> tuple[float, float | None]:
+    """One step: the loss, and the gradient norm (the engine's global one; where the engine
+    keeps none, ZeRO-0, the norm of this rank's gradients after backward's all-reduce)."""
     # The global torch RNG is one stream for every model of the process (DeepSpeed's MoE
     # gate draws from it for random token selection): seeded per step, so that the
     # partner's draws between two steps do not decide which tokens an expert drops.
     torch.manual_seed(10_000 + i)
-    return float(support.step(engine, _batch(c, _data_rank(c, rank), i, SEED)))
-
-
-def _norm(engine: Any) -> float | None:
+    out = engine(_batch(c, _data_rank(c, rank), i, SEED))
+    aux = 0.0
+    if isinstance(out, tuple):
+        out, aux = out
+    loss = out.float().pow(2).mean() + 0.01 * aux
+    engine.backward(loss)
+    grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
+    local = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None
+    engine.step()
     norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+    return float(loss.detach()), local if norm is None else float(norm)
 
 
 def _params(engine: Any) -> list[torch.Tensor]:
@@ -344,8 +351,9 @@ def _scoped(c: Cell, rank: int, sabotage: bool) -> dict[str, Any]:
             run: dict[str, Any] = {"losses": [], "norms": []}
             for i in range(STEPS):
                 with (partner if sabotage else mine).activate():
-                    run["losses"].append(_one_step(engine, c, rank, i))
-                    run["norms"].append(_norm(engine))
+                    loss, norm = _one_step(engine, c, rank, i)
+                run["losses"].append(loss)
+                run["norms"].append(norm)
                 with partner.activate():
                     data_rank = rank // partner.get_tensor_model_parallel_world_size()
                     x = _batch(c, data_rank, i, PARTNER_SEED)
@@ -357,19 +365,6 @@ def _scoped(c: Cell, rank: int, sabotage: bool) -> dict[str, Any]:
     finally:
         support.drop(*engines)
         support.destroy(mine, partner)
-
-
-def _compare(scoped: dict[str, Any], vanilla: dict[str, Any]) -> list[str]:
-    """What differs between the two runs (empty: bitwise equal)."""
-    problems = []
-    if scoped["losses"] != vanilla["losses"]:
-        problems.append(f"losses scoped {scoped['losses']} vs vanilla {vanilla['losses']}")
-    if scoped["norms"] != vanilla["norms"]:
-        problems.append(f"grad norms scoped {scoped['norms']} vs vanilla {vanilla['norms']}")
-    diffs = [float((a - b).abs().max()) for a, b in zip(scoped["params"], vanilla["params"]) if not torch.equal(a, b)]
-    if len(scoped["params"]) != len(vanilla["params"]) or diffs:
-        problems.append(f"{len(diffs)} parameters differ, max |diff| {max(diffs, default=0.0):.3g}")
-    return problems
 
 
 def rank_cells(rank: int, names: list[str], sabotage: bool = False) -> dict[str, Any]:
@@ -387,8 +382,10 @@ def rank_cells(rank: int, names: list[str], sabotage: bool = False) -> dict[str,
                 vanilla = _vanilla(c, rank)
                 scoped = _scoped(c, rank, sabotage)
                 out[name] = {
-                    "problems": _compare(scoped, vanilla),
-                    "moved": not all(torch.equal(a, b) for a, b in zip(vanilla["params"], _initial())),
+                    "problems": compare_runs(scoped, vanilla),
+                    "moved": sum(not torch.equal(a, b) for a, b in zip(vanilla["params"], _initial(c))),
+                    "parameters": len(vanilla["params"]),
+                    "norms": vanilla["norms"],
                     "losses": vanilla["losses"],
                     # the vanilla baseline must be the same layout as the state's
                     "state groups": scoped["state groups"],
@@ -397,5 +394,5 @@ def rank_cells(rank: int, names: list[str], sabotage: bool = False) -> dict[str,
     return out
 
 
-def _initial() -> list[torch.Tensor]:
-    return [p.detach().float() for p in support.model(SEED).parameters()]
+def _initial(c: Cell) -> list[torch.Tensor]:
+    return [p.detach().float() for p in _model(c, SEED).parameters()]

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 import _megatron_ddp as md
-from _matrix import PROVEN, VANILLA_FAILS, Cell, cell
+from _matrix import PROVEN, VANILLA_FAILS, Cell, cell, compare_runs
 
 STEPS = 3
 SEED, PARTNER_SEED = 1, 2
@@ -354,23 +354,6 @@ def _scoped(c: Cell, sabotage: str) -> dict[str, Any]:
             state.destroy()
 
 
-def _compare(scoped: dict[str, Any], vanilla: dict[str, Any]) -> list[str]:
-    """What differs between the two runs (empty: bitwise equal)."""
-    problems = []
-    if scoped["losses"] != vanilla["losses"]:
-        problems.append(f"losses scoped {scoped['losses']} vs vanilla {vanilla['losses']}")
-    if scoped["norms"] != vanilla["norms"]:
-        problems.append(f"grad norms scoped {scoped['norms']} vs vanilla {vanilla['norms']}")
-    a, b = scoped["params"], vanilla["params"]
-    shapes = [x.shape for x in a] == [y.shape for y in b]
-    diffs = [float((x - y).abs().max()) for x, y in zip(a, b) if shapes and not torch.equal(x, y)]
-    if not shapes:
-        problems.append(f"parameter shapes differ: scoped {[tuple(x.shape) for x in a]} vs vanilla {[tuple(y.shape) for y in b]}")
-    elif diffs:
-        problems.append(f"{len(diffs)} of {len(a)} parameters differ, max |diff| {max(diffs):.3g}")
-    return problems
-
-
 def rank_cells(rank: int, names: list[str], sabotage: str = "") -> dict[str, Any]:
     """Run the named cells on this rank (see the module doc); plain data per cell."""
     assert sabotage in SABOTAGES, f"sabotage {sabotage!r}, expected one of {SABOTAGES}"
@@ -386,7 +369,7 @@ def rank_cells(rank: int, names: list[str], sabotage: str = "") -> dict[str, Any
             vanilla = _vanilla(c)
             scoped = _scoped(c, sabotage)
             out[name] = {
-                "problems": _compare(scoped, vanilla),
+                "problems": compare_runs(scoped, vanilla),
                 "moved": sum(not torch.equal(a, b) for a, b in zip(vanilla["params"], vanilla["initial"])),
                 "parameters": len(vanilla["params"]),
                 "losses": vanilla["losses"],

@@ -21,39 +21,11 @@ import pytest
 
 pytest.importorskip("megatron.core.distributed")
 
-from _matrix import MEG_TESTS, PROVEN, VANILLA_FAILS, cell, cells_of  # noqa: E402
+from _matrix import MEG_TESTS, cells_of, check_cell  # noqa: E402
 from _matrix_megatron import rank_cells  # noqa: E402
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
 TIMEOUT = 600
-
-
-def check_cell(name: str, per_rank: list[dict[str, Any]]) -> None:
-    """Assert one cell's outcome on every rank against its status (see the module doc)."""
-    c = cell(name)
-    for rank, out in enumerate(per_rank):
-        got = out[name]
-        where = f"rank {rank}, {name}"
-        if c.status == PROVEN:
-            assert got["problems"] == [], f"{where}: interleaved in a scope vs vanilla Megatron alone: {got['problems']}"
-            assert got["moved"] == got["parameters"], (
-                f"{where}: expected all {got['parameters']} parameters to change in training, {got['moved']} did"
-            )
-            assert None not in got["norms"], f"{where}: optimizer.step() returned no gradient norm: {got['norms']}"
-            assert got["state groups"] == got["vanilla groups"], (
-                f"{where}: the vanilla baseline has another layout: state {got['state groups']}, "
-                f"vanilla {got['vanilla groups']}"
-            )
-        else:
-            assert c.status == VANILLA_FAILS, f"{where}: no megatron-core cell is {c.status!r}"
-            assert got["error"] is not None, f"{where}: vanilla megatron-core ran; the cell's status must change"
-            kind, fragment = c.expect
-            assert got["error"][0] == kind and fragment in got["error"][1], (
-                f"{where}: expected vanilla {kind} containing {fragment!r}, got {got['error']}"
-            )
-    if c.status != PROVEN:
-        errors = {tuple(out[name]["error"]) for out in per_rank}
-        assert len(errors) == 1, f"{name}: ranks raised different errors: {sorted(errors)}"
 
 
 def _results(world: Any, test: str) -> dict[str, Any]:
