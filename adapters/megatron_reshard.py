@@ -20,6 +20,13 @@ around it:
 * **SwiGLU.** ``linear_fc1`` of a gated MLP holds ``[gate, up]`` per TP rank: partition
   stride 2. megatron-core sets that on the parameter from 0.19 on; for older versions the
   view tells the planner (the model is not changed).
+* **expert tensors** are recognised by name (:func:`is_expert`: a path component
+  ``experts``) as well as by megatron-core's ``allreduce=False``, which megatron-core sets
+  only under EP > 1: an EP=1 expert is split over the expert-TP group (its ``allreduce``
+  is True like a dense tensor's), so the checks use the expert-TP size and the view marks
+  it ``allreduce=False`` for the planner (TP=2 x EP=1 with expert TP=1 -> EP=2).
+* **casts** (``reshard(..., dtype=)``): resolved per canonical name on the gathered dtypes;
+  the pairs' transfers carry the wire dtype and the executor converts on the sending side.
 * **errors before anything moves, on every rank.** One gather of both models' tensor
   summaries; each rank checks names, global shapes, dtypes and that the TP tiling divides,
   and all raise the same :class:`~scoped_parallel.errors.ReshardError` (megatron-core
@@ -41,6 +48,7 @@ around it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -52,10 +60,21 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, UnsupportedSetupError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, pieces_match, register_backend, unmatched_names
+from scoped_parallel.refit import (
+    CastSpec,
+    Piece,
+    ReshardPlan,
+    Transfer,
+    box_is_contiguous,
+    box_slices,
+    pieces_match,
+    register_backend,
+    resolve_casts,
+    unmatched_names,
+)
 from scoped_parallel.refit.execute import run_plan
 
-__all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers"]
+__all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers", "is_expert"]
 
 #: what megatron-core's ``extract_param_metadata`` reads from a parameter (0.16-0.19)
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "partition_sizes", "allreduce")
@@ -166,15 +185,34 @@ def _gated_fc1(chunks: list[Any]) -> set[int]:
     return out
 
 
+def is_expert(name: str, tensor: Any = None) -> bool:
+    """Whether the tensor of canonical ``name`` belongs to a routed MoE expert: a path
+    component ``experts`` (the MoE layer's ``experts`` module in every megatron-core expert
+    class: ``...mlp.experts.local_experts.K.linear_fc1.weight`` of ``SequentialMLP``,
+    ``...mlp.experts.weight1`` of ``GroupedMLP``, ``...mlp.experts.linear_fc1.weightK`` of
+    ``TEGroupedMLP``; not ``shared_experts``, not the router), or megatron-core's own marker
+    ``allreduce=False``.
+
+    The marker alone is not enough: megatron-core sets ``allreduce = not (is_expert and
+    expert_parallel)`` (0.16-0.19), so with EP=1 an expert's tensors say ``allreduce=True``
+    like a dense tensor, and would be taken as split over the dense TP group instead of
+    the expert TP group (TP=2 x EP=1 with expert TP=1: each rank holds the whole expert)."""
+    return "experts" in name.split(".") or (tensor is not None and getattr(tensor, "allreduce", True) is False)
+
+
 def _stand_in(name: str, tensor: torch.Tensor, gated: bool) -> torch.Tensor:
     """A meta tensor with ``tensor``'s shape, dtype and the Megatron sharding attributes
-    megatron-core's planner reads (stride 2 where ``gated`` and the parameter says 1)."""
+    megatron-core's planner reads (stride 2 where ``gated`` and the parameter says 1;
+    ``allreduce=False`` on every expert tensor, :func:`is_expert`, which is how
+    megatron-core's planner picks the expert-parallel and expert-TP groups for it)."""
     stand = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), requires_grad=False)
     for attr in _TP_ATTRS:
         if hasattr(tensor, attr):
             setattr(stand, attr, getattr(tensor, attr))
     if gated and getattr(tensor, "tensor_model_parallel", False) and int(getattr(tensor, "partition_stride", 1)) == 1:
         stand.partition_stride = 2  # type: ignore[attr-defined]
+    if is_expert(name, tensor):
+        stand.allreduce = False  # type: ignore[attr-defined]
     return stand
 
 
@@ -199,7 +237,7 @@ def _summary(named: list[tuple[str, torch.Tensor]], state: Any, gated: set[int],
     for name, tensor in named:
         stand = _stand_in(name, tensor, id(tensor) in gated)
         sharded = bool(getattr(stand, "tensor_model_parallel", False))
-        expert = not bool(getattr(stand, "allreduce", True))
+        expert = is_expert(name, tensor)  # split over the expert TP group, not the dense one
         rows.append((
             _global_expert_name(name, state, experts) if expert else name, tuple(tensor.shape), str(tensor.dtype), tensor.element_size(),
             int(getattr(stand, "partition_dim", 0)) if sharded else None,
@@ -241,7 +279,8 @@ def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems:
 
 
 def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]]) -> list[str]:
-    """The reasons the destination cannot be filled from the source, per tensor."""
+    """The reasons the destination cannot be filled from the source, per tensor (names,
+    global shapes, TP tiling; dtypes are :func:`~scoped_parallel.refit.plan.resolve_casts`'s)."""
     problems = unmatched_names(src, {name: entry[5] for name, entry in dst.items()})
     for name, (shape, dtype, dim, stride, size, rank) in dst.items():
         if name not in src:
@@ -249,8 +288,6 @@ def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]]) -> 
         s_shape, s_dtype, s_dim, s_stride, s_size, _ = src[name]
         if s_shape != shape:
             problems.append(f"{name!r}: source global shape {s_shape} (split {s_size}) but destination {shape} (split {size})")
-        elif s_dtype != dtype:
-            problems.append(f"{name!r}: source dtype {s_dtype} but destination {dtype}; refit copies, it does not cast")
         elif dim is not None or s_dim is not None:
             if dim is not None and s_dim is not None and dim != s_dim:
                 problems.append(f"{name!r}: split on dim {s_dim} in the source but dim {dim} in the destination")
@@ -299,7 +336,7 @@ def _reroute_replicated(transfers: list[Transfer], full_reads: set[int], src_glo
         t = transfers[i]
         wanted = dst_global[(t.dst_rank, t.dst_name)]
         found = holders.get(wanted)
-        if ".experts." not in wanted or not found or src_global.get((t.src_rank, t.src_name)) == wanted:
+        if not is_expert(wanted) or not found or src_global.get((t.src_rank, t.src_name)) == wanted:
             continue
         views = dict(found)
         rank = t.dst_rank if t.dst_rank in views else found[t.dst_rank % len(found)][0]
@@ -455,8 +492,10 @@ class MegatronBackend:
         chunks = _chunks(model)
         return chunks, canonical_tensors(chunks), _gated_fc1(chunks)
 
-    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
-        """The checked plan (collective over the world; see the module docstring)."""
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
+        """The checked plan (collective over the world; see the module docstring). ``cast``:
+        ``reshard``'s ``dtype=`` (dtypes as strings), resolved per canonical name (global
+        layer and expert numbers) on the gathered dtypes, so every rank decides alike."""
         resharding, build = _resharding()
         src_chunks, src_named, src_gated = self._views(src_model)
         dst_chunks, dst_named, dst_gated = self._views(dst_model)
@@ -477,6 +516,8 @@ class MegatronBackend:
         src = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[1]], "source", problems)
         dst = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[2]], "destination", problems)
         problems += _match(src, dst)
+        casts, cast_problems = resolve_casts(cast, {name: (src[name][1], entry[1]) for name, entry in dst.items() if name in src})
+        problems += cast_problems
         if problems:
             raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 
@@ -520,6 +561,9 @@ class MegatronBackend:
         src_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[1]}
         dst_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[2]}
         rerouted = _reroute_replicated(transfers, full_reads, src_global, dst_global, shapes_src)
+        if casts:  # the sender converts: the wire carries the destination's dtype (Transfer.itemsize is already its)
+            transfers = [dataclasses.replace(t, cast=casts[dst_global[(t.dst_rank, t.dst_name)]])
+                         if dst_global[(t.dst_rank, t.dst_name)] in casts else t for t in transfers]
         misnamed = _misnamed(transfers, src_global, dst_global)
         if misnamed:
             raise ReshardError("megatron-core's plan copies between different tensors (nothing was moved):\n  " + "\n  ".join(misnamed[:20]))
@@ -530,13 +574,13 @@ class MegatronBackend:
         staging: dict[int, int] = {r: 0 for r in range(world)}
         for t in transfers:
             src_shape = shapes_src.get((t.src_rank, t.src_name))  # None: a wrong holder, which check() reports
-            if not t.local and src_shape is not None and not box_is_contiguous(t.src_box, src_shape):
-                staging[t.src_rank] += t.nbytes
+            if t.cast or (not t.local and src_shape is not None and not box_is_contiguous(t.src_box, src_shape)):
+                staging[t.src_rank] += t.nbytes  # a copy of the box: converted to the wire dtype, or made contiguous
             if not box_is_contiguous(t.dst_box, shapes_dst[(t.dst_rank, t.dst_name)]):
                 staging[t.dst_rank] += t.nbytes
         notes = (
             f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
-            "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous source boxes)",
+            "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous or converted source boxes)",
         ) + ((f"{len(rerouted)} whole-tensor reads of expert tensors rerouted to a rank that holds them (megatron-core's "
                "replicated fallback picks from the dense DP group; expert tensors not sharded by TP live on their EP ranks "
                f"only): {', '.join(sorted(set(rerouted))[:4])}{', ...' if len(set(rerouted)) > 4 else ''}",)
@@ -549,6 +593,9 @@ class MegatronBackend:
         ``service``, a ``CopyService`` or backend name); returns the bytes sent by peer ({} with
         ``service``), or None on every rank when the models no longer hold the planned pieces."""
         rank = dist.get_rank()
+        if service is not None and any(t.cast for t in plan.transfers):  # the plan is the same on every rank
+            raise ReshardError("reshard(..., dtype=..., service=...): megatron-core's executor copies without converting; "
+                               "leave service= out to run the cast with scoped_parallel's executor (nothing was moved)")
         # before any weight is read or written: the source's last step on every shard, no gather in flight
         finish_param_gathers(src_model, "source")
         finish_param_gathers(dst_model, "destination")

@@ -9,6 +9,9 @@ ranks hold with what each destination rank must fill; every element comes from t
 destination rank itself where it holds it, else from the least-loaded holder, so a
 ZeRO-3 source is never gathered to full size anywhere, and a ZeRO-3 destination receives
 only its own partition. Receives land in the destination's own storage (no staging).
+With ``reshard(..., dtype=)`` (casts resolved per parameter name on the gathered dtypes) the
+sender converts each run before sending: a bf16 destination of an fp32 source receives bf16
+bytes (the converted copies are the sender's staging).
 
 8-rank example: actor ZeRO-3 under SP=2 x DP=4 (partitions over the 8 ranks of SP x DP),
 rollout ZeRO-0 under SP=8 (a full replica per rank): each rollout rank receives 7/8 of
@@ -39,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import Piece, ReshardPlan, pieces_match, plan_flat, register_backend, unmatched_names
+from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, plan_flat, register_backend, resolve_casts, unmatched_names
 from scoped_parallel.refit.execute import comm_device, run_plan
 
 __all__ = ["FlatBackend", "flat_pieces", "settle"]
@@ -203,8 +206,9 @@ class FlatBackend:
         models = model if isinstance(model, (list, tuple)) else [model]
         return len(models) == 1 and isinstance(_module(models[0]), torch.nn.Module)
 
-    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
-        """The checked plan (collective over the world; see the module docstring)."""
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
+        """The checked plan (collective over the world; see the module docstring); ``cast``:
+        ``reshard``'s ``dtype=`` (dtypes as strings), keyed by parameter name."""
         src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
         local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
         local += _in_flight_problems(src_model, "source") + _in_flight_problems(dst_model, "destination")
@@ -223,18 +227,26 @@ class FlatBackend:
         problems += unmatched_names(shapes["source"], {name: entry[2] for name, entry in shapes["destination"].items()})
         for name, (shape, dtype, r) in shapes["destination"].items():
             src = shapes["source"].get(name)
-            if src is not None and src[:2] != (shape, dtype):
+            if src is not None and src[0] != shape:
                 problems.append(f"{name!r}: source {src[0]} {src[1]} but destination {shape} {dtype}; refit copies, it does not reshape or cast")
+        casts, cast_problems = resolve_casts(cast, {name: (shapes["source"][name][1], dtype) for name, (shape, dtype, _) in shapes["destination"].items()
+                                                    if name in shapes["source"] and shapes["source"][name][0] == shape})
+        problems += cast_problems
         if problems:
             raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
         plan = plan_flat(
             "flat",
             [(r, name, start, stop, itemsize) for r, (_, src, _) in enumerate(gathered) for name, _, _, itemsize, start, stop in src],
             [(r, name, start, stop, itemsize) for r, (_, _, dst) in enumerate(gathered) for name, _, _, itemsize, start, stop in dst],
+            casts,
         )
-        notes = ("executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own storage (no staging), "
-                 "a ZeRO-3 source is never gathered",)
-        return ReshardPlan(plan.backend, plan.transfers, plan.sources, plan.targets, {r: 0 for r in range(world)}, notes)
+        notes = ("executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own storage (no staging "
+                 "but the sender's converted copies of cast runs), a ZeRO-3 source is never gathered",)
+        staging = {r: 0 for r in range(world)}
+        for t in plan.transfers:
+            if t.cast:
+                staging[t.src_rank] += t.nbytes
+        return ReshardPlan(plan.backend, plan.transfers, plan.sources, plan.targets, staging, notes)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
                 bucket_bytes: int = 1 << 26) -> dict[int, int] | None:

@@ -210,14 +210,45 @@ def snapshot(chunks: list[Any]) -> list[torch.Tensor]:
     return [p.detach().clone() for c in chunks for p in c.parameters()]
 
 
+def full_weights(chunks: list[Any], state: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a dense model whole, by canonical name, on every rank: the TP shards
+    gathered (``all_gather_object``, a tiny model) and joined on their partition dim in TP
+    rank order (stride 1: not for SwiGLU's fc1)."""
+    from scoped_parallel.adapters.megatron_reshard import canonical_tensors
+
+    from megatron.core.utils import unwrap_model
+
+    tp_rank = state.get_tensor_model_parallel_rank()
+    mine = []
+    for name, tensor in canonical_tensors([unwrap_model(c) for c in chunks]):
+        dim = int(tensor.partition_dim) if getattr(tensor, "tensor_model_parallel", False) else None
+        mine.append((name, tp_rank, dim, tensor.detach().cpu().clone()))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    shards: dict[str, dict[int, tuple[Any, torch.Tensor]]] = {}
+    for rows in everyone:
+        for name, rank, dim, tensor in rows:
+            shards.setdefault(name, {})[rank if dim is not None else 0] = (dim, tensor)
+    out = {}
+    for name, by_rank in shards.items():
+        dim = next(iter(by_rank.values()))[0]
+        parts = [by_rank[r][1] for r in sorted(by_rank)]
+        out[name] = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+    return out
+
+
 def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int], model: dict[str, Any], sabotage: str = "") -> dict[str, Any]:
     """Build both models in their states, refit, and report logits and the plan's facts.
 
     ``sabotage``: "wrong-state" passes a destination state of another layout (expects a
     ReshardError and an untouched destination); "swap-shard" runs a plan whose first two
-    remote transfers into one tensor have their sources swapped. Not a sabotage: "service"
-    runs the plan with megatron-core's own executor (``reshard(..., service=)``) and the
-    CPU copy service above, which counts the bytes sent.
+    remote transfers into one tensor have their sources swapped; "uncast" refits an fp32
+    source into a bf16 destination without ``dtype=`` (expects a ReshardError and an
+    untouched destination). Not a sabotage: "service" runs the plan with megatron-core's own
+    executor (``reshard(..., service=)``) and the CPU copy service above, which counts the
+    bytes sent; "cast-bf16" plans and refits with ``dtype=torch.bfloat16`` and reports
+    whether every destination tensor equals the gathered source's ``.to(torch.bfloat16)``.
+    ``model["dst_bf16"]``: only the destination is built in bf16 (``Float16Module``).
     """
     import scoped_parallel as sp
     from scoped_parallel import adapters
@@ -228,27 +259,30 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
     try:
         with ex.cpu_shims(), adapters.installed(targets=("megatron",)):
             src_state, dst_state = states
+            model = dict(model)
+            dst_model = dict(model, bf16=True) if model.pop("dst_bf16", False) else dict(model)
             src = _built(src_state, src_layout, 1, **model)
-            dst = _built(dst_state, dst_layout, 2, **dict(model, layers=2) if sabotage == "other-architecture" else model)
+            dst = _built(dst_state, dst_layout, 2, **dict(dst_model, layers=2) if sabotage == "other-architecture" else dst_model)
             with src_state.activate():
                 out["src logits"] = logits(src)
             with dst_state.activate():
                 out["dst logits before"] = logits(dst)
-            if sabotage in ("other-architecture", "wrong-state"):
+            if sabotage in ("other-architecture", "wrong-state", "uncast"):
                 target = dst_state
                 if sabotage == "wrong-state":
                     target = _state("wrong", {"tp": 2} if dst_layout.get("tp", 1) != 2 else {"tp": 1})
                     states.append(target)
                 before = snapshot(dst)
                 try:
-                    sp.reshard(src, src_state, dst, target)
+                    sp.reshard(src, src_state, dst, target)  # "uncast": fp32 into bf16, no dtype=
                     out["error"] = None
                 except sp.ReshardError as err:
                     out["error"] = str(err)
                 out["dst untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
                 return out
-            plan = sp.plan_reshard(src, src_state, dst, dst_state)
-            out["cached"] = sp.plan_reshard(src, src_state, dst, dst_state) is plan
+            cast = {"dtype": torch.bfloat16} if sabotage == "cast-bf16" else {}
+            plan = sp.plan_reshard(src, src_state, dst, dst_state, **cast)
+            out["cached"] = sp.plan_reshard(src, src_state, dst, dst_state, **cast) is plan
             out["report"] = plan.report()
             out["problems"] = plan.problems()
             out["predicted sent"] = {d: b for (s, d), b in plan.bytes_between().items() if s == rank}
@@ -273,6 +307,10 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
             else:
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
                 out["sent"] = done.sent
+            if sabotage == "cast-bf16":
+                want, got = full_weights(src, src_state), full_weights(dst, dst_state)
+                out["weights are the source's .to(bfloat16)"] = sorted(want) == sorted(got) and all(
+                    got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n].to(torch.bfloat16)) for n in want)
             with dst_state.activate():
                 out["dst logits"] = logits(dst)
             out["plan transfers"] = len(plan.transfers)

@@ -13,6 +13,13 @@ before the refit is off by ~0.5) where the layout changes a shape: a TP change m
 row-parallel layers sum partial products in another order, and an EP change changes how
 many tokens each expert's matrix multiply sees, whose last bit then depends on the CPU's
 BLAS kernels (seen: 2.98e-8 on an AVX-512 EPYC for EP=4 -> EP=2, 0 on another machine).
+
+The cast case (fp32 source, bf16 ``Float16Module`` destination, ``dtype=torch.bfloat16``)
+is judged on the weights: every destination tensor equals the gathered source's
+``.to(torch.bfloat16)`` bit for bit (a cast is deterministic, wherever it runs). Its logits
+are within 2e-2 of the fp32 source's (seen: 2.3e-3), because the destination computes in
+bf16 (8 significant bits: one rounding is ~4e-3 relative at logits of magnitude ~1, and
+a layer rounds many times); the destination before the refit is off by ~0.6.
 """
 
 from __future__ import annotations
@@ -38,16 +45,23 @@ CASES = {
     "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2": ({"tp": 2, "pp": 2}, {"tp": 2}, {"bf16": True}),
     "MoE with biases EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4, "expert_bias": True}),
     "MoE with biases TP=2 x EP=2 (expert TP=1) -> TP=1 x EP=4": ({"tp": 2, "ep": 2, "etp": 1}, {"ep": 4}, {"experts": 4, "expert_bias": True}),
+    "MoE TP=2 x EP=1 (expert TP=1) -> EP=2": ({"tp": 2, "ep": 1, "etp": 1}, {"ep": 2}, {"experts": 4}),
+    "MoE EP=2 -> TP=2 x EP=1 (expert TP=1)": ({"ep": 2}, {"tp": 2, "ep": 1, "etp": 1}, {"experts": 4}),
     "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {}, "service"),
+    "fp32 TP=2 x PP=2 -> bf16 TP=4 (dtype=torch.bfloat16)": ({"tp": 2, "pp": 2}, {"tp": 4}, {"dst_bf16": True}, "cast-bf16"),
     "sabotage: swapped shard": ({"tp": 2}, {"tp": 1}, {}, "swap-shard"),
     "sabotage: wrong destination state": ({"tp": 2}, {"tp": 4}, {}, "wrong-state"),
     "sabotage: 2-layer destination of a 4-layer source": ({"tp": 2}, {"tp": 2}, {}, "other-architecture"),
     "sabotage: SwiGLU planned with the model's own stride": ({"tp": 2}, {"tp": 4}, {"swiglu": True}, "raw-stride"),
+    "sabotage: fp32 into bf16 without dtype=": ({"tp": 2}, {"tp": 4}, {"dst_bf16": True}, "uncast"),
 }
 #: cases whose two sides multiply matrices of the same shapes (TP and EP unchanged): bitwise
 SAME_SHAPES = {"PP=2 x VPP=2 -> PP=1", "PP=2 tied embeddings -> PP=1", "PP=1 tied embeddings -> PP=2",
                "Float16Module (bf16) TP=2 x PP=2 -> TP=2 x DP=2"}
 TOLERANCE = 1e-6
+#: cases whose destination computes in bf16 from fp32 source weights (module doc)
+CAST = "fp32 TP=2 x PP=2 -> bf16 TP=4 (dtype=torch.bfloat16)"
+BF16_TOLERANCE = 2e-2
 SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
 RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
 REFITS = [
@@ -74,6 +88,8 @@ def test_refitted_destination_computes_the_source_logits(refits, case):
         assert got["before diff"] > 0.1, f"rank {rank} {case}: the destination started too close to the source ({got['before diff']})"
         if case in SAME_SHAPES:
             assert got["bitwise"], f"rank {rank} {case}: expected bitwise equal logits, max |diff| {got['max diff']}"
+        elif case == CAST:
+            assert got["max diff"] <= BF16_TOLERANCE, f"rank {rank} {case}: max |logit diff| {got['max diff']}, expected <= {BF16_TOLERANCE}"
         else:
             assert got["max diff"] <= TOLERANCE, f"rank {rank} {case}: max |logit diff| {got['max diff']}, expected <= {TOLERANCE}"
 
@@ -105,6 +121,30 @@ def test_expert_biases_are_read_from_ranks_that_hold_them(refits):
     for rank, out in enumerate(refits):
         got = out["MoE with biases EP=4 -> EP=2"]
         assert "whole-tensor reads of expert tensors rerouted" in got["report"] and "linear_fc2.bias" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
+
+
+def test_a_cast_refit_writes_the_sources_bf16_values_and_sends_half_the_bytes(refits):
+    """``dtype=torch.bfloat16`` into a bf16 TP=4 destination: every destination tensor is the
+    gathered fp32 source's ``.to(torch.bfloat16)``, bit for bit; the senders convert, so each
+    rank sends what the plan predicts (the test above) and exactly half of what the fp32 refit
+    of the same layouts sends (case "TP=2 x PP=2 -> TP=4"); the report names the casts."""
+    for rank, out in enumerate(refits):
+        got = out[CAST]
+        assert got["weights are the source's .to(bfloat16)"], f"rank {rank}: destination weights are not the source's bf16 values"
+        fp32 = out["TP=2 x PP=2 -> TP=4"]["sent"]
+        assert {d: 2 * n for d, n in got["sent"].items()} == fp32, f"rank {rank}: bf16 sent {got['sent']}, fp32 sent {fp32}"
+        assert "casts on the sending side" in got["report"] and "to torch.bfloat16" in got["report"], got["report"]
+
+
+def test_a_dtype_change_without_dtype_is_refused_on_every_rank_and_moves_nothing(refits):
+    """fp32 source into a bf16 destination without ``dtype=``: ReshardError on every rank,
+    naming the tensors, both dtypes and the fix; the destination is untouched."""
+    for rank, out in enumerate(refits):
+        got = out["sabotage: fp32 into bf16 without dtype="]
+        error = got["error"]
+        assert error is not None and "'decoder.final_layernorm.bias'" in error and "source dtype torch.float32 but destination torch.bfloat16" in error \
+            and "pass dtype=torch.bfloat16" in error, f"rank {rank}: {error}"
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
 
 
 def test_a_swapped_shard_changes_the_logits(refits):
@@ -191,3 +231,26 @@ def test_expert_reads_from_a_non_holder_go_to_a_holder_by_global_name():
     moved = _reroute_replicated(transfers, {0, 1, 2}, src_global, dst_global, shapes)
     assert moved == [name, name], moved
     assert [(t.src_rank, t.dst_rank, t.src_box) for t in transfers] == [(1, 0, ((0, 8),)), (1, 1, ((0, 8),)), (0, 2, ((0, 8),))], transfers
+
+
+def test_expert_tensors_are_recognised_by_name_as_well_as_by_megatrons_marker():
+    """megatron-core marks expert tensors ``allreduce=False`` only under EP > 1; with EP=1
+    they say True like a dense tensor, so the name decides too (every expert class keeps its
+    tensors under the MoE layer's ``experts`` module); shared experts and the router are dense
+    (pure data)."""
+    import torch
+
+    from scoped_parallel.adapters.megatron_reshard import is_expert
+
+    dense_marker = torch.nn.Parameter(torch.empty(2), requires_grad=False)
+    dense_marker.allreduce = True  # what megatron-core 0.16-0.19 sets on an EP=1 expert
+    for name in ("decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight",  # SequentialMLP
+                 "decoder.layers.1.mlp.experts.weight1",  # GroupedMLP
+                 "decoder.layers.1.mlp.experts.linear_fc2.weight5"):  # TEGroupedMLP
+        assert is_expert(name, dense_marker), name
+    for name in ("decoder.layers.0.mlp.shared_experts.linear_fc1.weight", "decoder.layers.0.mlp.router.weight",
+                 "decoder.layers.0.mlp.router.expert_bias", "decoder.layers.0.mlp.linear_fc1.weight"):
+        assert not is_expert(name, dense_marker), name
+    ep_marker = torch.nn.Parameter(torch.empty(2), requires_grad=False)
+    ep_marker.allreduce = False
+    assert is_expert("some.renamed.tensor", ep_marker)

@@ -206,3 +206,107 @@ def test_two_transfers_into_one_scalar_are_reported_not_crashed():
     plan = ReshardPlan("test", (one, one), (Piece(0, "s", (), 4),), (Piece(1, "s", (), 4),))
     assert any("both write the same elements" in p for p in plan.problems()), plan.problems()
     assert ReshardPlan("test", (one,), (Piece(0, "s", (), 4),), (Piece(1, "s", (), 4),)).problems() == []
+
+
+# ---------------------------------------------------------------- casts (dtype=)
+
+
+def test_a_cast_plan_counts_the_wire_dtype_bytes():
+    """fp32 ZeRO-3 partitions (4-byte elements) into bf16 replicas (2 bytes) with the cast
+    marked: every transfer carries the wire dtype, the bytes between ranks are half the
+    uncast plan's, the plan passes its checks and the report names the cast and both counts."""
+    fp32_targets = [(r, "w", 0, 16, 4) for r in range(4)]
+    bf16_targets = [(r, "w", 0, 16, 2) for r in range(4)]
+    uncast = plan_flat("flat", _zero3(4, 16), fp32_targets)
+    cast = plan_flat("flat", _zero3(4, 16), bf16_targets, {"w": "torch.bfloat16"})
+    assert cast.problems() == [], cast.problems()
+    assert {t.cast for t in cast.transfers} == {"torch.bfloat16"} and {t.itemsize for t in cast.transfers} == {2}
+    assert cast.bytes_between() == {pair: n // 2 for pair, n in uncast.bytes_between().items()}, (cast.bytes_between(), uncast.bytes_between())
+    assert sum(cast.bytes_between().values()) == 12 * 4 * 2  # each rank receives the 12 elements it does not hold, 2 bytes each
+    assert cast.bytes_sent(0) == uncast.bytes_sent(0) // 2 and cast.bytes_received(3) == uncast.bytes_received(3) // 2
+    assert "casts on the sending side: 1 tensors to torch.bfloat16; 96 bytes between ranks for them (192 uncast)" in cast.report(), cast.report()
+    assert "casts on the sending side" not in uncast.report()
+
+
+def test_a_dtype_change_without_a_cast_or_into_another_dtype_fails_the_plan_checks():
+    """Unmarked 4-byte source elements into 2-byte destination elements are a problem; so is
+    a transfer cast to a dtype other than its destination piece's."""
+    unmarked = plan_flat("flat", _zero3(2, 8), [(r, "w", 0, 8, 2) for r in range(2)])
+    assert any("4-byte source elements into 2-byte destination elements" in p for p in unmarked.problems()), unmarked.problems()
+    t = Transfer(0, 1, "w", "w", ((0, 4),), ((0, 4),), 2, "torch.float16")
+    plan = ReshardPlan("test", (t,), (Piece(0, "w", (4,), 4, "torch.float32"),), (Piece(1, "w", (4,), 2, "torch.bfloat16"),))
+    assert any("cast to torch.float16, but the destination is torch.bfloat16" in p for p in plan.problems()), plan.problems()
+
+
+_PAIRS = {
+    "w": ("torch.float32", "torch.bfloat16"),
+    "b": ("torch.float32", "torch.bfloat16"),
+    "same": ("torch.float32", "torch.float32"),
+    "steps": ("torch.int64", "torch.int64"),
+}
+
+
+@pytest.mark.parametrize(
+    "spec, pairs, casts, problem",
+    [
+        ("torch.bfloat16", {k: _PAIRS[k] for k in ("w", "b", "steps")}, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
+        ("torch.bfloat16", _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"},
+         "'same': dtype= casts to torch.bfloat16, but the destination tensor is torch.float32"),
+        ({"w": "torch.bfloat16", "b": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
+        ({"w": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16"},
+         "'b': source dtype torch.float32 but destination torch.bfloat16; a refit copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16"),
+        ({"w": "torch.bfloat16", "b": "torch.bfloat16", "steps": "torch.bfloat16"}, _PAIRS, None, "'steps': dtype= asks for torch.bfloat16, but a torch.int64 -> torch.int64 tensor is never cast"),
+        ({"w": "torch.bfloat16", "b": "torch.bfloat16", "typo": "torch.bfloat16"}, _PAIRS, None, "dtype= names tensors that the models do not both hold: ['typo']"),
+        (lambda name: "torch.bfloat16" if name in ("w", "b") else None, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
+        (None, _PAIRS, {}, "'b', 'w': source dtype torch.float32 but destination torch.bfloat16"),
+        ("torch.float16", {"w": _PAIRS["w"]}, {}, "'w': dtype= casts to torch.float16, but the destination tensor is torch.bfloat16 (the cast target must be the destination's dtype)"),
+    ],
+    ids=["one-dtype", "one-dtype-into-fp32", "mapping", "mapping-misses-one", "int-never-cast", "unknown-name", "function", "none", "wrong-target"],
+)
+def test_resolve_casts(spec, pairs, casts, problem):
+    """What ``dtype=`` does per tensor: floating tensors only, the target must be the
+    destination's dtype, a dtype change nobody asked for names the fix (pure)."""
+    from scoped_parallel.refit import resolve_casts
+
+    got, problems = resolve_casts(spec, pairs)
+    if casts is not None:
+        assert got == casts, got
+    if problem is None:
+        assert problems == [], problems
+    else:
+        assert any(problem in p for p in problems), problems
+
+
+def test_plans_with_other_casts_are_cached_apart(monkeypatch):
+    """``dtype=`` is part of the cache key: the same dtype (or the same mapping, or the same
+    function object) reuses the plan; another cast plans again; a bad dtype is refused first."""
+    import torch
+
+    from scoped_parallel.refit import api
+
+    seen = []
+
+    class Casting(_CountingBackend):
+        def plan(self, *args, cast=None):  # noqa: ANN002
+            seen.append(cast)
+            return super().plan(*args)
+
+    backend = Casting()
+    monkeypatch.setattr(api, "_BACKENDS", [backend])
+    monkeypatch.setattr(api, "_check_same_ranks", lambda a, b: None)
+    src, dst, model_a, model_b = _FakeState((0, 1)), _FakeState((0, 2)), _Model(), _Model()
+    fn = lambda name: torch.float16  # noqa: E731
+    plain = api.plan_reshard(model_a, src, model_b, dst)
+    bf16 = api.plan_reshard(model_a, src, model_b, dst, dtype=torch.bfloat16)
+    mapped = api.plan_reshard(model_a, src, model_b, dst, dtype={"w": torch.bfloat16})
+    by_fn = api.plan_reshard(model_a, src, model_b, dst, dtype=fn)
+    assert len({id(p) for p in (plain, bf16, mapped, by_fn)}) == 4 and backend.planned == 4
+    assert api.plan_reshard(model_a, src, model_b, dst, dtype=torch.bfloat16) is bf16
+    assert api.plan_reshard(model_a, src, model_b, dst, dtype={"w": torch.bfloat16}) is mapped
+    assert api.plan_reshard(model_a, src, model_b, dst, dtype=fn) is by_fn and backend.planned == 4
+    assert seen[:3] == [None, "torch.bfloat16", {"w": "torch.bfloat16"}] and seen[3]("x") == "torch.float16", seen
+    with pytest.raises(ReshardError, match="torch.int32 is not a floating dtype"):
+        api.plan_reshard(model_a, src, model_b, dst, dtype=torch.int32)
+    with pytest.raises(ReshardError, match="the 'counting' reshard backend does not convert dtypes"):
+        monkeypatch.setattr(api, "_BACKENDS", [_CountingBackend()])
+        api.plan_reshard(model_a, src, model_b, dst, dtype=torch.float16)

@@ -95,6 +95,45 @@ def _swap(plan: Any) -> Any:
     raise AssertionError("no two transfers into one tensor to swap")
 
 
+def _cast_cases(rank: int, actor: Any, a: Any, b: Any, fp32_sent: dict[int, int]) -> dict[str, Any]:
+    """The ZeRO-3 fp32 actor into a plain bf16 Hugging Face module (a whole replica per rank
+    in state B, the layout of the ZeRO-0 case whose fp32 bytes are ``fp32_sent``): refused
+    without ``dtype=`` and with a cast target other than the destination's dtype (nothing
+    moved), then with ``dtype=torch.bfloat16``."""
+    import scoped_parallel as sp
+
+    got: dict[str, Any] = {}
+    src_params, _ = _full(actor)
+    dst = _llama(3).to(torch.bfloat16).requires_grad_(False)
+    before = [p.detach().clone() for p in dst.parameters()]
+    for key, dtype in (("no dtype error", None), ("wrong target error", torch.float16)):
+        try:
+            sp.reshard(actor, a, dst, b, dtype=dtype)
+            got[key] = None
+        except sp.ReshardError as err:
+            got[key] = str(err)
+    got["refused untouched"] = all(map(torch.equal, before, dst.parameters()))
+    plan = sp.plan_reshard(actor, a, dst, b, dtype=torch.bfloat16)
+    done = sp.reshard(actor, a, dst, b, dtype=torch.bfloat16)
+    got["cached"] = done.plan is plan
+    by_name = sp.plan_reshard(actor, a, dst, b, dtype={n: torch.bfloat16 for n, _ in dst.named_parameters()})
+    got["other cast cached apart, same transfers"] = by_name is not plan and by_name.transfers == plan.transfers
+    got["problems"] = plan.problems()
+    got["report"] = plan.report()
+    got["sent"] = done.sent
+    got["predicted"] = {d: n for (s, d), n in plan.bytes_between().items() if s == rank}
+    got["fp32 sent"] = fp32_sent
+    got["params"] = len(src_params) == len(list(dst.parameters())) and all(
+        p.dtype == torch.bfloat16 and torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(dst.parameters(), src_params))
+    got["started different"] = not all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(before, src_params))
+    # fp16, asked by a function of the name (None: no cast; every parameter here is floating)
+    half = _llama(4).half().requires_grad_(False)
+    done = sp.reshard(actor, a, half, b, dtype=lambda name: torch.float16)
+    got["fp16 sent"] = done.sent
+    got["fp16 params"] = all(p.dtype == torch.float16 and torch.equal(p, q.to(torch.float16)) for p, q in zip(half.parameters(), src_params))
+    return got
+
+
 def _rank_refits(rank: int) -> dict[str, Any]:
     import scoped_parallel as sp
 
@@ -170,6 +209,8 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                         except sp.ReshardError as err:
                             out["stale given plan error"] = str(err)
                         norm.data = kept
+                    if stage == 0:
+                        out["bf16"] = _cast_cases(rank, actor, a, b, out[name]["sent"])
                     if stage == 3 and offloaded:
                         out[name]["offload config"] = str(dst.zero_offload_param())
                     if stage == 3 and not offloaded:
@@ -224,6 +265,41 @@ def test_plan_predicts_the_bytes_sent_and_covers_every_element(refits, case):
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert got["sent"] == got["predicted"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted']}"
         assert got["cached"], f"rank {rank} {case}: reshard planned again after plan_reshard"
+
+
+def test_a_bf16_destination_of_an_fp32_zero3_actor_gets_the_cast_weights_and_half_the_bytes(refits):
+    """``dtype=torch.bfloat16``: the plain bf16 module's parameters equal the actor's
+    ``.to(torch.bfloat16)`` bit for bit (a cast is deterministic, wherever it runs); the
+    senders convert, so each rank sends what the plan predicts, exactly half the bytes of the
+    fp32 replica of the same layout (the ZeRO-0 case, state B); the report names the casts;
+    a mapping naming every parameter is another cache entry with the same transfers. The
+    same into an fp16 module, the cast asked by a function of the name: fp16 values, the
+    same bytes as bf16."""
+    for rank, out in enumerate(refits):
+        got = out["bf16"]
+        assert got["problems"] == [], f"rank {rank}: {got['problems']}"
+        assert got["started different"], f"rank {rank}: the destination started equal to the cast actor"
+        assert got["params"], f"rank {rank}: destination parameters differ from the actor's .to(bfloat16)"
+        assert got["sent"] == got["predicted"], f"rank {rank}: sent {got['sent']}, plan said {got['predicted']}"
+        assert got["sent"] and {d: 2 * n for d, n in got["sent"].items()} == got["fp32 sent"], (
+            f"rank {rank}: bf16 sent {got['sent']}, fp32 sent {got['fp32 sent']} (expected half)")
+        assert got["cached"] and got["other cast cached apart, same transfers"], f"rank {rank}: {got}"
+        assert "casts on the sending side" in got["report"] and "torch.bfloat16" in got["report"], got["report"]
+        assert got["fp16 params"] and got["fp16 sent"] == got["sent"], f"rank {rank}: fp16 by a function: {got['fp16 sent']}, {got['fp16 params']}"
+
+
+def test_a_dtype_change_without_dtype_or_to_another_dtype_is_refused_and_moves_nothing(refits):
+    """fp32 into bf16 without ``dtype=``: refused on every rank, naming a tensor, both dtypes
+    and the fix; ``dtype=torch.float16`` into a bf16 destination: refused (the cast target
+    must be the destination's dtype). The destination is untouched by both."""
+    for rank, out in enumerate(refits):
+        got = out["bf16"]
+        error = got["no dtype error"]
+        assert error is not None and "'lm_head.weight'" in error and "torch.float32" in error and "torch.bfloat16" in error \
+            and "dtype=torch.bfloat16" in error, f"rank {rank}: {error}"
+        wrong = got["wrong target error"]
+        assert wrong is not None and "casts to torch.float16" in wrong and "must be the destination's dtype" in wrong, f"rank {rank}: {wrong}"
+        assert got["refused untouched"], f"rank {rank}: the destination changed although the refit was refused"
 
 
 def test_layouts_are_the_ones_described(refits):

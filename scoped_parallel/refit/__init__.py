@@ -7,11 +7,24 @@
 """
 
 from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard
-from scoped_parallel.refit.plan import Box, Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, plan_flat, unmatched_names
+from scoped_parallel.refit.plan import (
+    Box,
+    CastSpec,
+    Piece,
+    ReshardPlan,
+    Transfer,
+    box_is_contiguous,
+    box_slices,
+    is_floating,
+    plan_flat,
+    resolve_casts,
+    unmatched_names,
+)
 
 __all__ = [
     "Backend",
     "Box",
+    "CastSpec",
     "Piece",
     "Refit",
     "ReshardPlan",
@@ -19,10 +32,12 @@ __all__ = [
     "backends",
     "box_is_contiguous",
     "box_slices",
+    "is_floating",
     "pieces_match",
     "plan_flat",
     "plan_reshard",
     "register_backend",
+    "resolve_casts",
     "reshard",
     "unmatched_names",
 ]

@@ -29,14 +29,15 @@ when either is destroyed (the cache lives in each state's ``adapter_record``).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
 from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
-from scoped_parallel.refit.plan import Piece, ReshardPlan
+from scoped_parallel.refit.plan import CastSpec, Piece, ReshardPlan
 
-__all__ = ["Backend", "Refit", "backends", "pieces_match", "plan_reshard", "register_backend", "reshard"]
+__all__ = ["Backend", "Refit", "backends", "cast_spec", "pieces_match", "plan_reshard", "register_backend", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,11 @@ class Backend(Protocol):
     def claims(self, model: Any) -> bool:
         """Whether this backend knows how ``model`` (a module or a list of model chunks) is laid out."""
 
-    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> ReshardPlan:
-        """The checked plan; collective over the world; raises ReshardError on every rank alike."""
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
+        """The checked plan; collective over the world; raises ReshardError on every rank alike.
+        ``cast``: ``dtype=`` of :func:`reshard` with dtypes as strings (resolve it per tensor
+        with :func:`~scoped_parallel.refit.plan.resolve_casts` on the gathered dtypes and mark
+        the transfers' ``cast``); only passed when not None."""
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int] | None:
         """Move this rank's part of ``plan``; returns the bytes sent by peer. First, with
@@ -144,20 +148,61 @@ def _check_same_ranks(src_state: Any, dst_state: Any) -> None:
             )
 
 
+def _dtype_name(dtype: Any, where: str) -> str:
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        raise ReshardError(f"dtype= {where}: expected a torch.dtype, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ReshardError(f"dtype= {where}: {dtype} is not a floating dtype; a refit casts floating tensors only")
+    return str(dtype)
+
+
+def cast_spec(dtype: Any) -> tuple[CastSpec, Any]:
+    """``dtype=`` of :func:`reshard` as the plan sees it (dtypes spelled as strings) and its
+    part of the plan cache key. ``dtype`` is None, a ``torch.dtype`` (every floating tensor),
+    a mapping ``{canonical name: torch.dtype}`` or a function ``name -> torch.dtype | None``
+    (keyed by the function object itself: pass the same one to reuse the cached plan)."""
+    if dtype is None:
+        return None, None
+    if isinstance(dtype, Mapping):
+        spec = {str(name): _dtype_name(d, f"[{name!r}]") for name, d in dtype.items()}
+        return spec, ("map", tuple(sorted(spec.items())))
+    if callable(dtype) and not _is_dtype(dtype):
+        def spec_fn(name: str) -> str | None:
+            got = dtype(name)
+            return None if got is None else _dtype_name(got, f"function's answer for {name!r}")
+
+        return spec_fn, ("fn", dtype)
+    spec = _dtype_name(dtype, "")
+    return spec, ("all", spec)
+
+
+def _is_dtype(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.dtype)
+
+
 def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, backend: str | None = None,
-                 replan: bool = False) -> ReshardPlan:
+                 replan: bool = False, dtype: Any = None) -> ReshardPlan:
     """The dry run: the checked plan of ``reshard`` with the same arguments, nothing moved.
 
     Collective (every rank calls it, with its own chunks of both models). Print
     ``plan.report()`` for bytes per rank pair, staging memory per rank and the coverage
     check. Raises :class:`~scoped_parallel.errors.ReshardError` on every rank alike, naming
     the tensor, when the two models cannot be matched (other architecture, sizes that do
-    not divide, a state that is not the one a model was built in). ``replan=True`` ignores
-    the cached plan (every rank must pass the same value).
+    not divide, a dtype change without ``dtype=``, a state that is not the one a model was
+    built in). ``replan=True`` ignores the cached plan (every rank must pass the same value).
+
+    ``dtype`` (see :func:`reshard`) is part of the plan: its transfers carry the wire dtype
+    (``Transfer.cast``), so ``bytes_between()`` and the report count the converted bytes,
+    and plans with different casts are cached apart.
     """
     chosen = _backend(src_model, dst_model, backend)
+    spec, cast_key = cast_spec(dtype)
     key = (chosen.name, tuple(id(m) for m in _chunks(src_model)), tuple(id(m) for m in _chunks(dst_model)),
-           _state_key(src_state), _state_key(dst_state))
+           _state_key(src_state), _state_key(dst_state), cast_key)
     src_cache, dst_cache = _caches(src_state, dst_state)
     entry = None if replan else src_cache.entries.get(key)
     if entry is not None and dst_cache.entries.get(key) is not None:
@@ -166,7 +211,13 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
         if all(a is b for a, b in zip(alive, _chunks(src_model) + _chunks(dst_model))):
             return plan  # type: ignore[no-any-return]
     _check_same_ranks(src_state, dst_state)
-    plan = chosen.plan(src_model, src_state, dst_model, dst_state).check()
+    if spec is None:
+        plan = chosen.plan(src_model, src_state, dst_model, dst_state)
+    else:
+        if "cast" not in inspect.signature(chosen.plan).parameters:
+            raise ReshardError(f"the {chosen.name!r} reshard backend does not convert dtypes (its plan() takes no cast=); refit without dtype=")
+        plan = chosen.plan(src_model, src_state, dst_model, dst_state, cast=spec)
+    plan = plan.check()
     refs = tuple(weakref.ref(m) for m in _chunks(src_model) + _chunks(dst_model))
     src_cache.drop_dead()
     dst_cache.drop_dead()
@@ -204,10 +255,21 @@ def reshard(
     *,
     backend: str | None = None,
     plan: ReshardPlan | None = None,
+    dtype: Any = None,
     **options: Any,
 ) -> Refit:
     """Copy every parameter of ``src_model`` (laid out by ``src_state``) into ``dst_model``
     (the same architecture, laid out by ``dst_state``). Collective over the world.
+
+    Dtypes must match unless ``dtype=`` asks for a conversion (else a ReshardError naming
+    the tensor, both dtypes and the fix): ``dtype=torch.bfloat16`` converts every floating
+    tensor, ``{"decoder.layers.0.mlp.linear_fc1.weight": torch.float16, ...}`` (canonical
+    names, as ``plan.targets`` lists them) or a function ``name -> dtype | None`` (None: no
+    cast) only those named. The target must be the destination tensor's dtype (checked on
+    every rank before anything moves); integer and bool tensors are never cast. The
+    *sender* converts each box before it leaves (local copies too), so an fp32 source into
+    a bf16 destination sends bf16: ``Refit.sent`` and ``plan.bytes_between()`` count those
+    bytes. Every rank must pass the same ``dtype`` (a function: the same answers).
 
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
     a given plan is checked again. Either way every rank first confirms that the models
@@ -219,14 +281,16 @@ def reshard(
     chosen = _backend(src_model, dst_model, backend)
     given = plan is not None
     if plan is None:
-        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name)
+        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, dtype=dtype)
     else:
+        if dtype is not None:
+            raise ReshardError("reshard(plan=..., dtype=...): the casts are part of the plan; pass dtype= to plan_reshard instead")
         plan.check()
     sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
     if sent is None and not given:
         # a tensor changed shape, dtype or partition since the plan was made (e.g. a buffer
         # upcast by the first forward): plan again, on every rank alike, and run that
-        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, replan=True)
+        plan = plan_reshard(src_model, src_state, dst_model, dst_state, backend=chosen.name, replan=True, dtype=dtype)
         sent = chosen.execute(plan, src_model, src_state, dst_model, dst_state, **options)
     if sent is None:
         raise ReshardError(

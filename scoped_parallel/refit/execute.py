@@ -7,6 +7,11 @@ the next. A receive lands straight in the destination tensor when its box is con
 there (flat partitions always are), else in a buffer copied in afterwards; a send reads
 the source box in place when it is contiguous. Local transfers are plain copies.
 
+A transfer with a ``cast`` (``reshard(..., dtype=)``) is converted on the sending side:
+the sender sends ``box.to(cast)`` (so the wire carries the destination's dtype and its
+bytes), and a local copy converts the same way; the receiver gets exactly the destination's
+dtype. The bytes reported sent are those of the tensors handed to ``isend``.
+
 All transfers go over one device, :func:`comm_device` (the GPU under NCCL, else the CPU):
 a tensor elsewhere (ZeRO-3 partitions offloaded to host memory, under NCCL) is sent from a
 copy on that device and received into a buffer there, then copied in. On CPU with gloo
@@ -39,6 +44,14 @@ def comm_device(group: object = None) -> torch.device:
 
 def _view(tensor: torch.Tensor, box: Box) -> torch.Tensor:
     return tensor[box_slices(box)]
+
+
+def _wire_dtype(cast: str) -> torch.dtype:
+    """``"torch.bfloat16"`` -> ``torch.bfloat16`` (a plan spells dtypes as strings)."""
+    dtype = getattr(torch, cast.split(".", 1)[-1], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"the plan casts to {cast!r}, which is no torch dtype")
+    return dtype
 
 
 def _buckets(plan: ReshardPlan, bucket_bytes: int) -> list[int]:
@@ -85,12 +98,13 @@ def run_plan(
                 if bucket_of[i] != bucket:
                     continue
                 if t.local:
-                    _view(targets[t.dst_name], t.dst_box).copy_(_view(sources[t.src_name], t.src_box))
+                    data = _view(sources[t.src_name], t.src_box)
+                    _view(targets[t.dst_name], t.dst_box).copy_(data.to(_wire_dtype(t.cast)) if t.cast else data)
                 elif t.src_rank == rank:
                     data = _view(sources[t.src_name], t.src_box)
-                    data = data.to(device).contiguous()
+                    data = data.to(device, dtype=_wire_dtype(t.cast) if t.cast else None).contiguous()
                     ops.append(dist.P2POp(dist.isend, data, t.dst_rank, group=group))
-                    sent[t.dst_rank] = sent.get(t.dst_rank, 0) + t.nbytes
+                    sent[t.dst_rank] = sent.get(t.dst_rank, 0) + data.numel() * data.element_size()
                 else:
                     target = targets[t.dst_name]
                     view = _view(target, t.dst_box)

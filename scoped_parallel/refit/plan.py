@@ -38,14 +38,94 @@ import bisect
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from scoped_parallel.errors import ReshardError
 
-__all__ = ["Box", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "box_slices", "plan_flat", "unmatched_names"]
+__all__ = [
+    "Box", "CastSpec", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "box_slices", "is_floating", "plan_flat",
+    "resolve_casts", "unmatched_names",
+]
 
 #: per dimension ``(start, stop)``, local coordinates of one piece
 Box = tuple[tuple[int, int], ...]
+
+#: what ``dtype=`` of ``reshard``/``plan_reshard`` becomes once torch dtypes are spelled as
+#: strings (``str(torch.bfloat16) == "torch.bfloat16"``): None (no cast), one dtype for every
+#: floating tensor, ``{canonical name: dtype}``, or a function of the name (None: no cast)
+CastSpec = Union[None, str, Mapping[str, str], Callable[[str], Union[str, None]]]
+
+
+def is_floating(dtype: str) -> bool:
+    """Whether ``dtype`` (a torch dtype's ``str``) is a floating-point type, the only kind a
+    refit casts (integer, bool and complex tensors are copied as they are).
+
+    >>> is_floating("torch.bfloat16"), is_floating("torch.float8_e4m3fn"), is_floating("torch.int64")
+    (True, True, False)
+    """
+    return dtype.startswith(("torch.float", "torch.bfloat", "torch.half", "torch.double"))
+
+
+def resolve_casts(spec: CastSpec, pairs: Mapping[str, tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """The wire dtype of every tensor that changes dtype, and the problems: ``pairs`` is
+    ``{name: (source dtype, destination dtype)}`` for the tensors both models hold.
+
+    A tensor is cast only where both its dtypes are floating and ``spec`` names a dtype
+    for it (``spec`` a dtype: every floating tensor; a mapping: the names it lists; a
+    callable: what it returns, None for no cast). That dtype must be the destination
+    tensor's (the cast happens on the sending side, so the wire carries the destination's
+    bytes). A tensor whose dtypes differ with no cast asked is a problem naming the fix; so
+    is a cast asked for an integer/bool tensor, or for a name no model holds.
+
+    >>> resolve_casts("torch.bfloat16", {"w": ("torch.float32", "torch.bfloat16"), "step": ("torch.int64", "torch.int64")})
+    ({'w': 'torch.bfloat16'}, [])
+    >>> resolve_casts(None, {"w": ("torch.float32", "torch.bfloat16")})[1]
+    ["'w': source dtype torch.float32 but destination torch.bfloat16; a refit copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16 (or a mapping / function naming these tensors) to convert on the sending side"]
+    """
+    casts: dict[str, str] = {}
+    problems: list[str] = []
+    uncast: dict[tuple[str, str], list[str]] = {}  # (source, destination dtype) -> names: one line per pair
+    mistargeted: dict[tuple[str, str], list[str]] = {}  # (asked, destination dtype) -> names
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(pairs))
+        if unknown:
+            problems.append(f"dtype= names tensors that the models do not both hold: {unknown[:3]} (of {len(unknown)}); "
+                            "use canonical names (plan.targets lists them)")
+    for name in sorted(pairs):
+        src, dst = pairs[name]
+        floating = is_floating(src) and is_floating(dst)
+        wanted: str | None = None
+        if isinstance(spec, str):
+            wanted = spec if floating else None
+        elif isinstance(spec, Mapping):
+            wanted = spec.get(name)
+            if wanted is not None and not floating:
+                problems.append(f"{name!r}: dtype= asks for {wanted}, but a {src} -> {dst} tensor is never cast (integer/bool)")
+                continue
+        elif spec is not None and floating:
+            wanted = spec(name)
+        if wanted is None:
+            if src != dst:
+                uncast.setdefault((src, dst), []).append(name)
+        elif wanted != dst:
+            mistargeted.setdefault((wanted, dst), []).append(name)
+        elif wanted != src:
+            casts[name] = wanted
+    for (src, dst), names in uncast.items():
+        problems.append(
+            f"{_names(names)}: source dtype {src} but destination {dst}; a refit copies, it does not reshape or cast "
+            f"unless asked: pass dtype={dst} (or a mapping / function naming these tensors) to convert on the sending side"
+        )
+    for (wanted, dst), names in mistargeted.items():
+        problems.append(f"{_names(names)}: dtype= casts to {wanted}, but the destination tensor is {dst} "
+                        "(the cast target must be the destination's dtype)")
+    return casts, problems
+
+
+def _names(names: list[str]) -> str:
+    """``'a'``, or ``'a', 'b', 'c' and 5 more tensors``: the tensors one problem line is about."""
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more tensors"
 
 
 def _volume(box: Box) -> int:
@@ -146,7 +226,11 @@ class Piece:
 @dataclass(frozen=True)
 class Transfer:
     """Box ``src_box`` of source piece ``src_name`` on ``src_rank`` into box ``dst_box``
-    of destination piece ``dst_name`` on ``dst_rank`` (the same rank: a local copy)."""
+    of destination piece ``dst_name`` on ``dst_rank`` (the same rank: a local copy).
+
+    ``itemsize`` is the size of an element on the wire; ``cast`` the dtype the sender
+    converts the box to before sending (``"torch.bfloat16"``; the destination's dtype), or
+    ``""`` where the box travels as the source holds it."""
 
     src_rank: int
     dst_rank: int
@@ -155,10 +239,11 @@ class Transfer:
     src_box: Box
     dst_box: Box
     itemsize: int
+    cast: str = ""
 
     @property
     def nbytes(self) -> int:
-        """Bytes the transfer moves."""
+        """Bytes the transfer moves (in the wire dtype)."""
         return _volume(self.dst_box) * self.itemsize
 
     @property
@@ -263,7 +348,12 @@ class ReshardPlan:
                 len(t.src_box) == len(t.dst_box) and _extents(t.src_box) != _extents(t.dst_box)
             ):
                 found.append(f"transfer {t.src_name!r} rank {t.src_rank} -> {t.dst_name!r} rank {t.dst_rank}: box {t.src_box} and box {t.dst_box} differ in size")
-            if src is not None and dst is not None and src.itemsize != dst.itemsize:
+            if t.cast:
+                if dst.dtype and t.cast != dst.dtype:
+                    found.append(f"{t.dst_name!r} on rank {t.dst_rank}: cast to {t.cast}, but the destination is {dst.dtype}")
+                if t.itemsize != dst.itemsize:
+                    found.append(f"{t.dst_name!r} on rank {t.dst_rank}: {t.itemsize}-byte elements on the wire into {dst.itemsize}-byte destination elements")
+            elif src is not None and src.itemsize != dst.itemsize:
                 found.append(f"{t.dst_name!r}: {src.itemsize}-byte source elements into {dst.itemsize}-byte destination elements")
             written[(t.dst_rank, t.dst_name)].append(t.dst_box)
         for (rank, name), boxes in written.items():
@@ -313,6 +403,16 @@ class ReshardPlan:
             )
         if pairs:
             lines.append("bytes by pair (src -> dst): " + ", ".join(f"{s}->{d}: {b}" for (s, d), b in pairs.items()))
+        cast = [t for t in self.transfers if t.cast]
+        if cast:
+            held = {(p.rank, p.name): p for p in self.sources}
+            wire = sum(t.nbytes for t in cast if not t.local)
+            uncast = sum(_volume(t.dst_box) * held[(t.src_rank, t.src_name)].itemsize for t in cast
+                         if not t.local and (t.src_rank, t.src_name) in held)
+            lines.append(
+                f"casts on the sending side: {len({t.dst_name for t in cast})} tensors to {', '.join(sorted({t.cast for t in cast}))}; "
+                f"{wire} bytes between ranks for them ({uncast} uncast)"
+            )
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -327,6 +427,7 @@ def plan_flat(
     backend: str,
     sources: Iterable[tuple[int, str, int, int, int]],
     targets: Iterable[tuple[int, str, int, int, int]],
+    casts: Mapping[str, str] | None = None,
 ) -> ReshardPlan:
     """Transfers between flat partitions of the same tensors (ZeRO-3 shards, full replicas).
 
@@ -334,7 +435,9 @@ def plan_flat(
     must fill) elements ``[start, stop)`` of the flattened tensor ``name``. Each needed
     element comes from the destination rank itself where it holds it, else from the holder
     that has been given the fewest bytes to send so far (ties: the nearest rank after the
-    destination), so replicas share the sending. Raises :class:`~scoped_parallel.errors.ReshardError` naming the
+    destination), so replicas share the sending. ``casts`` (name -> wire dtype, from
+    :func:`resolve_casts`) marks the transfers the sender converts: their ``itemsize`` is the
+    destination's, the bytes that travel. Raises :class:`~scoped_parallel.errors.ReshardError` naming the
     tensor and the elements that no source holds.
 
     >>> plan = plan_flat("flat", [(0, "w", 0, 4, 4), (1, "w", 4, 8, 4)], [(r, "w", 0, 8, 4) for r in (0, 1)])
@@ -386,7 +489,8 @@ def plan_flat(
             else:
                 runs.append([rank, piece_start, a, b])
         for rank, piece_start, a, b in runs:
-            transfers.append(Transfer(rank, dst_rank, name, name, ((a - piece_start, b - piece_start),), ((a - start, b - start),), itemsize))
+            transfers.append(Transfer(rank, dst_rank, name, name, ((a - piece_start, b - piece_start),), ((a - start, b - start),), itemsize,
+                                      (casts or {}).get(name, "")))
     src_pieces = tuple(Piece(r, n, (b - a,), i) for r, n, a, b, i in sources)
     dst_pieces = tuple(Piece(r, n, (b - a,), i) for r, n, a, b, i in targets)
     return ReshardPlan(backend, tuple(transfers), src_pieces, dst_pieces)
