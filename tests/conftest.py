@@ -32,9 +32,28 @@ def _guard_every_test(scoped_parallel_guard):
     """
 
 
+def _prebuild_deepspeed_extension() -> None:
+    """Build DeepSpeed's shared-memory comm extension once, in one process, before any rank starts.
+
+    DeepSpeed's first ``init_distributed`` JIT-builds it (about a minute, cached per venv
+    afterwards); four ranks doing it at once wait on one file lock, which on a fresh or busy
+    machine spent the first world call's deadline. A subprocess, so this test process never
+    imports DeepSpeed; without DeepSpeed (or if the build fails) the ranks proceed as before.
+    """
+    import subprocess
+
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    try:
+        subprocess.run([sys.executable, "-c", code], env=dict(os.environ), timeout=900, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 @pytest.fixture(scope="session")
 def world():
     """One 4-rank gloo world shared by every test that asks for it."""
+    _prebuild_deepspeed_extension()
     w = World(4, env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "OMP_NUM_THREADS": "1"})
     yield w
     w.close()
