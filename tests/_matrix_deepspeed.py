@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import _adapter_deepspeed_support as support
+from _world import new_groups_destroyed
 from _matrix import PROVEN, REFUSED, VANILLA_FAILS, Cell, cell, compare_runs
 
 STEPS = 3
@@ -277,7 +278,7 @@ def _engine(c: Cell, seed: int, mpu: Any) -> Any:
 
 
 def _vanilla(c: Cell, rank: int) -> dict[str, Any]:
-    with support.unpatched_run():
+    with new_groups_destroyed(), support.unpatched_run():
         mpu = _hand_mpu(c)
         engine = None
         try:

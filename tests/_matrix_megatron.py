@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import _megatron_ddp as md
+from _world import new_groups_destroyed
 from _matrix import PROVEN, VANILLA_FAILS, Cell, cell, compare_runs
 
 STEPS = 3
@@ -280,6 +281,11 @@ def _train(chunks: list[Any], opt: Any) -> dict[str, Any]:
 
 def _vanilla(c: Cell) -> dict[str, Any]:
     """The cell's model alone under vanilla Megatron (no adapter): initialize_model_parallel's groups."""
+    with new_groups_destroyed():
+        return _vanilla_run(c)
+
+
+def _vanilla_run(c: Cell) -> dict[str, Any]:
     ps = _ps()
     sizes = _sizes(dict(c.layout))
     ps.initialize_model_parallel(

@@ -129,3 +129,4 @@ def train_step(chunks: list[Any], opt: Any, batch: tuple[torch.Tensor, ...]) -> 
     )
     opt.step()
     return float(results[0]["loss"]) if results else 0.0
+

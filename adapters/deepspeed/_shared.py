@@ -11,6 +11,7 @@ original DeepSpeed function runs.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 OWNER = "deepspeed"
@@ -72,3 +73,39 @@ def is_sp_only(mpu: Any) -> bool:
 def spans_world(state: Any) -> bool:
     layout = state.layout
     return layout.rank_offset == 0 and layout.world_size == Mods.comm.get_world_size()
+
+
+class ModuleGlobals(dict):  # type: ignore[type-arg]
+    """A private set of some of a module's globals, for copies of the module's own functions.
+
+    Holds the private values and a copy of each of the module's functions whose globals
+    are this namespace (:meth:`bind`); any other name is read from the live module
+    (``__missing__``), so imports and constants need no copy. A ``global`` assignment in a
+    copy writes here, never to the module. (``checkpointing`` keeps one per state,
+    ``pipeline`` one per pipeline engine.)
+    """
+
+    __slots__ = ("live",)
+
+    def __missing__(self, name: str) -> Any:
+        return self.live[name]
+
+    def bind(self, module: Any, functions: dict[str, types.FunctionType]) -> "ModuleGlobals":
+        """Read other names from ``module``; add a copy of each of ``functions`` running on this namespace."""
+        self.live = vars(module)
+        for name, fn in functions.items():
+            copy = types.FunctionType(fn.__code__, self, fn.__name__, fn.__defaults__, fn.__closure__)
+            copy.__kwdefaults__ = fn.__kwdefaults__
+            copy.__qualname__ = fn.__qualname__
+            self[name] = copy
+        return self
+
+
+def own_functions(module: Any) -> dict[str, types.FunctionType]:
+    """The plain functions defined in ``module`` itself (their globals are the module's)."""
+    namespace = vars(module)
+    return {
+        name: obj
+        for name, obj in namespace.items()
+        if type(obj) is types.FunctionType and obj.__globals__ is namespace
+    }

@@ -40,7 +40,7 @@ from scoped_parallel.scope import current_state_or_none
 from scoped_parallel.dispatch import dispatching
 from scoped_parallel.adapters._ledger import require
 from scoped_parallel.adapters.deepspeed._records import record_of
-from scoped_parallel.adapters.deepspeed._shared import OWNER, Mods
+from scoped_parallel.adapters.deepspeed._shared import OWNER, ModuleGlobals, Mods, own_functions
 
 #: the module globals each state holds its own copy of
 GLOBALS = (
@@ -87,19 +87,11 @@ class _Module:
     functions: dict[str, types.FunctionType] = {}
 
 
-class Namespace(dict):  # type: ignore[type-arg]
-    """One state's globals for copies of the checkpointing module's functions.
+class Namespace(ModuleGlobals):
+    """One state's globals for copies of the checkpointing module's functions: the state's
+    values of :data:`GLOBALS` (see :class:`ModuleGlobals` for how the copies read them)."""
 
-    It holds the state's values of :data:`GLOBALS` and a copy of each of the module's own
-    functions bound to this namespace; any other name is read from the live module
-    (``__missing__``), so imports and constants need no copy. Code running with these
-    globals writes its ``global`` assignments here, never to the module.
-    """
-
-    __slots__ = ("live",)
-
-    def __missing__(self, name: str) -> Any:
-        return self.live[name]
+    __slots__ = ()
 
 
 def _defaults(module: Any) -> dict[str, Any]:
@@ -129,14 +121,7 @@ def values_of(state: Any) -> Namespace:
     configured) and its copies of the module's functions."""
     rec = record_of(state)
     if rec.checkpointing is None:
-        namespace = Namespace(_defaults(_Module.module))
-        namespace.live = vars(_Module.module)
-        for name, fn in _Module.functions.items():
-            copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-            copy.__kwdefaults__ = fn.__kwdefaults__
-            copy.__qualname__ = fn.__qualname__
-            namespace[name] = copy
-        rec.checkpointing = namespace
+        rec.checkpointing = Namespace(_defaults(_Module.module)).bind(_Module.module, _Module.functions)
     return rec.checkpointing  # type: ignore[no-any-return]
 
 
@@ -149,16 +134,6 @@ def _swapped_call(state: Any, fn: Callable[..., Any], args: Any, kwargs: Any) ->
             return fn(*args, **kwargs)
     finally:
         values.update(final)  # what the call rebound (configure, reset, ...) stays with the state
-
-
-def _own_functions(module: Any) -> dict[str, types.FunctionType]:
-    """The module's own plain functions (defined there, reading its globals), by name."""
-    namespace = vars(module)
-    return {
-        name: obj
-        for name, obj in namespace.items()
-        if type(obj) is types.FunctionType and obj.__globals__ is namespace
-    }
 
 
 def _non_reentrant(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -213,7 +188,7 @@ def install(ledger: Any) -> None:
     forward = require(OWNER, function_class, "forward")
     backward = require(OWNER, function_class, "backward")
     non_reentrant = require(OWNER, module, "non_reentrant_checkpoint")
-    _Module.functions = _own_functions(module)  # before any is replaced: the originals
+    _Module.functions = own_functions(module)  # before any is replaced: the originals
     replacements = {name: _in_state(require(OWNER, module, name), name) for name in FUNCTIONS}
     replacements["non_reentrant_checkpoint"] = _non_reentrant(non_reentrant)
     ledger.patch_everywhere(OWNER, module, replacements, "deepspeed")

@@ -66,7 +66,7 @@ import weakref
 from typing import Any, Callable
 
 from scoped_parallel.adapters._ledger import require
-from scoped_parallel.adapters.deepspeed._shared import OWNER
+from scoped_parallel.adapters.deepspeed._shared import OWNER, ModuleGlobals, own_functions
 from scoped_parallel.errors import UnsupportedSetupError
 
 __all__ = ["ENTRY_POINTS", "GLOBALS", "P2PNamespace", "describe_grid", "install", "namespace_of"]
@@ -86,18 +86,11 @@ class _Module:
     engine_class: Any = None
 
 
-class P2PNamespace(dict):  # type: ignore[type-arg]
-    """One engine's ``p2p`` globals, and copies of ``p2p``'s functions that read them.
+class P2PNamespace(ModuleGlobals):
+    """One engine's ``p2p`` globals (:data:`GLOBALS`), and copies of ``p2p``'s functions that
+    read them (:class:`ModuleGlobals`); ``init_process_groups`` and ``wait`` write here."""
 
-    Holds :data:`GLOBALS` and a copy of each of the module's own functions whose globals
-    are this namespace; any other name is read from the live module (``__missing__``).
-    A ``global`` assignment in a copy (``init_process_groups``, ``wait``) writes here.
-    """
-
-    __slots__ = ("live",)
-
-    def __missing__(self, name: str) -> Any:
-        return self.live[name]
+    __slots__ = ()
 
 
 _RUNNING: contextvars.ContextVar[P2PNamespace | None] = contextvars.ContextVar(
@@ -108,14 +101,7 @@ _LOCK = threading.Lock()
 
 
 def _new_namespace(grid: Any = None, groups: Any = None) -> P2PNamespace:
-    namespace = P2PNamespace(_grid=grid, _groups=groups, _async=[])
-    namespace.live = vars(_Module.p2p)
-    for name, fn in _Module.functions.items():
-        copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-        copy.__kwdefaults__ = fn.__kwdefaults__
-        copy.__qualname__ = fn.__qualname__
-        namespace[name] = copy
-    return namespace
+    return P2PNamespace(_grid=grid, _groups=groups, _async=[]).bind(_Module.p2p, _Module.functions)
 
 
 def namespace_of(engine: Any) -> P2PNamespace:
@@ -258,15 +244,6 @@ def _names_in(code: types.CodeType) -> set[str]:
     return names
 
 
-def _own_functions(module: Any) -> dict[str, types.FunctionType]:
-    namespace = vars(module)
-    return {
-        name: obj
-        for name, obj in namespace.items()
-        if type(obj) is types.FunctionType and obj.__globals__ is namespace
-    }
-
-
 def install(ledger: Any) -> None:
     """Give every pipeline engine its own ``p2p`` globals (see the module doc)."""
     import deepspeed.runtime.pipe.engine as pipe_engine
@@ -278,7 +255,7 @@ def install(ledger: Any) -> None:
     require(OWNER, pipe_engine, "p2p")
     require(OWNER, p2p, "can_send_recv")
     _Module.p2p, _Module.engine_class = p2p, engine_class
-    _Module.functions = _own_functions(p2p)  # before any is replaced: the originals
+    _Module.functions = own_functions(p2p)  # before any is replaced: the originals
     readers = sorted(n for n, fn in _Module.functions.items() if _names_in(fn.__code__) & set(GLOBALS))
     for name in ("init_process_groups", "send", "recv"):
         require(OWNER, p2p, name)
