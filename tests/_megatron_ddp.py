@@ -130,3 +130,25 @@ def train_step(chunks: list[Any], opt: Any, batch: tuple[torch.Tensor, ...]) -> 
     opt.step()
     return float(results[0]["loss"]) if results else 0.0
 
+
+def ddp_cpu_skip_reason() -> str | None:
+    """Why megatron-core's DDP cannot train on this machine's CPU, or None where it can.
+
+    0.16's gradient sync touches CUDA only when it overlaps on a communication stream
+    (kept on the CPU by the shims above); newer releases (0.19) take
+    ``torch.cuda.current_stream()`` at every gradient sync, which needs a GPU.
+    """
+    import inspect
+
+    if torch.cuda.is_available():
+        return None
+    from megatron.core.distributed import param_and_grad_buffer
+
+    source = inspect.getsource(param_and_grad_buffer)
+    if "torch.cuda.current_stream()" in source:
+        from importlib.metadata import version
+
+        return (f"megatron-core {version('megatron-core')}'s DDP gradient sync takes torch.cuda.current_stream(), "
+                "which needs a GPU; these run on megatron-core 0.16 (make test) or on a GPU machine")
+    return None
+

@@ -24,7 +24,10 @@ pytest.importorskip("megatron.core.distributed")
 from _matrix import MEG_TESTS, cells_of, check_cell  # noqa: E402
 from _matrix_megatron import rank_cells  # noqa: E402
 
-pytestmark = [pytest.mark.world, pytest.mark.slow]
+from _megatron_ddp import ddp_cpu_skip_reason  # noqa: E402
+
+_SKIP = ddp_cpu_skip_reason()
+pytestmark = [pytest.mark.world, pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 TIMEOUT = 600
 
 

@@ -145,6 +145,11 @@ def rank_stale_cases(rank: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stale(world):
+    from _megatron_ddp import ddp_cpu_skip_reason
+
+    reason = ddp_cpu_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     return world.run(rank_stale_cases, timeout=240)
 
 
