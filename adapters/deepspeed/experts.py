@@ -12,7 +12,7 @@ state's record holds its own dicts and size:
   scope captures its state's dicts;
 * the creators (``_create_expert_and_data_parallel``,
   ``_create_expert_data_and_model_parallel``) called inside a scope first compute, as
-  pure rank math (:func:`expert_and_data_groups`, :func:`expert_data_and_model_groups`),
+  pure rank math (``expert_and_data_groups()``, ``expert_data_and_model_groups()``),
   every EP and EDP group DeepSpeed's own rule gives for that call: from the creator's
   arguments (``ep_size``, ``mp_size``/``pp_size``/``mp_mode``,
   ``use_data_before_expert_parallel_``), the TP size of the ``mpu`` argument and the PP

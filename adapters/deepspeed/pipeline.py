@@ -9,14 +9,14 @@ engine. A PP=2 engine stepped after a PP=4 one was built uses the PP=4 stage ids
 ranks: on 4 ranks, ranks 1 and 2 fail DeepSpeed's "adjacent ranks only" assertion and
 ranks 0 and 3 send to and wait for the wrong peers until the collective timeout.
 
-After :func:`install` each engine has its own copy of those globals (:class:`P2PNamespace`):
+After ``install()`` each engine has its own copy of those globals (``P2PNamespace``):
 
 * ``PipelineEngine.__init__`` runs with a fresh namespace (``_grid``/``_groups`` ``None``,
   an empty ``_async``); ``init_process_groups`` called there fills that namespace, and also
   writes the module's globals exactly as unpatched DeepSpeed does (last engine wins there,
   for code that reads them outside any engine). The namespace stays with the engine
   (a weak map: it goes with the engine).
-* The engine's methods that run point-to-point traffic (:data:`ENTRY_POINTS` and every
+* The engine's methods that run point-to-point traffic (``ENTRY_POINTS`` and every
   ``PipelineEngine`` method whose code names ``p2p``, found at install) make their
   engine *the running pipeline engine* for their duration: a ``ContextVar``, so each
   thread and task has its own, nested calls of another engine are restored on return,
@@ -34,7 +34,7 @@ After :func:`install` each engine has its own copy of those globals (:class:`P2P
   ``recv_obj`` and ``can_send_recv`` read none of them and stay as they are.)
 * ``p2p._grid``, ``p2p._groups`` and ``p2p._async`` read or written as module attributes
   (a module-class property) are the running engine's, else the module's own.
-* An engine built before :func:`install` has no namespace; at its first step it gets one
+* An engine built before ``install()`` has no namespace; at its first step it gets one
   on its own grid (``engine.grid``). Where torch has no point-to-point send/recv, p2p
   needs the per-pair groups that only the last ``init_process_groups`` created; if those
   belong to another engine, the step is refused with
@@ -79,7 +79,7 @@ ENTRY_POINTS = ("__init__", "train_batch", "eval_batch", "_exec_schedule")
 
 
 class _Module:
-    """``p2p``, its original functions and ``PipelineEngine`` (set by :func:`install`)."""
+    """``p2p``, its original functions and ``PipelineEngine`` (set by ``install()``)."""
 
     p2p: Any = None
     functions: dict[str, types.FunctionType] = {}
@@ -87,7 +87,7 @@ class _Module:
 
 
 class P2PNamespace(ModuleGlobals):
-    """One engine's ``p2p`` globals (:data:`GLOBALS`), and copies of ``p2p``'s functions that
+    """One engine's ``p2p`` globals (``GLOBALS``), and copies of ``p2p``'s functions that
     read them (:class:`ModuleGlobals`); ``init_process_groups`` and ``wait`` write here."""
 
     __slots__ = ()
