@@ -16,6 +16,8 @@ from datetime import timedelta
 
 import pytest
 
+from _world import new_groups_destroyed
+
 pytest.importorskip("megatron.core.parallel_state")
 
 from scoped_parallel.getters.table import family as getter_family  # noqa: E402
@@ -135,11 +137,12 @@ def rank_vanilla_then_scoped(rank, config):
     if missing:  # an older megatron-core without this option: nothing to compare with
         return "skip", missing
     megatron_kwargs = dict(config, create_gloo_process_groups=False, distributed_timeout_minutes=1)
-    ps.initialize_model_parallel(**megatron_kwargs)
-    try:
-        vanilla = ask_everything(ps)
-    finally:
-        _reset_megatron(ps)
+    with new_groups_destroyed():  # destroy_model_parallel leaves its groups alive
+        ps.initialize_model_parallel(**megatron_kwargs)
+        try:
+            vanilla = ask_everything(ps)
+        finally:
+            _reset_megatron(ps)
     state = ParallelState(name="oracle", timeout=T, **config)
     try:
         with adapters.installed(targets=("megatron",)), state.activate():
