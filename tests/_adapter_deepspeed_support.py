@@ -206,6 +206,27 @@ def model(seed: int) -> nn.Module:
 N_PARAMS = 8 * 16 + 16 + 16 + 1
 
 
+class TPNet(nn.Module):
+    """Two projections AutoTP shards by name: ``up_proj`` by column, ``down_proj`` by row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(8, 16)
+        self.down_proj = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.tanh(self.up_proj(x)))
+
+
+AUTOTP_PARTITION = {
+    "use_default_specs": False,
+    "layer_specs": [
+        {"patterns": [".*up_proj.*"], "partition_type": "column"},
+        {"patterns": [".*down_proj.*"], "partition_type": "row"},
+    ],
+}
+
+
 def engine(net: nn.Module, ds_config: dict[str, Any], mpu: Any = None) -> Any:
     ds = _ds()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)

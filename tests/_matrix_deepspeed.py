@@ -153,34 +153,13 @@ class MoENet(nn.Module):
         return hidden.sum(-1, keepdim=True), aux
 
 
-class TPNet(nn.Module):
-    """Two projections AutoTP shards by name: ``up_proj`` by column, ``down_proj`` by row."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(8, 16)
-        self.down_proj = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(torch.tanh(self.up_proj(x)))
-
-
-AUTOTP_PARTITION = {
-    "use_default_specs": False,
-    "layer_specs": [
-        {"patterns": [".*up_proj.*"], "partition_type": "column"},
-        {"patterns": [".*down_proj.*"], "partition_type": "row"},
-    ],
-}
-
-
 def _model(c: Cell, seed: int) -> nn.Module:
     kind = c.settings.get("kind", "mlp")
     torch.manual_seed(seed)
     if kind == "moe":
         return MoENet(c.settings["ep"])
     if kind == "autotp":
-        return TPNet()
+        return support.TPNet()
     return support.model(seed)
 
 
@@ -192,7 +171,7 @@ def _config(c: Cell, stage: int | None = None) -> dict[str, Any]:
     if settings.get("sp", 1) > 1:
         extra["sequence_parallel_size"] = settings["sp"]
     if settings.get("kind") == "autotp":
-        extra["tensor_parallel"] = {"autotp_size": settings["autotp"], "partition_config": AUTOTP_PARTITION}
+        extra["tensor_parallel"] = {"autotp_size": settings["autotp"], "partition_config": support.AUTOTP_PARTITION}
     return support.config(stage=stage, clip=1.0, zero_optimization=zero, **extra)
 
 

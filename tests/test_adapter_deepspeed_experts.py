@@ -193,24 +193,10 @@ def test_expert_groups_of_another_size_are_deepspeeds_per_state(world):
         assert out == expected, f"rank {rank}: got {out}, expected {expected}"
 
 
-class _TPNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(8, 16)
-        self.down_proj = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(torch.tanh(self.up_proj(x)))
-
-
 def _autotp_engine(tp: int) -> Any:
-    specs = [
-        {"patterns": [".*up_proj.*"], "partition_type": "column"},
-        {"patterns": [".*down_proj.*"], "partition_type": "row"},
-    ]
-    partition = {"use_default_specs": False, "layer_specs": specs}
     torch.manual_seed(0)
-    return support.engine(_TPNet(), support.config(tensor_parallel={"autotp_size": tp, "partition_config": partition}))
+    autotp = {"autotp_size": tp, "partition_config": support.AUTOTP_PARTITION}
+    return support.engine(support.TPNet(), support.config(tensor_parallel=autotp))
 
 
 def _rank_autotp(rank: int) -> dict[str, Any]:
