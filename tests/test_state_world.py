@@ -515,3 +515,36 @@ def test_a_world_sized_group_is_the_default_group_itself(world):
     }
     for rank, got in enumerate(world.run(rank_world_sized_group_is_the_default_group)):
         assert got == expected, f"rank {rank}: expected {expected}, got {got}"
+
+
+def rank_default_group_spelled_two_ways(rank):
+    import torch.distributed as dist
+
+    from scoped_parallel import ParallelState
+    from scoped_parallel.groups import create as _groups
+
+    world = dist.distributed_c10d._get_default_group()
+
+    def holders(*states):
+        return sum(1 for s in states for k in s.kinds() if s.group(k) is world)
+
+    counts = []
+    a = ParallelState(name="gloo-spelled-out", backend="gloo")
+    b = ParallelState(name="backend-left-out")
+    counts.append(_groups.users(world) - holders(a, b))
+    a.destroy()
+    counts.append(_groups.users(world) - holders(b))
+    b.destroy()
+    counts.append(_groups.users(world))
+    c = ParallelState(name="after-both")  # a key left behind by a or b would hand c a stale count
+    counts.append(_groups.users(world) - holders(c))
+    c.destroy()
+    return counts, len(_groups._SHARED)
+
+
+@pytest.mark.world
+def test_the_default_group_has_one_count_however_its_backend_is_spelled(world):
+    """Requests for the default group with the backend named or left out share one count, released exactly."""
+    expected = ([0, 0, 0, 0], 0)
+    for rank, got in enumerate(world.run(rank_default_group_spelled_two_ways)):
+        assert got == expected, f"rank {rank}: (users minus holders after a+b, -a, -b, +c; entries left) expected {expected}, got {got}"

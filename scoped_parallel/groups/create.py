@@ -146,6 +146,10 @@ class _ShareKey:
         return isinstance(other, _ShareKey) and self._hash == other._hash and self._value == other._value
 
 
+#: the share key of every request that is the default group (see ``acquire``)
+_DEFAULT_KEY = _ShareKey(GroupRequest(ranks=(), desc="the default group"))
+
+
 def acquire(request: GroupRequest, *, share: bool) -> Any:
     """Return a process group for ``request``, created or shared.
 
@@ -153,13 +157,17 @@ def acquire(request: GroupRequest, *, share: bool) -> Any:
     """
     with _LOCK:
         _forget_dead()  # never hand out a group from a world that was destroyed
-        key = _ShareKey(request)
+        # Every request that is the default group shares one key: the group is the registry's
+        # key in _BY_GROUP, so two keys for it (backend None and "gloo" spelled out) would
+        # overwrite each other's count there and leave one behind in _SHARED.
+        is_default = share and _is_the_default_group(request)
+        key = _DEFAULT_KEY if is_default else _ShareKey(request)
         if share:
             entry = _SHARED.get(key)
             if entry is not None:
                 entry.users += 1
                 return entry.group
-            if _is_the_default_group(request):
+            if is_default:
                 entry = _Entry(compat.default_group(), request, borrowed=True)
                 _BY_GROUP[entry.group] = (key, entry)
                 _SHARED[key] = entry
