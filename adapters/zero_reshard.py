@@ -36,14 +36,17 @@ fp16/bf16) is refused: its next step would overwrite the refitted weights.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, plan_flat, register_backend, resolve_casts, unmatched_names
-from scoped_parallel.refit.execute import comm_device, run_plan
+from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, register_backend, resolve_casts, unmatched_names
+from scoped_parallel.refit.execute import comm_device, participants, participants_group, peak_staging, run_plan
+from scoped_parallel.refit.flat import FlatTensor, pairing_holds, plan_flat_local
 
 __all__ = ["FlatBackend", "flat_pieces", "settle"]
 
@@ -167,39 +170,104 @@ def _refresh_gathered(model: Any) -> None:
                     param.data.view(-1).copy_(gathered[: int(param.ds_numel)])
 
 
-def _local_problems(model: Any, state: Any, role: str, rows: list[Any]) -> list[str]:
-    problems = []
-    held = {tuple(state.ranks(kind)) for kind in state.kinds()}
-    for name, _, _, _, _, _, _, group in rows:
-        if group is not None and tuple(dist.get_process_group_ranks(group)) not in held:
+def _kind_of(state: Any, ranks: tuple[int, ...]) -> str | None:
+    """The kind of ``state`` whose group on this rank is ``ranks`` and that its layout knows
+    for every rank (so all its copies can be derived without communication); the shortest
+    name first, so every rank picks the same one."""
+    me = dist.get_rank()
+    for kind in sorted(state.kinds(), key=lambda k: (len(k), k)):
+        if tuple(state.ranks(kind)) != ranks:
+            continue
+        try:
+            if tuple(state.layout.group_of(me, kind)) == ranks:
+                return kind
+        except Exception:  # noqa: BLE001 - a kind the layout does not derive (opt:, gloo twins)
+            continue
+    return None
+
+
+def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[tuple[Any, ...], ...] | None:
+    """This rank's compact description of ``model`` (None where this rank is not in
+    ``state``): per parameter ``(name, shape, dtype, itemsize, key, part)``, ``key`` the kind
+    of the state's groups it is partitioned over (``"replica"``: whole on every rank of the
+    state) and ``part`` the elements per member; the same on every rank of the state."""
+    if model is None:
+        return None
+    out = []
+    for name, shape, dtype, itemsize, start, stop, _, group in flat_pieces(model):
+        numel = math.prod(shape)
+        if group is None:
+            out.append((name, shape, dtype, itemsize, _REPLICA, numel))
+            continue
+        ranks = tuple(dist.get_process_group_ranks(group))
+        kind = _kind_of(state, ranks)
+        if kind is None:
             problems.append(
-                f"{role} {name!r} is partitioned over ranks {dist.get_process_group_ranks(group)}, which is no group of "
+                f"{role} {name!r} is partitioned over ranks {list(ranks)}, which is no group of "
                 f"{describe_state(state)}: pass the state the model was built in"
             )
-            break
-    if role == "destination":
-        optimizer = getattr(model, "optimizer", None)  # ZeRO-3 inference holds a parameter manager here, no step()
-        keeps_master = callable(getattr(optimizer, "step", None)) and (
-            getattr(model, "zero_optimization_stage", lambda: 0)() > 0
-            or getattr(model, "bfloat16_enabled", lambda: False)()
-            or getattr(model, "fp16_enabled", lambda: False)()
-        )
-        if keeps_master:
-            problems.append(
-                "the destination engine has an optimizer with its own master weights (ZeRO >= 1 or fp16/bf16); "
-                "its next step would overwrite the refitted weights: refit into an engine built without an optimizer"
-            )
-    return problems
+            return None
+        out.append((name, shape, dtype, itemsize, kind, int(_module_param(model, name).ds_tensor.ds_numel)))
+    return tuple(out)
 
 
-def _describe(rows: list[Any]) -> list[tuple[Any, ...]]:
-    return [(name, shape, dtype, itemsize, start, stop) for name, shape, dtype, itemsize, start, stop, _, _ in rows]
+def _module_param(model: Any, name: str) -> Any:
+    return _module(model).get_parameter(name)
+
+
+def _keeps_master(model: Any) -> list[str]:
+    optimizer = getattr(model, "optimizer", None)  # ZeRO-3 inference holds a parameter manager here, no step()
+    keeps_master = callable(getattr(optimizer, "step", None)) and (
+        getattr(model, "zero_optimization_stage", lambda: 0)() > 0
+        or getattr(model, "bfloat16_enabled", lambda: False)()
+        or getattr(model, "fp16_enabled", lambda: False)()
+    )
+    if keeps_master:
+        return ["the destination engine has an optimizer with its own master weights (ZeRO >= 1 or fp16/bf16); "
+                "its next step would overwrite the refitted weights: refit into an engine built without an optimizer"]
+    return []
+
+
+def _first_difference(mine: tuple[Any, ...], agreed: tuple[Any, ...]) -> str:
+    for a, b in zip(mine, agreed):
+        if a != b:
+            return f"{a} here but {b} there"
+    return f"{len(mine)} parameters here but {len(agreed)} there"
+
+
+def _agree(problems: list[str], group: Any) -> None:
+    """Raise the same ReshardError on every participant if any has a problem (one small
+    all-reduce; the problems themselves are gathered only then)."""
+    flag = torch.tensor([len(problems)], device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return
+    size = dist.get_world_size(group)
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, (dist.get_rank(), problems), group=group)
+    lines = [f"rank {r}: {p}" for r, probs in sorted(everyone) for p in probs]
+    raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(lines[:20]))
+
+
+def _copies(state: Any, keys: set[str]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per key, the copies of ``state``'s layout: a whole replica per rank, or its groups of that kind."""
+    out: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for key in keys:
+        out[key] = tuple((r,) for r in state.layout.ranks) if key == _REPLICA else state.layout.groups(key)
+    return out
+
+
+_REPLICA = "replica"
+#: the bucket the plan's staging figure assumes (the executor's default)
+_BUCKET = 1 << 26
 
 
 class FlatBackend:
     """The ``"flat"`` reshard backend (see the module docstring)."""
 
     name = "flat"
+    #: the states may lie on other, overlapping or partial rank sets of the world
+    partial_ranks = True
 
     def claims(self, model: Any) -> bool:
         """Whether ``model`` is one torch module (or an engine / wrapper holding one as ``.module``)."""
@@ -207,55 +275,79 @@ class FlatBackend:
         return len(models) == 1 and isinstance(_module(models[0]), torch.nn.Module)
 
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
-        """The checked plan (collective over the world; see the module docstring); ``cast``:
-        ``reshard``'s ``dtype=`` (dtypes as strings), keyed by parameter name."""
-        src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
-        local = _local_problems(src_model, src_state, "source", src_rows) + _local_problems(dst_model, dst_state, "destination", dst_rows)
-        local += _in_flight_problems(src_model, "source") + _in_flight_problems(dst_model, "destination")
-        world = dist.get_world_size()
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (local, _describe(src_rows), _describe(dst_rows)))
+        """This rank's part of the checked plan (collective over the ranks of both states; see
+        the module docstring); ``cast``: ``reshard``'s ``dtype=`` (dtypes as strings), keyed by
+        parameter name."""
+        ranks = participants(src_state, dst_state)
+        group = participants_group(src_state, dst_state, ranks)
+        me = dist.get_rank()
+        local: list[str] = []
+        src_desc = _describe(src_model, src_state, "source", local)
+        dst_desc = _describe(dst_model, dst_state, "destination", local)
+        if src_model is not None:
+            local += _in_flight_problems(src_model, "source")
+        if dst_model is not None:
+            local += _in_flight_problems(dst_model, "destination") + _keeps_master(dst_model)
+        # each side's description once, from the first rank of its state; every rank compares its own
+        agreed = []
+        for role, state, desc in (("source", src_state, src_desc), ("destination", dst_state, dst_desc)):
+            first = state.layout.ranks[0]
+            box = [desc if me == first else None]
+            dist.broadcast_object_list(box, src=first, group=group)
+            if desc is not None and box[0] is not None and desc != box[0]:
+                local.append(f"the {role} model differs from rank {first}'s: {_first_difference(desc, box[0])}")
+            agreed.append(box[0])
+        _agree(local, group)
+        src_rows, dst_rows = agreed
+        if src_rows is None or dst_rows is None:  # the first rank of a state had a problem: already raised above
+            raise ReshardError("a state's first rank described no model (nothing was moved)")
 
-        problems = [f"rank {r}: {p}" for r, (probs, _, _) in enumerate(gathered) for p in probs]
-        shapes: dict[str, dict[str, tuple[Any, ...]]] = {"source": {}, "destination": {}}
-        for r, (_, src, dst) in enumerate(gathered):
-            for role, rows in (("source", src), ("destination", dst)):
-                for name, shape, dtype, *_ in rows:
-                    seen = shapes[role].setdefault(name, (shape, dtype, r))
-                    if seen[:2] != (shape, dtype):
-                        problems.append(f"{role} {name!r}: {seen[:2]} on rank {seen[2]} but {(shape, dtype)} on rank {r}")
-        problems += unmatched_names(shapes["source"], {name: entry[2] for name, entry in shapes["destination"].items()})
-        for name, (shape, dtype, r) in shapes["destination"].items():
-            src = shapes["source"].get(name)
-            if src is not None and src[0] != shape:
-                problems.append(f"{name!r}: source {src[0]} {src[1]} but destination {shape} {dtype}; refit copies, it does not reshape or cast")
-        casts, cast_problems = resolve_casts(cast, {name: (shapes["source"][name][1], dtype) for name, (shape, dtype, _) in shapes["destination"].items()
-                                                    if name in shapes["source"] and shapes["source"][name][0] == shape})
+        problems: list[str] = []
+        src = {row[0]: row for row in src_rows}
+        dst = {row[0]: row for row in dst_rows}
+        first_dst = dst_state.layout.ranks[0]
+        problems += unmatched_names(src, {name: first_dst for name in dst})
+        for name, (_, shape, dtype, *_rest) in dst.items():
+            if name in src and src[name][1] != shape:
+                problems.append(f"{name!r}: source {src[name][1]} {src[name][2]} but destination {shape} {dtype}; "
+                                "refit copies, it does not reshape or cast")
+        casts, cast_problems = resolve_casts(cast, {name: (src[name][2], row[2]) for name, row in dst.items()
+                                                    if name in src and src[name][1] == row[1]})
         problems += cast_problems
-        if problems:
+        if problems:  # the same on every rank: made from the agreed descriptions alone
             raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
-        plan = plan_flat(
-            "flat",
-            [(r, name, start, stop, itemsize) for r, (_, src, _) in enumerate(gathered) for name, _, _, itemsize, start, stop in src],
-            [(r, name, start, stop, itemsize) for r, (_, _, dst) in enumerate(gathered) for name, _, _, itemsize, start, stop in dst],
-            casts,
+
+        tensors = [
+            FlatTensor(name, math.prod(shape), itemsize, dtype, src[name][4], src[name][5], key, part,
+                       casts.get(name, ""), src[name][3])
+            for name, shape, dtype, itemsize, key, part in dst_rows
+        ]
+        part_plan = plan_flat_local(me, tensors, _copies(src_state, {row[4] for row in src_rows}),
+                                    _copies(dst_state, {row[4] for row in dst_rows}), participants=ranks)
+        found = part_plan.problems()
+        sums = torch.tensor(list(part_plan.pairing) + [len(found)], dtype=torch.int64, device=comm_device(group))
+        dist.all_reduce(sums, group=group)
+        if sums[4].item() or not pairing_holds(sums[:4].tolist()):  # the same answer on every rank: all raise
+            _agree(found if sums[4].item() else ["the ranks' sends and receives do not pair up (a planner bug)"], group)
+        notes = (
+            "planner: scoped_parallel.refit.flat.plan_flat_local (each rank plans its own part from both layouts' "
+            "descriptions); executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own "
+            "storage; a ZeRO-3 source into replicas on its own ranks is one all-gather per bucket over its partition "
+            f"group; staging: peak extra bytes with bucket_bytes={_BUCKET} (gather buffers, converted send copies)",
         )
-        notes = ("executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own storage (no staging "
-                 "but the sender's converted copies of cast runs), a ZeRO-3 source is never gathered",)
-        staging = {r: 0 for r in range(world)}
-        for t in plan.transfers:
-            if t.cast:
-                staging[t.src_rank] += t.nbytes
-        return ReshardPlan(plan.backend, plan.transfers, plan.sources, plan.targets, staging, notes)
+        return dataclasses.replace(part_plan, staging={me: peak_staging(part_plan, _BUCKET)}, notes=notes)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                bucket_bytes: int = 1 << 26) -> dict[int, int] | None:
+                bucket_bytes: int = _BUCKET) -> dict[int, int] | None:
         """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
         rank when the models no longer hold the planned pieces (nothing moved)."""
         rank = dist.get_rank()
+        ranks = participants(src_state, dst_state)
+        group = participants_group(src_state, dst_state, ranks)
         # no gather in flight on either model while partitions are read and written
-        stuck = settle(src_model) + settle(dst_model)
-        src_rows, dst_rows = flat_pieces(src_model), flat_pieces(dst_model)
+        stuck = (settle(src_model) if src_model is not None else []) + (settle(dst_model) if dst_model is not None else [])
+        src_rows = flat_pieces(src_model) if src_model is not None else []
+        dst_rows = flat_pieces(dst_model) if dst_model is not None else []
 
         def pieces(rows: list[Any]) -> list[Piece]:
             return [Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in rows]
@@ -263,10 +355,13 @@ class FlatBackend:
         # a parameter in flight out of reach makes this rank's pieces differ from the plan's:
         # every rank returns None, and reshard() plans again, where it is refused on every rank
         held = pieces(src_rows) + [Piece(rank, f"<in flight: {n}>", (0,), 1) for n in stuck]
-        if not pieces_match(plan, held, pieces(dst_rows)):
+        if not pieces_match(plan, held, pieces(dst_rows), group=group):
             return None
-        sent = run_plan(plan, {row[0]: row[6] for row in src_rows}, {row[0]: row[6] for row in dst_rows}, bucket_bytes=bucket_bytes)
-        _refresh_gathered(dst_model)
+        gather_groups = {tuple(dist.get_process_group_ranks(row[7])): row[7] for row in src_rows if row[7] is not None}
+        sent = run_plan(plan, {row[0]: row[6] for row in src_rows}, {row[0]: row[6] for row in dst_rows}, group=group,
+                        bucket_bytes=bucket_bytes, gather_groups=gather_groups)
+        if dst_model is not None:
+            _refresh_gathered(dst_model)
         return sent
 
 

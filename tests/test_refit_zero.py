@@ -82,15 +82,17 @@ def _full(engine: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 
 def _swap(plan: Any) -> Any:
-    """Two transfers into different boxes of one destination tensor, their sources swapped."""
+    """This rank's part with two of its receives into one destination tensor (equal sizes,
+    different boxes) writing each other's box: what it receives and from whom is unchanged
+    (no peer is affected, nothing waits), where it lands is swapped."""
     transfers = list(plan.transfers)
-    for i, a in enumerate(transfers):
-        for j in range(i + 1, len(transfers)):
-            b = transfers[j]
-            if (a.dst_rank, a.dst_name) == (b.dst_rank, b.dst_name) and "proj" in a.dst_name and a.dst_box != b.dst_box \
-                    and a.nbytes == b.nbytes:
-                transfers[i] = dataclasses.replace(a, src_rank=b.src_rank, src_box=b.src_box)
-                transfers[j] = dataclasses.replace(b, src_rank=a.src_rank, src_box=a.src_box)
+    mine = [i for i, t in enumerate(transfers) if t.dst_rank == plan.rank and "proj" in t.dst_name]
+    for i in mine:
+        for j in mine:
+            a, b = transfers[i], transfers[j]
+            if i < j and a.dst_name == b.dst_name and a.dst_box != b.dst_box and a.nbytes == b.nbytes:
+                transfers[i] = dataclasses.replace(a, dst_box=b.dst_box)
+                transfers[j] = dataclasses.replace(b, dst_box=a.dst_box)
                 return dataclasses.replace(plan, transfers=tuple(transfers))
     raise AssertionError("no two transfers into one tensor to swap")
 
@@ -216,7 +218,7 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                     if stage == 3 and not offloaded:
                         out[name]["staging"] = plan.staging.get(rank)
                         # sabotage 1: a swapped shard runs (the plan checks pass) and the weights come out wrong
-                        sp.reshard(actor, a, dst, state, plan=_swap(plan))
+                        sp.reshard(actor, a, dst, state, plan=_swap(plan) if rank == 0 else plan)
                         out["swapped shard params equal"] = all(map(torch.equal, _full(dst)[0], src_params))
                         # sabotage 2: the state the destination was not built in
                         kept = _full(dst)[0]
@@ -328,9 +330,9 @@ def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_part
 
 
 def test_a_swapped_shard_gives_other_weights(refits):
-    """The equality check can fail: a plan with two sources swapped runs and the weights
-    differ (on the ranks of the replica the swapped transfer writes: the reference is two
-    ZeRO-3 replicas, over ranks {0, 2} and {1, 3})."""
+    """The equality check can fail: rank 0's part of the plan with two of its receives
+    swapped runs and the weights differ (on the ranks of the replica rank 0 belongs to: the
+    reference is two ZeRO-3 replicas, over ranks {0, 2} and {1, 3})."""
     seen = [out["swapped shard params equal"] for out in refits]
     assert seen.count(False) == 2, f"per rank, destination equal to the actor after the swap: {seen} (expected one replica's two ranks False)"
 

@@ -92,8 +92,11 @@ def _backend(src_model: Any, dst_model: Any, name: str | None) -> Backend:
             if b.name == name:
                 return b
         raise ReshardError(f"no reshard backend named {name!r}; registered: {backends()} (import scoped_parallel.adapters to register them)")
+    models = [m for m in (src_model, dst_model) if m is not None]  # None: this rank is not in that state
+    if not models:
+        raise ReshardError("reshard: both models are None on this rank; a rank in neither state must not call it")
     for b in _BACKENDS:
-        if b.claims(src_model) and b.claims(dst_model):
+        if all(b.claims(m) for m in models):
             return b
     raise ReshardError(
         f"no reshard backend knows both {type(src_model).__name__} and {type(dst_model).__name__} "
@@ -136,16 +139,36 @@ def _caches(src_state: Any, dst_state: Any) -> tuple[_PlanCache, _PlanCache]:
     return src_state.adapter_record("reshard", _PlanCache), dst_state.adapter_record("reshard", _PlanCache)
 
 
-def _check_same_ranks(src_state: Any, dst_state: Any) -> None:
+def _check_ranks(backend: Backend, src_state: Any, dst_state: Any, src_model: Any, dst_model: Any,
+                 models_checked: bool = True) -> None:
+    """Local checks, before any collective: a backend without ``partial_ranks`` needs both
+    states on the whole world; else this rank must be in a state, and hold a model exactly
+    for the states it is in (a rank outside both must not call; its peers are unaffected)."""
     import torch.distributed as dist
 
-    world = range(dist.get_world_size())
-    for state in (src_state, dst_state):
-        if tuple(state.layout.ranks) != tuple(world):
-            raise ReshardError(
-                f"{describe_state(state)} spans ranks {list(state.layout.ranks)[:8]}..., not the whole world of "
-                f"{len(world)}; a refit needs both states on every rank of the world (disaggregated refit is not supported)"
-            )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not getattr(backend, "partial_ranks", False):
+        for state in (src_state, dst_state):
+            if tuple(state.layout.ranks) != tuple(range(world)):
+                raise ReshardError(
+                    f"{describe_state(state)} spans ranks {list(state.layout.ranks)[:8]}..., not the whole world of "
+                    f"{world}; the {backend.name!r} refit backend needs both states on every rank of the world "
+                    "(the 'flat' backend refits between states on other or partial rank sets)"
+                )
+        return
+    inside = [state.layout.contains(rank) for state in (src_state, dst_state)]
+    if not any(inside):
+        raise ReshardError(
+            f"rank {rank} is in neither {describe_state(src_state)} nor {describe_state(dst_state)}: only the ranks of "
+            "the two states call reshard (the others take no part)"
+        )
+    if not models_checked:
+        return
+    for role, state, model, member in (("source", src_state, src_model, inside[0]), ("destination", dst_state, dst_model, inside[1])):
+        if member and model is None:
+            raise ReshardError(f"rank {rank} is in {describe_state(state)} but passed no {role} model (None)")
+        if not member and model is not None:
+            raise ReshardError(f"rank {rank} is not in {describe_state(state)} but passed a {role} model: pass None there")
 
 
 def _dtype_name(dtype: Any, where: str) -> str:
@@ -204,13 +227,16 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
     key = (chosen.name, tuple(id(m) for m in _chunks(src_model)), tuple(id(m) for m in _chunks(dst_model)),
            _state_key(src_state), _state_key(dst_state), cast_key)
     src_cache, dst_cache = _caches(src_state, dst_state)
+    models = [m for m in _chunks(src_model) + _chunks(dst_model) if m is not None]
     entry = None if replan else src_cache.entries.get(key)
+    hit = False
     if entry is not None and dst_cache.entries.get(key) is not None:
-        refs, plan, _ = entry
+        refs, cached, _ = entry
         alive = [r() for r in refs]
-        if all(a is b for a, b in zip(alive, _chunks(src_model) + _chunks(dst_model))):
-            return plan  # type: ignore[no-any-return]
-    _check_same_ranks(src_state, dst_state)
+        hit = len(alive) == len(models) and all(a is b for a, b in zip(alive, models))
+    if not replan and _everyone_hit(chosen, src_state, dst_state, hit):
+        return cached  # type: ignore[no-any-return]
+    _check_ranks(chosen, src_state, dst_state, src_model, dst_model)
     if spec is None:
         plan = chosen.plan(src_model, src_state, dst_model, dst_state)
     else:
@@ -218,7 +244,7 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
             raise ReshardError(f"the {chosen.name!r} reshard backend does not convert dtypes (its plan() takes no cast=); refit without dtype=")
         plan = chosen.plan(src_model, src_state, dst_model, dst_state, cast=spec)
     plan = plan.check()
-    refs = tuple(weakref.ref(m) for m in _chunks(src_model) + _chunks(dst_model))
+    refs = tuple(weakref.ref(m) for m in models)
     src_cache.drop_dead()
     dst_cache.drop_dead()
     src_cache.entries[key] = (refs, plan, dst_cache)
@@ -226,10 +252,30 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
     return plan
 
 
-def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece]) -> bool:
+def _everyone_hit(backend: Backend, src_state: Any, dst_state: Any, hit: bool) -> bool:
+    """Whether every participant found its cached plan (one small all-reduce, only for a
+    backend with ``partial_ranks``): a rank outside a state holds None for that model, so
+    its cache cannot see that a peer's model is another one; a miss anywhere plans again
+    everywhere. (A backend whose models live on every rank sees every change locally.)"""
+    if not getattr(backend, "partial_ranks", False):
+        return hit
+    import torch
+    import torch.distributed as dist
+
+    from scoped_parallel.refit.execute import comm_device, participants, participants_group
+
+    _check_ranks(backend, src_state, dst_state, None, None, models_checked=False)
+    group = participants_group(src_state, dst_state, participants(src_state, dst_state))
+    flag = torch.tensor([int(hit)], device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece], group: Any = None) -> bool:
     """Whether, on every rank, ``sources``/``targets`` (this rank's pieces as the models hold
-    them now) are the pieces ``plan`` lists for this rank. Collective: one small all-reduce,
-    so every rank gets the same answer (for backends: call it before moving anything)."""
+    them now) are the pieces ``plan`` lists for this rank. Collective over ``group`` (the
+    refit's ranks; the default group unless given): one small all-reduce, so every rank
+    gets the same answer (for backends: call it before moving anything)."""
     import torch
     import torch.distributed as dist
 
@@ -238,8 +284,8 @@ def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[
     rank = dist.get_rank()
     planned_src, planned_dst = plan.pieces_of(rank)
     same = _rows(sources) == planned_src and _rows(targets) == planned_dst
-    flag = torch.tensor([int(same)], device=comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = torch.tensor([int(same)], device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 

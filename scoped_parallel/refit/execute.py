@@ -25,9 +25,9 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from scoped_parallel.refit.plan import Box, ReshardPlan, box_is_contiguous, box_slices
+from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, box_is_contiguous, box_slices
 
-__all__ = ["comm_device", "run_plan"]
+__all__ = ["comm_device", "participants", "participants_group", "peak_staging", "run_plan"]
 
 
 def comm_device(group: object = None) -> torch.device:
@@ -54,23 +54,71 @@ def _wire_dtype(cast: str) -> torch.dtype:
     return dtype
 
 
-def _buckets(plan: ReshardPlan, bucket_bytes: int) -> list[int]:
-    """The bucket of each transfer, from the plan alone (every rank computes the same);
-    kept on the plan for the next run."""
+def _buckets(plan: ReshardPlan, bucket_bytes: int) -> tuple[list[int], dict[str, int]]:
+    """The bucket of each transfer and of each tensor, from the plan alone (every rank
+    computes the same); kept on the plan for the next run."""
     memo = plan.__dict__.setdefault("_buckets_memo", {})  # a frozen dataclass; this bypasses nothing it checks
     if bucket_bytes not in memo:
         memo[bucket_bytes] = _cut(plan, bucket_bytes)
     return memo[bucket_bytes]  # type: ignore[no-any-return]
 
 
-def _cut(plan: ReshardPlan, bucket_bytes: int) -> list[int]:
+def _cut(plan: ReshardPlan, bucket_bytes: int) -> tuple[list[int], dict[str, int]]:
+    """A global plan is cut by its transfers' place in it; a rank's part (which lists only
+    its own transfers) by the tensor order every rank shares (``plan.order``), whole tensors
+    per bucket, so that both ends of every transfer put it in the same bucket."""
+    if plan.rank is not None:
+        of_tensor: dict[str, int] = {}
+        filled, bucket = 0, 0
+        for name, nbytes in plan.order:
+            if filled and filled + nbytes > bucket_bytes:
+                bucket, filled = bucket + 1, 0
+            of_tensor[name] = bucket
+            filled += nbytes
+        return [of_tensor[t.dst_name] for t in plan.transfers], of_tensor
     out, filled, bucket = [], 0, 0
     for t in plan.transfers:
         if filled and filled + t.nbytes > bucket_bytes:
             bucket, filled = bucket + 1, 0
         out.append(bucket)
         filled += t.nbytes
-    return out
+    return out, {}
+
+
+def _run_gathers(gathers: list[Gather], rank: int, sources: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                 groups: Mapping[tuple[int, ...], object], sent: dict[int, int]) -> None:
+    """One bucket's gathers: per (group, wire dtype), in one order on every member, this
+    rank's partitions (converted, zero-padded to ``part``) side by side in one buffer, one
+    ``all_gather_into_tensor``, and every member's ranges copied into the whole destination
+    tensors. Peak extra memory: the send buffer and the gathered one (about the bucket)."""
+    batches: dict[tuple[tuple[int, ...], str], list[Gather]] = {}
+    for g in gathers:
+        batches.setdefault((g.group, g.dtype), []).append(g)
+    for (members, dtype_name), batch in sorted(batches.items()):
+        group = groups[members]
+        device = comm_device(group)
+        index = members.index(rank)
+        dtype = _wire_dtype(dtype_name)
+        width = sum(g.part for g in batch)
+        mine = torch.zeros(width, dtype=dtype, device=device)
+        offset = 0
+        for g in batch:
+            start, stop = g.span(index)
+            mine[offset: offset + stop - start].copy_(sources[g.name].view(-1)[: stop - start])
+            offset += g.part
+        gathered = torch.empty(width * len(members), dtype=dtype, device=device)
+        dist.all_gather_into_tensor(gathered, mine, group=group)
+        offset = 0
+        for g in batch:
+            target = targets[g.name].view(-1)
+            for i, peer in enumerate(members):
+                start, stop = g.span(i)
+                if stop > start:
+                    base = i * width + offset
+                    target[start:stop].copy_(gathered[base: base + stop - start])
+                    if peer != members[index]:
+                        sent[peer] = sent.get(peer, 0) + (g.span(index)[1] - g.span(index)[0]) * g.itemsize
+            offset += g.part
 
 
 def run_plan(
@@ -80,18 +128,27 @@ def run_plan(
     *,
     group: object = None,
     bucket_bytes: int = 1 << 26,
+    gather_groups: Mapping[tuple[int, ...], object] | None = None,
 ) -> dict[int, int]:
     """Copy this rank's part of ``plan``: read boxes of ``sources`` (this rank's source
-    pieces by name), write boxes of ``targets``. Collective over ``group`` (the default
-    group: the plan's ranks are global ranks). Returns the bytes this rank sent, by peer
-    (for comparison with the plan's prediction)."""
+    pieces by name), write boxes of ``targets``. Point-to-point over ``group`` (ranks are
+    global ranks; the default group unless given); the plan's gathers run on
+    ``gather_groups[ranks]`` (the process group of those ranks), bucket by bucket before
+    that bucket's point-to-point batch, in one order on every rank. Returns the bytes this
+    rank sent (a gather: its own range, once per peer), by peer (for comparison with the
+    plan's prediction)."""
     rank = dist.get_rank()
     device = comm_device(group)
-    bucket_of = _buckets(plan, bucket_bytes)
+    bucket_of, tensor_bucket = _buckets(plan, bucket_bytes)
     mine = plan.for_rank(rank)
     sent: dict[int, int] = {}
+    gathers: dict[int, list[Gather]] = {}
+    for g in plan.gathers:
+        gathers.setdefault(tensor_bucket.get(g.name, 0), []).append(g)
     with torch.no_grad():
-        for bucket in sorted({bucket_of[i] for i, _ in mine}):
+        for bucket in sorted({bucket_of[i] for i, _ in mine} | set(gathers)):
+            if bucket in gathers:
+                _run_gathers(gathers[bucket], rank, sources, targets, gather_groups or {}, sent)
             ops: list[dist.P2POp] = []
             writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []
             for i, t in mine:
@@ -120,3 +177,63 @@ def run_plan(
             for view, buffer in writebacks:
                 view.copy_(buffer)
     return sent
+
+
+def peak_staging(part: ReshardPlan, bucket_bytes: int) -> int:
+    """Peak extra bytes :func:`run_plan` needs on the rank of ``part`` (a rank's part of a
+    plan) with ``bucket_bytes``: per bucket, the converted copies of its sends plus its
+    largest gather batch (the send buffer and the gathered buffer)."""
+    bucket_of, tensor_bucket = _buckets(part, bucket_bytes)
+    per_bucket: dict[int, int] = {}
+    for i, t in part.for_rank(part.rank):  # type: ignore[arg-type]
+        if t.cast and t.src_rank == part.rank:
+            per_bucket[bucket_of[i]] = per_bucket.get(bucket_of[i], 0) + t.nbytes
+    batches: dict[tuple[int, tuple[int, ...], str], int] = {}
+    for g in part.gathers:
+        key = (tensor_bucket[g.name], g.group, g.dtype)
+        batches[key] = batches.get(key, 0) + g.part * g.itemsize
+    gathered: dict[int, int] = {}
+    for (bucket, group, _), width in batches.items():
+        gathered[bucket] = max(gathered.get(bucket, 0), width * (len(group) + 1))
+    return max([per_bucket.get(b, 0) + gathered.get(b, 0) for b in set(per_bucket) | set(gathered)], default=0)
+
+
+class _ParticipantGroups:
+    """One state's process groups over the ranks of two states (its
+    ``adapter_record("refit-participants")``), released when the state is destroyed."""
+
+    def __init__(self, state: object) -> None:
+        self.groups: dict[tuple[int, ...], object] = {}
+
+    def state_destroyed(self, state: object) -> None:
+        from scoped_parallel.groups import create
+
+        for group in self.groups.values():
+            create.release(group)
+        self.groups.clear()
+
+
+def participants(src_state: object, dst_state: object) -> tuple[int, ...]:
+    """The ranks of either state, ascending: the ranks a refit between them runs on."""
+    return tuple(sorted(set(src_state.layout.ranks) | set(dst_state.layout.ranks)))  # type: ignore[attr-defined]
+
+
+def participants_group(src_state: object, dst_state: object, ranks: tuple[int, ...]) -> object:
+    """The process group over ``ranks`` (:func:`participants`): None (the default group)
+    when they are the whole world, else one group made member-only (only these ranks call
+    this, in the same order), shared with an identical group, held by both states and
+    released with the first of them destroyed."""
+    if len(ranks) == dist.get_world_size():
+        return None
+    from scoped_parallel.groups import create
+
+    held = [s.adapter_record("refit-participants", _ParticipantGroups) for s in (src_state, dst_state)]  # type: ignore[attr-defined]
+    if all(ranks in h.groups for h in held):
+        return held[0].groups[ranks]
+    tag = f"refit:{src_state.layout.fingerprint()}:{dst_state.layout.fingerprint()}"  # type: ignore[attr-defined]
+    group = None
+    for h in held:
+        if ranks not in h.groups:
+            h.groups[ranks] = create.acquire(create.GroupRequest(ranks=ranks, desc="scoped_parallel refit", tag=tag), share=True)
+        group = h.groups[ranks]
+    return group

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Union
 from scoped_parallel.errors import ReshardError
 
 __all__ = [
-    "Box", "CastSpec", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "box_slices", "is_floating", "plan_flat",
+    "Box", "CastSpec", "Gather", "Piece", "ReshardPlan", "Transfer", "box_is_contiguous", "box_slices", "is_floating", "plan_flat",
     "resolve_casts", "unmatched_names",
 ]
 
@@ -253,12 +253,46 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class Gather:
+    """Flat tensor ``name`` made whole on every member of ``group`` by one all-gather of
+    their source partitions: member ``i`` holds elements ``[i * part, min((i + 1) * part,
+    numel))`` and every member fills a whole destination piece of ``numel`` elements.
+
+    ``dtype`` is the wire dtype (the destination's; ``cast`` is set where the sender
+    converts), ``itemsize`` its element size. The bytes a member makes available to each
+    peer are its own range's (padding is not counted), as a point-to-point plan would send."""
+
+    group: tuple[int, ...]
+    name: str
+    numel: int
+    part: int
+    itemsize: int
+    dtype: str
+    cast: str = ""
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Elements ``[start, stop)`` that member ``index`` contributes."""
+        start = min(index * self.part, self.numel)
+        return start, min(start + self.part, self.numel)
+
+
+@dataclass(frozen=True)
 class ReshardPlan:
     """Every transfer of one refit, on every rank, with the checks and the report.
 
     ``staging`` is the executor's predicted peak of extra memory per rank (receive
     buffers and copies of non-contiguous send boxes), filled in by the backend that
     knows its executor; ``notes`` are the backend's lines for the report.
+
+    A plan is either *global* (``rank`` None: every rank's transfers and pieces, as
+    megatron-core's planner hands them over) or *this rank's part* (``rank`` set: the
+    transfers it sends or receives, the gathers it takes part in and its own pieces, made
+    by :func:`scoped_parallel.refit.flat.plan_flat_local` without any other rank's
+    transfers). A rank's part checks what the rank can see (its destination pieces written
+    exactly once, its reads inside its source pieces); ``pairing`` (a digest of its sends
+    and of its receives, summed over the participants by the backend) shows that every
+    send has its receive. ``order`` (``(tensor name, bytes)``, the same on every rank)
+    cuts the buckets; ``participants`` are the ranks of both states (the collective's ranks).
     """
 
     backend: str
@@ -267,6 +301,11 @@ class ReshardPlan:
     targets: tuple[Piece, ...]
     staging: Mapping[int, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    rank: int | None = None
+    gathers: tuple[Gather, ...] = ()
+    order: tuple[tuple[str, int], ...] = ()
+    pairing: tuple[int, ...] = (0, 0, 0, 0)
+    participants: tuple[int, ...] = ()
 
     # ---------------------------------------------------------------- queries
 
@@ -306,19 +345,38 @@ class ReshardPlan:
             if include_local or not t.local:
                 key = (t.src_rank, t.dst_rank)
                 out[key] = out.get(key, 0) + t.nbytes
+        for key, nbytes in self._gathered_pairs().items():
+            if include_local or key[0] != key[1]:
+                out[key] = out.get(key, 0) + nbytes
         return dict(sorted(out.items()))
+
+    def _gathered_pairs(self, gathers: Iterable[Gather] | None = None) -> dict[tuple[int, int], int]:
+        """What the gathers (all, or those given) make available, ``{(member, peer): bytes}`` of
+        the member's own range (the whole table in a global plan; only this rank's pairs in a
+        rank's part)."""
+        out: dict[tuple[int, int], int] = {}
+        for g in self.gathers if gathers is None else gathers:
+            for i, member in enumerate(g.group):
+                start, stop = g.span(i)
+                for peer in g.group:
+                    if self.rank is None or self.rank in (member, peer):
+                        out[(member, peer)] = out.get((member, peer), 0) + (stop - start) * g.itemsize
+        return out
 
     def bytes_sent(self, rank: int) -> int:
         """Bytes ``rank`` sends to other ranks (local copies not counted)."""
-        return sum(t.nbytes for t in self.transfers if t.src_rank == rank and not t.local)
+        return sum(n for (s, d), n in self.bytes_between().items() if s == rank)
 
     def bytes_received(self, rank: int) -> int:
         """Bytes ``rank`` receives from other ranks (local copies not counted)."""
-        return sum(t.nbytes for t in self.transfers if t.dst_rank == rank and not t.local)
+        return sum(n for (s, d), n in self.bytes_between().items() if d == rank)
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """Every rank that holds a source piece or fills a destination piece."""
+        """Every rank that holds a source piece or fills a destination piece (in a rank's
+        part: the participants)."""
+        if self.rank is not None:
+            return self.participants
         return tuple(sorted({p.rank for p in self.sources} | {p.rank for p in self.targets}))
 
     # ---------------------------------------------------------------- checks
@@ -331,8 +389,19 @@ class ReshardPlan:
         sources = {(p.rank, p.name): p for p in self.sources}
         targets = {(p.rank, p.name): p for p in self.targets}
         written: dict[tuple[int, str], list[Box]] = {key: [] for key in targets}
+        mine = self.rank
         for t in self.transfers:
-            src = sources.get((t.src_rank, t.src_name))
+            if mine is not None and mine not in (t.src_rank, t.dst_rank):
+                found.append(f"rank {mine}'s part of the plan lists a transfer between ranks {t.src_rank} and {t.dst_rank}")
+                continue
+            if mine is not None and t.dst_rank != mine:  # a send: its receiver checks the destination side
+                src = sources.get((t.src_rank, t.src_name))
+                if src is None:
+                    found.append(f"rank {mine} sends {t.src_name!r}, which it does not hold")
+                elif not _inside(t.src_box, src.shape):
+                    found.append(f"source box {t.src_box} of {t.src_name!r} on rank {mine} is outside its shape {src.shape}")
+                continue
+            src = sources.get((t.src_rank, t.src_name)) if mine is None or t.src_rank == mine else Piece(t.src_rank, t.src_name, tuple(b for _, b in t.src_box), t.itemsize)
             dst = targets.get((t.dst_rank, t.dst_name))
             if src is None:
                 found.append(f"transfer into {t.dst_name!r} on rank {t.dst_rank} reads {t.src_name!r} on rank {t.src_rank}, which does not hold it")
@@ -356,6 +425,13 @@ class ReshardPlan:
             elif src is not None and src.itemsize != dst.itemsize:
                 found.append(f"{t.dst_name!r}: {src.itemsize}-byte source elements into {dst.itemsize}-byte destination elements")
             written[(t.dst_rank, t.dst_name)].append(t.dst_box)
+        for g in self.gathers:
+            for rank in g.group if mine is None else (mine,):
+                key = (rank, g.name)
+                if key not in written or targets[key].shape != (g.numel,):
+                    found.append(f"gather of {g.name!r} over {g.group[:8]} writes rank {rank}, which does not hold it whole as a destination")
+                    continue
+                written[key] += [(g.span(i),) for i in range(len(g.group)) if g.span(i)[1] > g.span(i)[0]]
         for (rank, name), boxes in written.items():
             piece = targets[(rank, name)]
             total = sum(_volume(b) for b in boxes)
@@ -389,14 +465,16 @@ class ReshardPlan:
         total_remote = sum(pairs.values())
         local = sum(t.nbytes for t in self.transfers if t.local)
         filled = sum(p.nbytes for p in self.targets)
+        scope = "" if self.rank is None else f" rank {self.rank}'s part of {len(self.participants)} ranks"
+        gathers = f", {len(self.gathers)} all-gathers" if self.gathers else ""
         lines = [
-            f"refit plan ({self.backend}): {len(self.transfers)} transfers, "
+            f"refit plan ({self.backend}){scope}: {len(self.transfers)} transfers{gathers}, "
             f"{total_remote} bytes between ranks, {local} bytes copied locally, "
             f"{filled} destination bytes on {len({p.rank for p in self.targets})} ranks",
             "coverage: " + ("every destination element written exactly once" if not self.problems() else "FAILED: " + "; ".join(self.problems(3))),
             "rank   sends B    receives B   local B     staging peak B",
         ]
-        for rank in self.ranks:
+        for rank in (self.ranks if self.rank is None else (self.rank,)):
             own_local = sum(t.nbytes for t in self.transfers if t.local and t.dst_rank == rank)
             lines.append(
                 f"{rank:<6} {self.bytes_sent(rank):<10} {self.bytes_received(rank):<12} {own_local:<11} {self.staging.get(rank, 0)}"
@@ -404,13 +482,22 @@ class ReshardPlan:
         if pairs:
             lines.append("bytes by pair (src -> dst): " + ", ".join(f"{s}->{d}: {b}" for (s, d), b in pairs.items()))
         cast = [t for t in self.transfers if t.cast]
-        if cast:
+        cast_gathers = {g.name for g in self.gathers if g.cast}
+        if cast or cast_gathers:
             held = {(p.rank, p.name): p for p in self.sources}
+            source_itemsize = {p.name: p.itemsize for p in self.sources}
             wire = sum(t.nbytes for t in cast if not t.local)
             uncast = sum(_volume(t.dst_box) * held[(t.src_rank, t.src_name)].itemsize for t in cast
                          if not t.local and (t.src_rank, t.src_name) in held)
+            for g in self.gathers:
+                if g.cast:
+                    moved = sum(n for (m, p), n in self._gathered_pairs([g]).items() if m != p)
+                    wire += moved
+                    uncast += moved // g.itemsize * source_itemsize.get(g.name, g.itemsize)
+            names = {t.dst_name for t in cast} | cast_gathers
+            targets = {t.cast for t in cast} | {g.cast for g in self.gathers if g.cast}
             lines.append(
-                f"casts on the sending side: {len({t.dst_name for t in cast})} tensors to {', '.join(sorted({t.cast for t in cast}))}; "
+                f"casts on the sending side: {len(names)} tensors to {', '.join(sorted(targets))}; "
                 f"{wire} bytes between ranks for them ({uncast} uncast)"
             )
         lines.extend(self.notes)
