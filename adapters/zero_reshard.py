@@ -4,18 +4,25 @@ The ``"flat"`` reshard backend: each parameter is a flat run of elements; a rank
 of it (a replica: no ZeRO, ZeRO-1/2 model weights, Ulysses SP which splits activations,
 not weights) or one ZeRO-3 partition of it (``param.ds_tensor``: elements
 ``[i * p, (i + 1) * p)`` for partition ``i`` of the parameter's ``ds_process_group``, the
-last one padded). :func:`scoped_parallel.refit.plan.plan_flat` intersects what the source
-ranks hold with what each destination rank must fill; every element comes from the
-destination rank itself where it holds it, else from the least-loaded holder, so a
-ZeRO-3 source is never gathered to full size anywhere, and a ZeRO-3 destination receives
-only its own partition. Receives land in the destination's own storage (no staging).
+last one padded). Each rank describes its models compactly (per parameter: shape, dtype,
+itemsize, the kind of the state's groups it is partitioned over or ``"replica"``, the
+partition size); the description of each side is broadcast from its state's first rank
+and compared by every rank, and :func:`scoped_parallel.refit.flat.plan_flat_local` makes
+this rank's part of the plan from the descriptions and the states' layouts alone (see
+there: one source copy per destination rank, the rank's own elements copied locally, a
+ZeRO-3 source into replicas on its own ranks gathered with one all-gather per bucket, a
+ZeRO-3 destination receiving only its own partition). Receives land in the destination's
+own storage. The states may lie on other, partial or overlapping rank sets of the world:
+every collective here runs over the participants (the ranks of either state).
 With ``reshard(..., dtype=)`` (casts resolved per parameter name on the gathered dtypes) the
 sender converts each run before sending: a bf16 destination of an fp32 source receives bf16
 bytes (the converted copies are the sender's staging).
 
 8-rank example: actor ZeRO-3 under SP=2 x DP=4 (partitions over the 8 ranks of SP x DP),
-rollout ZeRO-0 under SP=8 (a full replica per rank): each rollout rank receives 7/8 of
-every parameter, one eighth from each peer, and copies its own eighth locally.
+rollout ZeRO-0 under SP=8 (a full replica per rank): one all-gather per bucket over the
+8 ranks; each rollout rank receives 7/8 of every parameter, one eighth from each peer.
+The same actor into a rollout on 8 other ranks (``rank_offset=8``): each rollout rank
+receives every eighth from the actor rank holding it, point-to-point.
 
 A ZeRO-3 destination is always written in its partitions; every parameter that is whole
 at that moment (the ones DeepSpeed keeps whole between forwards, ``ds_persist``, below

@@ -3,13 +3,16 @@
 ``scoped_parallel.reshard(src_model, src_state, dst_model, dst_state)`` is the one call,
 ``scoped_parallel.plan_reshard`` its dry run (see :mod:`scoped_parallel.refit.api`);
 :mod:`~scoped_parallel.refit.plan` is the plan as plain data with its checks and report
-(no torch), :mod:`~scoped_parallel.refit.execute` runs a plan with torch's point-to-point calls.
+(no torch), :mod:`~scoped_parallel.refit.flat` plans one rank's part of a refit between
+flat layouts (no torch), :mod:`~scoped_parallel.refit.execute` runs a plan with torch's
+point-to-point calls and all-gathers.
 """
 
 from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard
 from scoped_parallel.refit.plan import (
     Box,
     CastSpec,
+    Gather,
     Piece,
     ReshardPlan,
     Transfer,
@@ -25,6 +28,7 @@ __all__ = [
     "Backend",
     "Box",
     "CastSpec",
+    "Gather",
     "Piece",
     "Refit",
     "ReshardPlan",

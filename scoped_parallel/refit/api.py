@@ -3,7 +3,8 @@
 
 A backend turns two models and their states into a checked
 :class:`~scoped_parallel.refit.plan.ReshardPlan` (collective: every rank of the
-world calls it) and then runs it. The adapters register theirs when
+world calls it, or with ``partial_ranks = True`` on the backend every rank of either
+state) and then runs it. The adapters register theirs when
 ``scoped_parallel.adapters`` is imported: ``"megatron"`` (megatron-core models, on
 megatron-core's own planner) and ``"flat"`` (any other torch module, DeepSpeed engines
 and ZeRO-3 partitions included). The core knows none of them.
@@ -305,7 +306,9 @@ def reshard(
     **options: Any,
 ) -> Refit:
     """Copy every parameter of ``src_model`` (laid out by ``src_state``) into ``dst_model``
-    (the same architecture, laid out by ``dst_state``). Collective over the world.
+    (the same architecture, laid out by ``dst_state``). Collective over the ranks of both
+    states (a backend with ``partial_ranks``, such as ``"flat"``: a rank in only one state
+    passes None for the other model, a rank in neither does not call; else the whole world).
 
     Dtypes must match unless ``dtype=`` asks for a conversion (else a ReshardError naming
     the tensor, both dtypes and the fix): ``dtype=torch.bfloat16`` converts every floating
