@@ -260,14 +260,20 @@ def _everyone_hit(backend: Backend, src_state: Any, dst_state: Any, hit: bool) -
     everywhere. (A backend whose models live on every rank sees every change locally.)"""
     if not getattr(backend, "partial_ranks", False):
         return hit
+    from scoped_parallel.refit.execute import participants, participants_group
+
+    _check_ranks(backend, src_state, dst_state, None, None, models_checked=False)
+    return _everyone(hit, participants_group(src_state, dst_state, participants(src_state, dst_state)))
+
+
+def _everyone(mine: bool, group: Any) -> bool:
+    """Whether ``mine`` is True on every rank of ``group`` (one small all-reduce; the same answer everywhere)."""
     import torch
     import torch.distributed as dist
 
-    from scoped_parallel.refit.execute import comm_device, participants, participants_group
+    from scoped_parallel.refit.execute import comm_device
 
-    _check_ranks(backend, src_state, dst_state, None, None, models_checked=False)
-    group = participants_group(src_state, dst_state, participants(src_state, dst_state))
-    flag = torch.tensor([int(hit)], device=comm_device(group))
+    flag = torch.tensor([int(mine)], device=comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
@@ -277,17 +283,10 @@ def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[
     them now) are the pieces ``plan`` lists for this rank. Collective over ``group`` (the
     refit's ranks; the default group unless given): one small all-reduce, so every rank
     gets the same answer (for backends: call it before moving anything)."""
-    import torch
     import torch.distributed as dist
 
-    from scoped_parallel.refit.execute import comm_device
-
-    rank = dist.get_rank()
-    planned_src, planned_dst = plan.pieces_of(rank)
-    same = _rows(sources) == planned_src and _rows(targets) == planned_dst
-    flag = torch.tensor([int(same)], device=comm_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
+    planned_src, planned_dst = plan.pieces_of(dist.get_rank())
+    return _everyone(_rows(sources) == planned_src and _rows(targets) == planned_dst, group)
 
 
 def _rows(pieces: Iterable[Piece]) -> list[tuple[Any, ...]]:

@@ -213,6 +213,10 @@ class _ParticipantGroups:
         self.groups.clear()
 
 
+#: per participant rank set, how many refit groups over it this process has made
+_MADE_OVER: dict[tuple[int, ...], int] = {}
+
+
 def participants(src_state: object, dst_state: object) -> tuple[int, ...]:
     """The ranks of either state, ascending: the ranks a refit between them runs on."""
     return tuple(sorted(set(src_state.layout.ranks) | set(dst_state.layout.ranks)))  # type: ignore[attr-defined]
@@ -230,7 +234,12 @@ def participants_group(src_state: object, dst_state: object, ranks: tuple[int, .
     held = [s.adapter_record("refit-participants", _ParticipantGroups) for s in (src_state, dst_state)]  # type: ignore[attr-defined]
     if all(ranks in h.groups for h in held):
         return held[0].groups[ranks]
-    tag = f"refit:{src_state.layout.fingerprint()}:{dst_state.layout.fingerprint()}"  # type: ignore[attr-defined]
+    # the how-manyth group over these ranks this process makes: every participant makes each
+    # one (they all call this), so the number agrees, and a group made again after its states
+    # were destroyed is never named like the old one (torch keeps a destroyed group's store keys)
+    number = _MADE_OVER.get(ranks, 0)
+    _MADE_OVER[ranks] = number + 1
+    tag = f"refit:{number}:{src_state.layout.fingerprint()}:{dst_state.layout.fingerprint()}"  # type: ignore[attr-defined]
     group = None
     for h in held:
         if ranks not in h.groups:
