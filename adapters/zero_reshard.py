@@ -52,8 +52,8 @@ import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
 from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, register_backend, resolve_casts, unmatched_names
-from scoped_parallel.refit.execute import comm_device, participants, participants_group, peak_staging, run_plan
-from scoped_parallel.refit.flat import FlatTensor, pairing_holds, plan_flat_local
+from scoped_parallel.refit.execute import agree, comm_device, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
+from scoped_parallel.refit.flat import FlatTensor, plan_flat_local
 
 __all__ = ["FlatBackend", "flat_pieces", "settle"]
 
@@ -242,20 +242,6 @@ def _first_difference(mine: tuple[Any, ...], agreed: tuple[Any, ...]) -> str:
     return f"{len(mine)} parameters here but {len(agreed)} there"
 
 
-def _agree(problems: list[str], group: Any) -> None:
-    """Raise the same ReshardError on every participant if any has a problem (one small
-    all-reduce; the problems themselves are gathered only then)."""
-    flag = torch.tensor([len(problems)], device=comm_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if not flag.item():
-        return
-    size = dist.get_world_size(group)
-    everyone: list[Any] = [None] * size
-    dist.all_gather_object(everyone, (dist.get_rank(), problems), group=group)
-    lines = [f"rank {r}: {p}" for r, probs in sorted(everyone) for p in probs]
-    raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(lines[:20]))
-
-
 def _copies(state: Any, keys: set[str]) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Per key, the copies of ``state``'s layout: a whole replica per rank, or its groups of that kind."""
     out: dict[str, tuple[tuple[int, ...], ...]] = {}
@@ -299,12 +285,11 @@ class FlatBackend:
         agreed = []
         for role, state, desc in (("source", src_state, src_desc), ("destination", dst_state, dst_desc)):
             first = state.layout.ranks[0]
-            box = [desc if me == first else None]
-            dist.broadcast_object_list(box, src=first, group=group)
-            if desc is not None and box[0] is not None and desc != box[0]:
-                local.append(f"the {role} model differs from rank {first}'s: {_first_difference(desc, box[0])}")
-            agreed.append(box[0])
-        _agree(local, group)
+            (theirs,) = from_each(desc, [first], group)
+            if desc is not None and theirs is not None and desc != theirs:
+                local.append(f"the {role} model differs from rank {first}'s: {_first_difference(desc, theirs)}")
+            agreed.append(theirs)
+        agree(local, group)
         src_rows, dst_rows = agreed
         if src_rows is None or dst_rows is None:  # the first rank of a state had a problem: already raised above
             raise ReshardError("a state's first rank described no model (nothing was moved)")
@@ -331,11 +316,7 @@ class FlatBackend:
         ]
         part_plan = plan_flat_local(me, tensors, _copies(src_state, {row[4] for row in src_rows}),
                                     _copies(dst_state, {row[4] for row in dst_rows}), participants=ranks)
-        found = part_plan.problems()
-        sums = torch.tensor(list(part_plan.pairing) + [len(found)], dtype=torch.int64, device=comm_device(group))
-        dist.all_reduce(sums, group=group)
-        if sums[4].item() or not pairing_holds(sums[:4].tolist()):  # the same answer on every rank: all raise
-            _agree(found if sums[4].item() else ["the ranks' sends and receives do not pair up (a planner bug)"], group)
+        confirm_part(part_plan, group)
         notes = (
             "planner: scoped_parallel.refit.flat.plan_flat_local (each rank plans its own part from both layouts' "
             "descriptions); executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own "

@@ -16,18 +16,24 @@ All transfers go over one device, :func:`comm_device` (the GPU under NCCL, else 
 a tensor elsewhere (ZeRO-3 partitions offloaded to host memory, under NCCL) is sent from a
 copy on that device and received into a buffer there, then copied in. On CPU with gloo
 nothing is staged (the staging path needs a GPU to run).
+
+The backends' agreement among the ranks of a refit lives here too: :func:`from_each`
+(descriptions broadcast from the ranks that hold them), :func:`agree` (one error on every
+rank, or none) and :func:`confirm_part` (rank parts planned alone fit together).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
+from scoped_parallel.errors import ReshardError
 from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, box_is_contiguous, box_slices
+from scoped_parallel.refit.tiled import pairing_holds
 
-__all__ = ["comm_device", "participants", "participants_group", "peak_staging", "run_plan"]
+__all__ = ["agree", "comm_device", "confirm_part", "from_each", "participants", "participants_group", "peak_staging", "run_plan"]
 
 
 def comm_device(group: object = None) -> torch.device:
@@ -246,3 +252,44 @@ def participants_group(src_state: object, dst_state: object, ranks: tuple[int, .
             h.groups[ranks] = create.acquire(create.GroupRequest(ranks=ranks, desc="scoped_parallel refit", tag=tag), share=True)
         group = h.groups[ranks]
     return group
+
+
+# ------------------------------------------------------------------ agreement among the participants
+
+
+def from_each(value: object, senders: Sequence[int], group: object = None) -> list[object]:
+    """``value`` as each of ``senders`` holds it, in that order, on every rank of ``group``
+    (one ``broadcast_object_list`` per sender: the bytes are the senders' values, not the
+    group's size times the largest)."""
+    me = dist.get_rank()
+    out = []
+    for sender in senders:
+        box = [value if me == sender else None]
+        dist.broadcast_object_list(box, src=sender, group=group)
+        out.append(box[0])
+    return out
+
+
+def agree(problems: list[str], group: object = None, what: str = "this pair of models") -> None:
+    """Raise the same ReshardError on every rank of ``group`` if any has a problem (one small
+    all-reduce; the problems themselves are gathered only then)."""
+    flag = torch.tensor([len(problems)], device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return
+    everyone: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (dist.get_rank(), problems), group=group)
+    lines = [f"rank {r}: {p}" for r, probs in sorted(everyone) for p in probs]  # type: ignore[misc]
+    raise ReshardError(f"cannot refit {what} (nothing was moved):\n  " + "\n  ".join(lines[:20]))
+
+
+def confirm_part(part: ReshardPlan, group: object = None) -> None:
+    """That every rank's part of a plan planned alone (``part.rank`` set) is sound and that
+    the parts fit together: each rank's local checks plus one all-reduce of the pairing
+    digests (every send has its receive); a problem anywhere raises the same ReshardError
+    on every rank of ``group``, before anything moves."""
+    found = part.problems()
+    sums = torch.tensor(list(part.pairing) + [len(found)], dtype=torch.int64, device=comm_device(group))
+    dist.all_reduce(sums, group=group)
+    if sums[4].item() or not pairing_holds(sums[:4].tolist()):  # the same answer on every rank: all raise
+        agree(found if sums[4].item() else ["the ranks' sends and receives do not pair up (a planner bug)"], group)

@@ -428,10 +428,14 @@ class ReshardPlan:
         for g in self.gathers:
             for rank in g.group if mine is None else (mine,):
                 key = (rank, g.name)
-                if key not in written or targets[key].shape != (g.numel,):
-                    found.append(f"gather of {g.name!r} over {g.group[:8]} writes rank {rank}, which does not hold it whole as a destination")
+                shape = targets[key].shape if key in targets else ()
+                row = math.prod(shape[1:])
+                spans = [g.span(i) for i in range(len(g.group)) if g.span(i)[1] > g.span(i)[0]]
+                if key not in written or math.prod(shape) != g.numel or not shape or any(a % row or b % row for a, b in spans):
+                    found.append(f"gather of {g.name!r} over {g.group[:8]} writes rank {rank}, which does not hold it whole "
+                                 "as a destination (in whole rows of its first dimension)")
                     continue
-                written[key] += [(g.span(i),) for i in range(len(g.group)) if g.span(i)[1] > g.span(i)[0]]
+                written[key] += [((a // row, b // row), *((0, n) for n in shape[1:])) for a, b in spans]
         for (rank, name), boxes in written.items():
             piece = targets[(rank, name)]
             total = sum(_volume(b) for b in boxes)
