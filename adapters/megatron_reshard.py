@@ -1,49 +1,61 @@
-"""Refit megatron-core models between two states, on megatron-core's own planner.
+"""Refit megatron-core models between two states: each rank plans its own part.
 
 ``scoped_parallel.reshard(actor, actor_state, rollout, rollout_state)`` with megatron-core
 models (``GPTModel`` and friends, one module or a list of virtual-pipeline chunks, bare or
-wrapped in DDP / ``Float16Module``) lands here. The plan is megatron-core's
-(``megatron.core.resharding``: ``build_local_reshard_plan`` where it exists, 0.19+, else
-``build_centralized_reshard_plan``, 0.16-0.18): its TP descriptors, LCM tiling with
-partition strides and data-parallel balancing of the senders. What this module adds
-around it:
+wrapped in DDP / ``Float16Module``) lands here, on one of two backends:
 
-* **models built in a scope need no groups.** Each model is shown to the planner through a
-  flat view whose ``pg_collection`` is its state's ``process_group_collection()``; a model
-  that carries its own collection must have been built with the state's groups (else a
+* ``"megatron"`` (the default, every megatron-core version): **each rank plans its own
+  part** (:func:`scoped_parallel.refit.tiled.plan_tiled_local`). Each side is described
+  compactly, per tensor a :class:`TensorRow` (canonical name, global shape, dtype, TP or
+  expert-TP split with its partition stride, or whole; the expert slot), broadcast once from
+  one rank per pipeline stage and expert slot (:class:`_Copies` ``leads``); every rank
+  compares its own tensors with that description, and derives each tensor's holders (the
+  TP groups, expert-TP groups or ranks of the stages holding it) from the state's layout
+  alone. Planning time and memory grow with the rank's own pieces and the number of
+  tensors, never with ranks squared; no rank holds another's transfers. The states may lie
+  on other, partial or overlapping rank sets of the world (an actor on ranks 0-7 and a
+  rollout copy on 8-11): only their ranks call, every collective runs over them. A tensor
+  split on its first dimension into replicas on the same ranks is one all-gather per bucket.
+* ``"megatron-core"`` (``backend="megatron-core"``): megatron-core's own planner
+  (``megatron.core.resharding``: ``build_local_reshard_plan`` where it exists, 0.19+, else
+  ``build_centralized_reshard_plan``, 0.16-0.18), its ops gathered on every rank and
+  checked as one global plan (both states on the whole world). With ``service=`` (a
+  megatron-core ``CopyService`` or a backend name such as ``"nccl"``) megatron-core's own
+  ``execute_reshard_plan`` runs it.
+
+What both add around the plan:
+
+* **models built in a scope need no groups.** A model that carries its own
+  ``pg_collection`` must have been built with the state's groups (else a
   :class:`~scoped_parallel.errors.ReshardError`: the wrong state was passed).
-* **virtual pipeline stages.** The view holds every chunk's parameters under one canonical
-  name each (global layer number from ``layer_number``, global expert number from the MoE
-  layer's ``local_expert_indices``, a tied output weight under the word embedding's name),
-  so PP x VPP matches PP=1 or any other split (megatron-core refuses nothing here, but it
-  plans one chunk: ``model[0]``).
+* **canonical names.** Every chunk's tensors under one name each (global layer number from
+  ``layer_number``, global expert number from the MoE layer's ``local_expert_indices``, a
+  tied output weight under the word embedding's name), so PP x VPP matches PP=1 or any
+  other split (megatron-core's own planner plans one chunk: ``model[0]``).
 * **SwiGLU.** ``linear_fc1`` of a gated MLP holds ``[gate, up]`` per TP rank: partition
   stride 2. megatron-core sets that on the parameter from 0.19 on; for older versions the
-  view tells the planner (the model is not changed).
+  description says so (the model is not changed).
 * **expert tensors** are recognised by name (:func:`is_expert`: a path component
   ``experts``) as well as by megatron-core's ``allreduce=False``, which megatron-core sets
   only under EP > 1: an EP=1 expert is split over the expert-TP group (its ``allreduce``
-  is True like a dense tensor's), so the checks use the expert-TP size and the view marks
-  it ``allreduce=False`` for the planner (TP=2 x EP=1 with expert TP=1 -> EP=2).
-* **casts** (``reshard(..., dtype=)``): resolved per canonical name on the gathered dtypes;
-  the pairs' transfers carry the wire dtype and the executor converts on the sending side.
-* **errors before anything moves, on every rank.** One gather of both models' tensor
-  summaries; each rank checks names, global shapes, dtypes and that the TP tiling divides,
-  and all raise the same :class:`~scoped_parallel.errors.ReshardError` (megatron-core
-  0.16-0.18 plan on rank 0 only, so an error raised inside their planner would leave the
-  other ranks waiting). The planner's ops are then gathered into a
-  :class:`~scoped_parallel.refit.plan.ReshardPlan`, which checks that every destination
-  element is written exactly once and reports bytes per rank pair.
+  is True like a dense tensor's), so the checks use the expert-TP size (TP=2 x EP=1 with
+  expert TP=1 -> EP=2).
+* **casts** (``reshard(..., dtype=)``): resolved per canonical name on the described
+  dtypes; the sender converts.
+* **errors before anything moves, on every rank.** Names, global shapes, dtypes and that
+  the TP tiling divides are checked on data every rank holds, and all raise the same
+  :class:`~scoped_parallel.errors.ReshardError`; a rank's own problems (a model built in
+  another state, a tensor described otherwise than its stage's lead does) are agreed with
+  one all-reduce.
 * **no stale reads after ``optimizer.step()``.** Under megatron-core's DDP with
   ``overlap_param_gather=True`` the step updates only this rank's shard of the parameter
   buffer; the other shards arrive with the all-gathers the next forward's pre-hooks finish.
   Before reading (or writing) any weight, :func:`finish_param_gathers` finishes those
   gathers on the source, and waits for any in flight on the destination (see there).
-* **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point
-  over the default group, receives straight into contiguous destination slices), because
-  megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service allocates a CUDA
-  stream. ``reshard(..., service=...)`` (a megatron-core ``CopyService`` or a backend name
-  such as ``"nccl"``) runs megatron-core's own ``execute_reshard_plan`` instead.
+* **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point,
+  receives straight into contiguous destination slices, buckets of ``bucket_bytes``),
+  because megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service
+  allocates a CUDA stream.
 """
 
 from __future__ import annotations
@@ -72,7 +84,8 @@ from scoped_parallel.refit import (
     resolve_casts,
     unmatched_names,
 )
-from scoped_parallel.refit.execute import run_plan
+from scoped_parallel.refit.execute import agree, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
+from scoped_parallel.refit.tiled import Split, TiledTensor, plan_tiled_local
 
 __all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers", "is_expert"]
 
@@ -161,6 +174,18 @@ class _View(torch.nn.Module):
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:  # type: ignore[override]
         for name, tensor in self._named:
             yield prefix + name, tensor
+
+
+def _is_megatron_model(model: Any) -> bool:
+    """Whether every chunk of ``model`` (unwrapped) is a megatron-core ``MegatronModule``."""
+    if "megatron.core" not in sys.modules:  # no Megatron model exists without it
+        return False
+    from megatron.core.transformer.module import MegatronModule
+
+    try:
+        return all(isinstance(c, MegatronModule) for c in _chunks(model))
+    except Exception:  # noqa: BLE001 - not a Megatron model
+        return False
 
 
 def _megatron_version() -> tuple[int, int]:
@@ -472,21 +497,272 @@ def finish_param_gathers(model: Any, role: str = "source") -> int:
     return len(steps)
 
 
+# ---------------------------------------------------------------- per-rank planning
+
+
+_WHOLE = "whole"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRow:
+    """One tensor of a Megatron model as its holders describe it (the same on each of them).
+
+    ``name``: canonical, global layer and expert numbers. ``shape``: global. ``kind``: how
+    the layout holds it: ``"tp"`` (split over the TP group), ``"etp"`` (an expert tensor,
+    split over the expert-TP group) or ``"whole"`` (every holder has all of it); ``dim``,
+    ``stride``, ``ways``: the split (``ways`` ranks along ``dim``, Megatron's
+    ``partition_stride``). ``slot``: the expert-parallel rank holding it (-1: not an expert)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    kind: str
+    dim: int | None
+    stride: int
+    ways: int
+    slot: int
+
+    def split(self) -> Split:
+        """How each holder's piece cuts the global tensor (see :mod:`scoped_parallel.refit.tiled`)."""
+        if self.kind == _WHOLE or self.dim is None:
+            return Split()
+        return Split(self.dim, self.shape[self.dim] // (self.ways * self.stride), self.stride)
+
+    def check_entry(self, rank: int) -> tuple[Any, ...]:
+        """What :func:`_match` compares: ``(shape, dtype, dim, stride, ways, rank)``."""
+        return (self.shape, self.dtype, self.dim if self.kind != _WHOLE else None, self.stride, self.ways, rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """A tensor of one side, merged from the descriptions of its holders: its row, the
+    pipeline stages holding it and the first rank that described it."""
+
+    row: TensorRow
+    stages: tuple[int, ...]
+    first: int
+
+    def key(self) -> str:
+        """Which copies hold it: kind, stages, expert slot (the key of :class:`_Copies`)."""
+        return f"{self.row.kind}:{','.join(map(str, self.stages))}:{self.row.slot}"
+
+
+def _global_named(model: Any, state: Any) -> list[tuple[str, torch.Tensor, bool]]:
+    """``(global name, tensor, expert)`` of every tensor of this rank's chunks of ``model``
+    (grouped-GEMM expert tensors renamed to their global expert numbers)."""
+    chunks = _chunks(model)
+    experts = getattr(chunks[0].config, "num_moe_experts", None)
+    out = []
+    for name, tensor in canonical_tensors(chunks):
+        expert = is_expert(name, tensor)
+        out.append((_global_expert_name(name, state, experts) if expert else name, tensor, expert))
+    return out
+
+
+def _describe_rows(model: Any, state: Any) -> list[TensorRow]:
+    """This rank's :class:`TensorRow` per tensor of ``model`` (megatron-core's attributes, as
+    its planner reads them through :func:`_stand_in`: stride 2 for a gated fc1 before 0.19,
+    ``allreduce=False`` on every expert tensor)."""
+    chunks = _chunks(model)
+    gated = _gated_fc1(chunks)
+    tp = state.get_tensor_model_parallel_world_size()
+    etp = state.get_expert_tensor_parallel_world_size()
+    slot = state.layout.coordinates(dist.get_rank())["ep"]
+    experts = getattr(chunks[0].config, "num_moe_experts", None)
+    rows = []
+    for name, tensor in canonical_tensors(chunks):
+        stand = _stand_in(name, tensor, id(tensor) in gated)
+        expert = is_expert(name, tensor)
+        sharded = bool(getattr(stand, "tensor_model_parallel", False))
+        ways = (etp if expert else tp) if sharded else 1
+        dim = int(getattr(stand, "partition_dim", 0)) if sharded else None
+        shape = list(tensor.shape)
+        if dim is not None:
+            shape[dim] *= ways
+        rows.append(TensorRow(
+            _global_expert_name(name, state, experts) if expert else name, tuple(shape), str(tensor.dtype),
+            tensor.element_size(), ("etp" if expert else "tp") if sharded else _WHOLE, dim,
+            int(getattr(stand, "partition_stride", 1)) if sharded else 1, ways, slot if expert else -1,
+        ))
+    return rows
+
+
+class _Copies(dict):  # type: ignore[type-arg]
+    """One layout's copies per :meth:`_Held.key`, derived from the layout alone on first use
+    (the TP / expert-TP groups, or every rank, of the stages and expert slot the key names)."""
+
+    def __init__(self, layout: Any) -> None:
+        super().__init__()
+        self.layout = layout
+        coords = [layout.coordinates(r) for r in layout.ranks]
+        self.stage = {r: c["pp"] for r, c in zip(layout.ranks, coords)}
+        self.slot = {r: c["ep"] for r, c in zip(layout.ranks, coords)}
+        #: the ranks that describe the model: one per (stage, expert slot), holding all it holds
+        self.leads = tuple(r for r, c in zip(layout.ranks, coords) if c["etp"] == 0 and c["edp"] == 0)
+        self._groups: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+    def __missing__(self, key: str) -> tuple[tuple[int, ...], ...]:
+        kind, stage_text, slot_text = key.split(":")
+        stages, slot = {int(x) for x in stage_text.split(",")}, int(slot_text)
+
+        def holds(rank: int) -> bool:
+            return self.stage[rank] in stages and (slot < 0 or self.slot[rank] == slot)
+
+        if kind == _WHOLE:
+            found = tuple((r,) for r in self.layout.ranks if holds(r))
+        else:
+            if kind not in self._groups:
+                self._groups[kind] = self.layout.groups(kind)
+            found = tuple(g for g in self._groups[kind] if holds(g[0]))
+        self[key] = found
+        return found
+
+
+def _merge(described: list[Any], leads: tuple[int, ...], copies: _Copies, role: str,
+           problems: list[str]) -> dict[str, _Held]:
+    """One side's tensors from its leads' descriptions (the same on every rank): per name
+    its row (which every lead holding it must describe alike) and the stages holding it."""
+    rows: dict[str, TensorRow] = {}
+    stages: dict[str, set[int]] = {}
+    first: dict[str, int] = {}
+    for lead, lead_rows in zip(leads, described):
+        for row in lead_rows or ():
+            seen = rows.setdefault(row.name, row)
+            if seen != row:
+                problems.append(f"{role} {row.name!r} is {_text(seen)} on rank {first[row.name]} but {_text(row)} on rank {lead}")
+                continue
+            first.setdefault(row.name, lead)
+            stages.setdefault(row.name, set()).add(copies.stage[lead])
+    return {name: _Held(row, tuple(sorted(stages[name])), first[name]) for name, row in rows.items()}
+
+
+def _text(row: TensorRow) -> str:
+    split = f"split {row.ways} ways on dim {row.dim} (stride {row.stride})" if row.kind != _WHOLE else "whole"
+    return f"{row.shape} {row.dtype} {split}" + (f" on expert slot {row.slot}" if row.slot >= 0 else "")
+
+
+def _own_problems(mine: list[TensorRow], merged: dict[str, _Held], copies: _Copies, role: str) -> list[str]:
+    """How this rank's own tensors differ from the merged description of its side: each must
+    be described alike and held on this rank's stage, and this rank must hold every tensor
+    of its stage and expert slot (the layout's promise the copies are derived from)."""
+    me = dist.get_rank()
+    stage, slot = copies.stage[me], copies.slot[me]
+    out = []
+    names = set()
+    for row in mine:
+        names.add(row.name)
+        held = merged.get(row.name)
+        if held is None or held.row != row or stage not in held.stages:
+            there = "absent" if held is None else f"{_text(held.row)} on stages {list(held.stages)}"
+            out.append(f"{role} {row.name!r} is {_text(row)} on stage {stage} here, but {there} on the stage leads")
+    missing = sorted(n for n, h in merged.items() if stage in h.stages and h.row.slot in (-1, slot) and n not in names)
+    if missing:
+        out.append(f"{role} tensors {missing[:3]} (of {len(missing)}) are held by this stage's lead but not here")
+    return out
+
+
+#: the bucket the plan's staging figure assumes (the executor's default)
+_BUCKET = 1 << 26
+
+
 class MegatronBackend:
-    """The ``"megatron"`` reshard backend (see the module docstring)."""
+    """The ``"megatron"`` reshard backend: each rank plans its own part (see the module docstring)."""
 
     name = "megatron"
+    #: the states may lie on other, overlapping or partial rank sets of the world
+    partial_ranks = True
 
     def claims(self, model: Any) -> bool:
         """Whether every chunk of ``model`` (unwrapped) is a megatron-core ``MegatronModule``."""
-        if "megatron.core" not in sys.modules:  # no Megatron model exists without it
-            return False
-        from megatron.core.transformer.module import MegatronModule
+        return _is_megatron_model(model)
 
-        try:
-            return all(isinstance(c, MegatronModule) for c in _chunks(model))
-        except Exception:  # noqa: BLE001 - not a Megatron model
-            return False
+    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
+        """This rank's part of the checked plan (collective over the ranks of both states)."""
+        ranks = participants(src_state, dst_state)
+        group = participants_group(src_state, dst_state, ranks)
+        me = dist.get_rank()
+        local: list[str] = []
+        sides = []
+        for role, model, state in (("source", src_model, src_state), ("destination", dst_model, dst_state)):
+            mine: list[TensorRow] = []
+            if model is not None:
+                chunks = _chunks(model)
+                local += _built_in(chunks, state, role, state.process_group_collection())
+                local += _param_sync_steps(model, role)[1]
+                mine = _describe_rows(model, state)
+                twice = sorted(n for n, count in Counter(r.name for r in mine).items() if count > 1)
+                if twice:
+                    local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
+            sides.append((role, state, mine, model is not None))
+        everywhere: list[str] = []
+        merged = []
+        for role, state, mine, holds in sides:
+            copies = _Copies(state.layout)
+            described = from_each(mine if me in copies.leads else None, copies.leads, group)
+            side = _merge(described, copies.leads, copies, role, everywhere)
+            if holds:
+                local += _own_problems(mine, side, copies, role)
+            merged.append((side, copies))
+        (src, src_copies), (dst, dst_copies) = merged
+        everywhere += unmatched_names(src, {name: held.first for name, held in dst.items()})
+        everywhere += _match({n: h.row.check_entry(h.first) for n, h in src.items()},
+                             {n: h.row.check_entry(h.first) for n, h in dst.items()})
+        casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
+        everywhere += cast_problems
+        agree(local, group, "this pair of Megatron models", everywhere=everywhere)
+
+        tensors = []
+        for name in sorted(dst):
+            s, d = src[name], dst[name]
+            tensors.append(TiledTensor(name, d.row.shape, d.row.itemsize, d.row.dtype, s.key(), s.row.split(),
+                                       d.key(), d.row.split(), casts.get(name, ""), s.row.itemsize))
+        part = plan_tiled_local(me, tensors, src_copies, dst_copies, backend="megatron", participants=ranks)
+        confirm_part(part, group)
+        notes = (
+            "planner: scoped_parallel.refit.tiled.plan_tiled_local (each rank plans its own part from both layouts' "
+            "descriptions, broadcast once from one rank per pipeline stage and expert slot); executor: "
+            "scoped_parallel.refit.execute.run_plan; a source split on its first dimension into replicas on the same "
+            f"ranks is one all-gather per bucket over its TP group; staging: peak extra bytes with bucket_bytes={_BUCKET}",
+        )
+        return dataclasses.replace(part, staging={me: peak_staging(part, _BUCKET)}, notes=notes)
+
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
+                bucket_bytes: int = _BUCKET, service: Any = None) -> dict[int, int] | None:
+        """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
+        rank when the models no longer hold the planned pieces (nothing moved)."""
+        if service is not None:  # the same on every rank: all raise before anything moves
+            raise ReshardError("reshard(..., service=...) runs megatron-core's own executor on megatron-core's own plan: "
+                               "pass backend='megatron-core' as well (nothing was moved)")
+        rank = dist.get_rank()
+        group = participants_group(src_state, dst_state, participants(src_state, dst_state))
+        held = []
+        for model, state, role in ((src_model, src_state, "source"), (dst_model, dst_state, "destination")):
+            if model is not None:  # before any weight is read or written: the last step on every shard
+                finish_param_gathers(model, role)
+            held.append({n: t.data for n, t, _ in _global_named(model, state)} if model is not None else {})
+        src, dst = held
+
+        def pieces(tensors: dict[str, torch.Tensor]) -> list[Piece]:
+            return [Piece(rank, n, tuple(t.shape), t.element_size()) for n, t in tensors.items()]
+
+        if not pieces_match(plan, pieces(src), pieces(dst), group=group):
+            return None
+        gather_groups = {}
+        if src_model is not None:
+            gather_groups = {src_state.ranks(k): src_state.group(k) for k in ("tp", "etp") if k in src_state.kinds()}
+        return run_plan(plan, src, dst, group=group, bucket_bytes=bucket_bytes, gather_groups=gather_groups)
+
+
+class MegatronCoreBackend:
+    """The ``"megatron-core"`` reshard backend: megatron-core's own planner (global: both
+    states on the whole world; see the module docstring), and with ``service=`` its executor."""
+
+    name = "megatron-core"
+
+    def claims(self, model: Any) -> bool:
+        """Whether every chunk of ``model`` (unwrapped) is a megatron-core ``MegatronModule``."""
+        return _is_megatron_model(model)
 
     def _views(self, model: Any) -> tuple[list[Any], list[tuple[str, torch.Tensor]], set[int]]:
         chunks = _chunks(model)
@@ -622,3 +898,4 @@ class MegatronBackend:
 
 
 register_backend(MegatronBackend())
+register_backend(MegatronCoreBackend())

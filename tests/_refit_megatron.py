@@ -191,9 +191,11 @@ def cpu_copy_service() -> Any:
 def _state(name: str, layout: dict[str, int]) -> Any:
     from scoped_parallel import ParallelState
 
+    offset, size = layout.get("ranks", (0, None))  # a state on ranks offset .. offset + size - 1 only
     return ParallelState(
         name=name, tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
         expert_model_parallel_size=layout.get("ep", 1), expert_tensor_parallel_size=layout.get("etp"),
+        world_size=size, rank_offset=offset,
     )
 
 
@@ -210,17 +212,18 @@ def snapshot(chunks: list[Any]) -> list[torch.Tensor]:
     return [p.detach().clone() for c in chunks for p in c.parameters()]
 
 
-def full_weights(chunks: list[Any], state: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of a dense model whole, by canonical name, on every rank: the TP shards
-    gathered (``all_gather_object``, a tiny model) and joined on their partition dim in TP
+def full_weights(chunks: list[Any] | None, state: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a dense model whole, by canonical name, on every rank of the world: the
+    TP shards gathered (``all_gather_object`` over the world, a tiny model; a rank outside
+    ``state`` passes None and contributes nothing) and joined on their partition dim in TP
     rank order (stride 1: not for SwiGLU's fc1)."""
     from scoped_parallel.adapters.megatron_reshard import canonical_tensors
 
     from megatron.core.utils import unwrap_model
 
-    tp_rank = state.get_tensor_model_parallel_rank()
+    tp_rank = state.get_tensor_model_parallel_rank() if chunks is not None else 0
     mine = []
-    for name, tensor in canonical_tensors([unwrap_model(c) for c in chunks]):
+    for name, tensor in canonical_tensors([unwrap_model(c) for c in chunks or []]):
         dim = int(tensor.partition_dim) if getattr(tensor, "tensor_model_parallel", False) else None
         mine.append((name, tp_rank, dim, tensor.detach().cpu().clone()))
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -260,6 +263,7 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
         with ex.cpu_shims(), adapters.installed(targets=("megatron",)):
             src_state, dst_state = states
             model = dict(model)
+            backend = {"backend": model.pop("backend")} if "backend" in model else {}
             dst_model = dict(model, bf16=True) if model.pop("dst_bf16", False) else dict(model)
             src = _built(src_state, src_layout, 1, **model)
             dst = _built(dst_state, dst_layout, 2, **dict(dst_model, layers=2) if sabotage == "other-architecture" else dst_model)
@@ -274,15 +278,15 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                     states.append(target)
                 before = snapshot(dst)
                 try:
-                    sp.reshard(src, src_state, dst, target)  # "uncast": fp32 into bf16, no dtype=
+                    sp.reshard(src, src_state, dst, target, **backend)  # "uncast": fp32 into bf16, no dtype=
                     out["error"] = None
                 except sp.ReshardError as err:
                     out["error"] = str(err)
                 out["dst untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
                 return out
             cast = {"dtype": torch.bfloat16} if sabotage == "cast-bf16" else {}
-            plan = sp.plan_reshard(src, src_state, dst, dst_state, **cast)
-            out["cached"] = sp.plan_reshard(src, src_state, dst, dst_state, **cast) is plan
+            plan = sp.plan_reshard(src, src_state, dst, dst_state, **cast, **backend)
+            out["cached"] = sp.plan_reshard(src, src_state, dst, dst_state, **cast, **backend) is plan
             out["report"] = plan.report()
             out["problems"] = plan.problems()
             out["predicted sent"] = {d: b for (s, d), b in plan.bytes_between().items() if s == rank}
@@ -301,11 +305,11 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                     megatron_reshard._stand_in = fixed
             if sabotage == "service":
                 service = cpu_copy_service()
-                done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service)
+                done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service, **backend)
                 out["sent"] = dict(sorted(service.sent.items()))
                 out["refit sent"] = done.sent  # {} by contract: the bytes are the service's to count
             else:
-                done = sp.reshard(src, src_state, dst, dst_state, plan=plan)
+                done = sp.reshard(src, src_state, dst, dst_state, plan=plan, **backend)
                 out["sent"] = done.sent
             if sabotage == "cast-bf16":
                 want, got = full_weights(src, src_state), full_weights(dst, dst_state)
@@ -321,21 +325,25 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
 
 
 def _swap_first_sources(plan: Any) -> Any:
-    """The plan with the sources of two transfers into different boxes of one destination
-    tensor on one rank swapped (same sizes: the plan's checks pass, the data is wrong)."""
+    """This rank's part of the plan with the destination boxes of its first two receives into
+    one weight swapped (same sizes: the checks pass, the data lands in the wrong place; the
+    senders' parts are unchanged, so the messages still pair up). Every rank receiving two
+    such boxes swaps them; a rank with none keeps its part."""
     import dataclasses
 
     transfers = list(plan.transfers)
-    seen: dict[tuple[int, str], int] = {}
+    me = plan.rank
+    seen: dict[str, int] = {}
     for i, t in enumerate(transfers):
-        key = (t.dst_rank, t.dst_name)
-        j = seen.setdefault(key, i)
+        if t.dst_rank != me or not t.dst_name.endswith("weight") or "norm" in t.dst_name:
+            continue
+        j = seen.setdefault(t.dst_name, i)
         other = transfers[j]
-        if j != i and t.dst_name.endswith("weight") and "norm" not in t.dst_name and other.dst_box != t.dst_box and [b - a for a, b in other.src_box] == [b - a for a, b in t.src_box]:
-            transfers[j] = dataclasses.replace(other, src_rank=t.src_rank, src_name=t.src_name, src_box=t.src_box)
-            transfers[i] = dataclasses.replace(t, src_rank=other.src_rank, src_name=other.src_name, src_box=other.src_box)
+        if j != i and other.dst_box != t.dst_box and [b - a for a, b in other.dst_box] == [b - a for a, b in t.dst_box]:
+            transfers[j] = dataclasses.replace(other, dst_box=t.dst_box)
+            transfers[i] = dataclasses.replace(t, dst_box=other.dst_box)
             return dataclasses.replace(plan, transfers=tuple(transfers))
-    raise AssertionError("no two transfers into one destination tensor to swap")
+    return plan
 
 
 def rank_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
@@ -351,4 +359,54 @@ def rank_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
             got["bitwise"] = bool(torch.equal(after, src))
             got["max diff"] = float((after - src).abs().max())
         out[name] = got
+    return out
+
+
+def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """Per case ``(source layout, destination layout, model options[, dtype])``, each layout
+    placed on its own ranks (``"ranks": (offset, size)``): both models built only on their
+    state's ranks, one ``reshard`` on the ranks of either state (the others do not call), and
+    the destination's whole weights compared with the source's (or their ``.to(dtype)``) bit
+    for bit, by canonical name. ``"other architecture"`` in the options builds a 2-layer
+    destination and expects a ReshardError on every participant, nothing moved."""
+    import scoped_parallel as sp
+    from scoped_parallel import adapters
+
+    ex = example()
+    out: dict[str, Any] = {}
+    with ex.cpu_shims(), adapters.installed(targets=("megatron",)):
+        for name, (src_layout, dst_layout, model, *rest) in cases.items():
+            dtype = rest[0] if rest else None
+            model = dict(model)
+            other = model.pop("other architecture", False)
+            dst_model = dict(model, bf16=True) if dtype is torch.bfloat16 else dict(model)
+            if other:
+                dst_model["layers"] = 2
+            states = [_state("src", src_layout), _state("dst", dst_layout)]
+            src_state, dst_state = states
+            try:
+                src = _built(src_state, src_layout, 1, **model) if src_state.is_member else None
+                dst = _built(dst_state, dst_layout, 2, **dst_model) if dst_state.is_member else None
+                got: dict[str, Any] = {"called": src is not None or dst is not None}
+                before = snapshot(dst) if dst is not None else []
+                if got["called"]:
+                    try:
+                        plan = sp.plan_reshard(src, src_state, dst, dst_state, dtype=dtype)
+                        done = sp.reshard(src, src_state, dst, dst_state, dtype=dtype)
+                        got.update(problems=plan.problems(), sent=done.sent, gathers=len(plan.gathers), participants=plan.participants,
+                                   predicted={d: n for (s, d), n in plan.bytes_between().items() if s == rank}, error=None)
+                    except sp.ReshardError as err:
+                        got["error"] = str(err)
+                if dst is not None:
+                    got["untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
+                dist.barrier()  # the test's own sync: the next case starts together
+                if not other:
+                    want, have = full_weights(src, src_state), full_weights(dst, dst_state)
+                    got["equal"] = sorted(want) == sorted(have) and all(
+                        torch.equal(have[n], want[n].to(dtype) if dtype is not None else want[n]) for n in want)
+                    got["names"] = len(want)
+                out[name] = got
+            finally:
+                for state in states:
+                    state.destroy()
     return out

@@ -47,7 +47,9 @@ CASES = {
     "MoE with biases TP=2 x EP=2 (expert TP=1) -> TP=1 x EP=4": ({"tp": 2, "ep": 2, "etp": 1}, {"ep": 4}, {"experts": 4, "expert_bias": True}),
     "MoE TP=2 x EP=1 (expert TP=1) -> EP=2": ({"tp": 2, "ep": 1, "etp": 1}, {"ep": 2}, {"experts": 4}),
     "MoE EP=2 -> TP=2 x EP=1 (expert TP=1)": ({"ep": 2}, {"tp": 2, "ep": 1, "etp": 1}, {"experts": 4}),
-    "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {}, "service"),
+    "megatron-core's planner and executor (service=): TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {"backend": "megatron-core"}, "service"),
+    "megatron-core's planner: MoE with biases EP=4 -> EP=2": ({"ep": 4}, {"ep": 2}, {"experts": 4, "expert_bias": True, "backend": "megatron-core"}),
+    "megatron-core's planner: SwiGLU TP=2 x PP=2 -> TP=4": ({"tp": 2, "pp": 2}, {"tp": 4}, {"swiglu": True, "backend": "megatron-core"}),
     "fp32 TP=2 x PP=2 -> bf16 TP=4 (dtype=torch.bfloat16)": ({"tp": 2, "pp": 2}, {"tp": 4}, {"dst_bf16": True}, "cast-bf16"),
     "sabotage: swapped shard": ({"tp": 2}, {"tp": 1}, {}, "swap-shard"),
     "sabotage: wrong destination state": ({"tp": 2}, {"tp": 4}, {}, "wrong-state"),
@@ -62,7 +64,7 @@ TOLERANCE = 1e-6
 #: cases whose destination computes in bf16 from fp32 source weights (module doc)
 CAST = "fp32 TP=2 x PP=2 -> bf16 TP=4 (dtype=torch.bfloat16)"
 BF16_TOLERANCE = 2e-2
-SERVICE = "megatron-core's executor (service=): TP=2 x PP=2 -> TP=4"
+SERVICE = "megatron-core's planner and executor (service=): TP=2 x PP=2 -> TP=4"
 RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
 REFITS = [
     pytest.param(name, marks=pytest.mark.skipif(
@@ -105,21 +107,26 @@ def test_plan_predicts_the_bytes_each_rank_sends(refits, case):
 
 @pytest.mark.parametrize("case", REFITS)
 def test_plan_covers_every_destination_element_once_and_is_cached(refits, case):
-    """The plan passes its coverage check, says so in its report, and the second plan_reshard is the cached plan."""
+    """The plan passes its coverage check, says so in its report (naming the planner: each
+    rank's own part unless the case asks for megatron-core's), and the second plan_reshard is
+    the cached plan."""
     for rank, out in enumerate(refits):
         got = out[case]
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert "every destination element written exactly once" in got["report"], got["report"]
+        planner = "planner: megatron-core megatron.core.resharding" if CASES[case][2].get("backend") == "megatron-core" \
+            else "planner: scoped_parallel.refit.tiled.plan_tiled_local"
+        assert planner in got["report"], f"rank {rank} {case}: expected {planner!r} in the report:\n{got['report']}"
         assert got["cached"], f"rank {rank} {case}: plan_reshard planned again for the same pair"
 
 
-def test_expert_biases_are_read_from_ranks_that_hold_them(refits):
-    """megatron-core's replicated fallback reads an expert's linear_fc2.bias (not TP-sharded)
+def test_megatron_cores_planner_reads_expert_biases_from_ranks_that_hold_them(refits):
+    """On the ``"megatron-core"`` backend: megatron-core's replicated fallback reads an expert's linear_fc2.bias (not TP-sharded)
     from its dense DP group, i.e. from ranks without that expert when EP changes; the plan
     reroutes those reads to holders and says so. Each expert's bias is its own random vector
     (``build``), so the case's logits test fails if a bias is missed or taken from another expert."""
     for rank, out in enumerate(refits):
-        got = out["MoE with biases EP=4 -> EP=2"]
+        got = out["megatron-core's planner: MoE with biases EP=4 -> EP=2"]
         assert "whole-tensor reads of expert tensors rerouted" in got["report"] and "linear_fc2.bias" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
 
 

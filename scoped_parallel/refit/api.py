@@ -5,9 +5,10 @@ A backend turns two models and their states into a checked
 :class:`~scoped_parallel.refit.plan.ReshardPlan` (collective: every rank of the
 world calls it, or with ``partial_ranks = True`` on the backend every rank of either
 state) and then runs it. The adapters register theirs when
-``scoped_parallel.adapters`` is imported: ``"megatron"`` (megatron-core models, on
-megatron-core's own planner) and ``"flat"`` (any other torch module, DeepSpeed engines
-and ZeRO-3 partitions included). The core knows none of them.
+``scoped_parallel.adapters`` is imported: ``"megatron"`` (megatron-core models, each rank
+planning its own part), ``"megatron-core"`` (megatron-core's own planner and executor, by
+name only) and ``"flat"`` (any other torch module, DeepSpeed engines and ZeRO-3 partitions
+included). The core knows none of them.
 
 Plans are cached per pair of models and pair of states, keyed on the states' actual rank
 lists (every group kind this rank holds, and the layout), and dropped from both states
@@ -154,7 +155,7 @@ def _check_ranks(backend: Backend, src_state: Any, dst_state: Any, src_model: An
                 raise ReshardError(
                     f"{describe_state(state)} spans ranks {list(state.layout.ranks)[:8]}..., not the whole world of "
                     f"{world}; the {backend.name!r} refit backend needs both states on every rank of the world "
-                    "(the 'flat' backend refits between states on other or partial rank sets)"
+                    "(the 'flat' and 'megatron' backends refit between states on other or partial rank sets)"
                 )
         return
     inside = [state.layout.contains(rank) for state in (src_state, dst_state)]
@@ -306,8 +307,9 @@ def reshard(
 ) -> Refit:
     """Copy every parameter of ``src_model`` (laid out by ``src_state``) into ``dst_model``
     (the same architecture, laid out by ``dst_state``). Collective over the ranks of both
-    states (a backend with ``partial_ranks``, such as ``"flat"``: a rank in only one state
-    passes None for the other model, a rank in neither does not call; else the whole world).
+    states (a backend with ``partial_ranks``, such as ``"flat"`` and ``"megatron"``: a rank in
+    only one state passes None for the other model, a rank in neither does not call; else the
+    whole world).
 
     Dtypes must match unless ``dtype=`` asks for a conversion (else a ReshardError naming
     the tensor, both dtypes and the fix): ``dtype=torch.bfloat16`` converts every floating
@@ -322,8 +324,8 @@ def reshard(
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
     a given plan is checked again. Either way every rank first confirms that the models
     still hold the pieces the plan lists (:func:`~scoped_parallel.refit.api.pieces_match`, one small all-reduce); a
-    cached plan that no longer matches is made again, a given one raises. ``options`` go to the backend's executor (megatron:
-    ``service=`` a megatron-core ``CopyService`` or backend name; flat: ``bucket_bytes=``).
+    cached plan that no longer matches is made again, a given one raises. ``options`` go to the backend's executor
+    (``bucket_bytes=`` for "flat" and "megatron"; "megatron-core": ``service=``, a megatron-core ``CopyService`` or backend name).
     Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
     """
     chosen = _backend(src_model, dst_model, backend)

@@ -187,13 +187,19 @@ def run_plan(
 
 def peak_staging(part: ReshardPlan, bucket_bytes: int) -> int:
     """Peak extra bytes :func:`run_plan` needs on the rank of ``part`` (a rank's part of a
-    plan) with ``bucket_bytes``: per bucket, the converted copies of its sends plus its
-    largest gather batch (the send buffer and the gathered buffer)."""
+    plan) with ``bucket_bytes``: per bucket, the copies of its sends that are converted or
+    not contiguous, the buffers of its receives into non-contiguous boxes, plus its largest
+    gather batch (the send buffer and the gathered buffer)."""
     bucket_of, tensor_bucket = _buckets(part, bucket_bytes)
+    shapes = {("src", p.name): p.shape for p in part.sources if p.rank == part.rank}
+    shapes.update({("dst", p.name): p.shape for p in part.targets if p.rank == part.rank})
     per_bucket: dict[int, int] = {}
     for i, t in part.for_rank(part.rank):  # type: ignore[arg-type]
-        if t.cast and t.src_rank == part.rank:
-            per_bucket[bucket_of[i]] = per_bucket.get(bucket_of[i], 0) + t.nbytes
+        staged = t.src_rank == part.rank and (
+            bool(t.cast) or (not t.local and not box_is_contiguous(t.src_box, shapes.get(("src", t.src_name), ()))))
+        received = t.dst_rank == part.rank and not t.local and not box_is_contiguous(t.dst_box, shapes.get(("dst", t.dst_name), ()))
+        if staged or received:
+            per_bucket[bucket_of[i]] = per_bucket.get(bucket_of[i], 0) + t.nbytes * (int(staged) + int(received))
     batches: dict[tuple[int, tuple[int, ...], str], int] = {}
     for g in part.gathers:
         key = (tensor_bucket[g.name], g.group, g.dtype)
@@ -270,16 +276,18 @@ def from_each(value: object, senders: Sequence[int], group: object = None) -> li
     return out
 
 
-def agree(problems: list[str], group: object = None, what: str = "this pair of models") -> None:
+def agree(problems: list[str], group: object = None, what: str = "this pair of models", everywhere: Sequence[str] = ()) -> None:
     """Raise the same ReshardError on every rank of ``group`` if any has a problem (one small
-    all-reduce; the problems themselves are gathered only then)."""
-    flag = torch.tensor([len(problems)], device=comm_device(group))
+    all-reduce; the problems themselves are gathered only then). ``everywhere``: problems
+    every rank found alike (from data they all hold), listed once after the ranks' own."""
+    flag = torch.tensor([len(problems) + len(everywhere)], device=comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not flag.item():
         return
     everyone: list[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (dist.get_rank(), problems), group=group)
     lines = [f"rank {r}: {p}" for r, probs in sorted(everyone) for p in probs]  # type: ignore[misc]
+    lines += list(everywhere)
     raise ReshardError(f"cannot refit {what} (nothing was moved):\n  " + "\n  ".join(lines[:20]))
 
 

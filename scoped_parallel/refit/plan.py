@@ -4,8 +4,8 @@ transfers between them, the checks a plan must pass and the report (no torch).
 A refit copies a model laid out by one state (the *source*) into the same architecture
 laid out by another (the *destination*). Every rank lists the pieces it holds
 (:class:`Piece`: a tensor of the source, or one it must fill in the destination); a
-backend (megatron-core's planner for Megatron models, :func:`plan_flat` for flat
-ZeRO-style partitions) turns the pieces into :class:`Transfer` s, each a box of a source
+backend (:func:`~scoped_parallel.refit.tiled.plan_tiled_local` on each rank, or
+megatron-core's planner, or the global :func:`plan_flat` for flat ZeRO-style partitions) turns the pieces into :class:`Transfer` s, each a box of a source
 piece copied into an equal box of a destination piece, on the same rank or between two.
 Boxes are in the pieces' *local* coordinates: per dimension, ``(start, stop)``.
 

@@ -1,0 +1,81 @@
+"""Refit of megatron-core models between states on other, partial and overlapping rank sets
+of one world (4 gloo ranks), each rank planning only its own part.
+
+Each case builds megatron-core's own GPTModel only on the ranks of its state (the others
+never build it and pass None), refits with one ``scoped_parallel.reshard`` call made only by
+the ranks of either state, and compares the destination's whole weights with the source's
+by canonical name, bit for bit (a refit copies; with ``dtype=torch.bfloat16`` the
+destination must hold exactly the source's ``.to(torch.bfloat16)``). Whole weights are
+gathered over the world by the test itself, from megatron-core's own partition attributes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from _refit_megatron import rank_disjoint_refits  # noqa: E402
+
+pytestmark = [pytest.mark.world, pytest.mark.slow]
+
+CASES = {
+    # name: (source layout, destination layout, model options[, dtype]); "ranks": (first rank, count)
+    "TP=2 on 0-1 -> TP=2 on 2-3": ({"tp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (2, 2)}, {}),
+    "TP=2 on 0-1 -> TP=1 x DP=2 on 2-3": ({"tp": 2, "ranks": (0, 2)}, {"ranks": (2, 2)}, {}),
+    "TP=2 on 0-1 -> TP=1 on rank 2 alone": ({"tp": 2, "ranks": (0, 2)}, {"ranks": (2, 1)}, {}),
+    "PP=2 on 0-1 -> TP=2 on 2-3": ({"pp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (2, 2)}, {}),
+    "tied embeddings PP=2 on 0-1 -> PP=1 on 2-3": ({"pp": 2, "ranks": (0, 2)}, {"ranks": (2, 2)}, {"tied": True}),
+    "TP=2 x PP=2 on 0-3 -> TP=2 on 2-3": ({"tp": 2, "pp": 2}, {"tp": 2, "ranks": (2, 2)}, {}),
+    "MoE EP=2 on 0-1 -> EP=1 on 2-3": ({"ep": 2, "ranks": (0, 2)}, {"ranks": (2, 2)}, {"experts": 4}),
+    "TP=2 on 0-1 -> bf16 TP=2 on 1-2 (dtype=torch.bfloat16)": ({"tp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (1, 2)}, {}, torch.bfloat16),
+    "TP=2 on 0-1 -> TP=1 x DP=2 on 0-1 (all-gathers)": ({"tp": 2, "ranks": (0, 2)}, {"ranks": (0, 2)}, {}),
+    "sabotage: 2-layer destination on 2-3": ({"tp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (2, 2)}, {"other architecture": True}),
+}
+
+
+def _ranks(layout: dict) -> set[int]:
+    first, count = layout.get("ranks", (0, 4))
+    return set(range(first, first + count))
+
+
+@pytest.fixture(scope="module")
+def refits(world):
+    return world.run(rank_disjoint_refits, CASES, timeout=600.0)
+
+
+@pytest.mark.parametrize("case", [name for name in CASES if not name.startswith("sabotage")])
+def test_the_destination_holds_the_sources_weights_bit_for_bit(refits, case):
+    src, dst = CASES[case][:2]
+    participants = tuple(sorted(_ranks(src) | _ranks(dst)))
+    for rank, out in enumerate(refits):
+        got = out[case]
+        assert got["called"] == (rank in participants), f"rank {rank} {case}: called={got['called']}, participants {participants}"
+        assert got["equal"], f"rank {rank} {case}: the destination's {got['names']} weights differ from the source's"
+        if not got["called"]:
+            continue
+        assert got["error"] is None, f"rank {rank} {case}: {got['error']}"
+        assert got["participants"] == participants, f"rank {rank} {case}: participants {got['participants']}, expected {participants}"
+        assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
+        assert got["sent"] == got["predicted"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted']}"
+        assert not set(got["sent"]) - set(participants), f"rank {rank} {case}: sent to {got['sent']} outside {participants}"
+
+
+def test_column_parallel_tensors_into_replicas_on_their_own_ranks_are_all_gathered(refits):
+    for rank in (0, 1):
+        got = refits[rank]["TP=2 on 0-1 -> TP=1 x DP=2 on 0-1 (all-gathers)"]
+        assert got["gathers"] > 0, f"rank {rank}: no all-gather in the plan"
+
+
+def test_another_architecture_is_refused_on_every_participant_and_moves_nothing(refits):
+    for rank, out in enumerate(refits):
+        got = out["sabotage: 2-layer destination on 2-3"]
+        if not got["called"]:
+            assert rank not in (0, 1, 2, 3), f"rank {rank} did not call"
+            continue
+        error = got["error"]
+        assert error is not None and "decoder.layers.2" in error and "another architecture" in error and "nothing was moved" in error, \
+            f"rank {rank}: {error}"
+        if rank in (2, 3):
+            assert got["untouched"], f"rank {rank}: the destination changed although the refit was refused"
