@@ -6,9 +6,9 @@ wrapped in DDP / ``Float16Module``) lands here, on one of two backends:
 
 * ``"megatron"`` (the default, every megatron-core version): **each rank plans its own
   part** (:func:`scoped_parallel.refit.tiled.plan_tiled_local`). Each side is described
-  compactly, per tensor a :class:`TensorRow` (canonical name, global shape, dtype, TP or
+  compactly, per tensor a :class:`~scoped_parallel.refit.staged.TensorRow` (canonical name, global shape, dtype, TP or
   expert-TP split with its partition stride, or whole; the expert slot), broadcast once from
-  one rank per pipeline stage and expert slot (:class:`_Copies` ``leads``); every rank
+  one rank per pipeline stage and expert slot (:mod:`scoped_parallel.refit.staged`); every rank
   compares its own tensors with that description, and derives each tensor's holders (the
   TP groups, expert-TP groups or ranks of the stages holding it) from the state's layout
   alone. Planning time and memory grow with the rank's own pieces and the number of
@@ -85,7 +85,8 @@ from scoped_parallel.refit import (
     unmatched_names,
 )
 from scoped_parallel.refit.execute import agree, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
-from scoped_parallel.refit.tiled import Split, TiledTensor, plan_tiled_local
+from scoped_parallel.refit.staged import WHOLE, StageCopies, TensorRow, merge, own_problems, tiled_tensors
+from scoped_parallel.refit.tiled import plan_tiled_local
 
 __all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers", "is_expert"]
 
@@ -500,54 +501,6 @@ def finish_param_gathers(model: Any, role: str = "source") -> int:
 # ---------------------------------------------------------------- per-rank planning
 
 
-_WHOLE = "whole"
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRow:
-    """One tensor of a Megatron model as its holders describe it (the same on each of them).
-
-    ``name``: canonical, global layer and expert numbers. ``shape``: global. ``kind``: how
-    the layout holds it: ``"tp"`` (split over the TP group), ``"etp"`` (an expert tensor,
-    split over the expert-TP group) or ``"whole"`` (every holder has all of it); ``dim``,
-    ``stride``, ``ways``: the split (``ways`` ranks along ``dim``, Megatron's
-    ``partition_stride``). ``slot``: the expert-parallel rank holding it (-1: not an expert)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    itemsize: int
-    kind: str
-    dim: int | None
-    stride: int
-    ways: int
-    slot: int
-
-    def split(self) -> Split:
-        """How each holder's piece cuts the global tensor (see :mod:`scoped_parallel.refit.tiled`)."""
-        if self.kind == _WHOLE or self.dim is None:
-            return Split()
-        return Split(self.dim, self.shape[self.dim] // (self.ways * self.stride), self.stride)
-
-    def check_entry(self, rank: int) -> tuple[Any, ...]:
-        """What :func:`_match` compares: ``(shape, dtype, dim, stride, ways, rank)``."""
-        return (self.shape, self.dtype, self.dim if self.kind != _WHOLE else None, self.stride, self.ways, rank)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Held:
-    """A tensor of one side, merged from the descriptions of its holders: its row, the
-    pipeline stages holding it and the first rank that described it."""
-
-    row: TensorRow
-    stages: tuple[int, ...]
-    first: int
-
-    def key(self) -> str:
-        """Which copies hold it: kind, stages, expert slot (the key of :class:`_Copies`)."""
-        return f"{self.row.kind}:{','.join(map(str, self.stages))}:{self.row.slot}"
-
-
 def _global_named(model: Any, state: Any) -> list[tuple[str, torch.Tensor, bool]]:
     """``(global name, tensor, expert)`` of every tensor of this rank's chunks of ``model``
     (grouped-GEMM expert tensors renamed to their global expert numbers)."""
@@ -582,84 +535,16 @@ def _describe_rows(model: Any, state: Any) -> list[TensorRow]:
             shape[dim] *= ways
         rows.append(TensorRow(
             _global_expert_name(name, state, experts) if expert else name, tuple(shape), str(tensor.dtype),
-            tensor.element_size(), ("etp" if expert else "tp") if sharded else _WHOLE, dim,
+            tensor.element_size(), ("etp" if expert else "tp") if sharded else WHOLE, dim,
             int(getattr(stand, "partition_stride", 1)) if sharded else 1, ways, slot if expert else -1,
         ))
     return rows
 
 
-class _Copies(dict):  # type: ignore[type-arg]
-    """One layout's copies per :meth:`_Held.key`, derived from the layout alone on first use
-    (the TP / expert-TP groups, or every rank, of the stages and expert slot the key names)."""
-
-    def __init__(self, layout: Any) -> None:
-        super().__init__()
-        self.layout = layout
-        coords = [layout.coordinates(r) for r in layout.ranks]
-        self.stage = {r: c["pp"] for r, c in zip(layout.ranks, coords)}
-        self.slot = {r: c["ep"] for r, c in zip(layout.ranks, coords)}
-        #: the ranks that describe the model: one per (stage, expert slot), holding all it holds
-        self.leads = tuple(r for r, c in zip(layout.ranks, coords) if c["etp"] == 0 and c["edp"] == 0)
-        self._groups: dict[str, tuple[tuple[int, ...], ...]] = {}
-
-    def __missing__(self, key: str) -> tuple[tuple[int, ...], ...]:
-        kind, stage_text, slot_text = key.split(":")
-        stages, slot = {int(x) for x in stage_text.split(",")}, int(slot_text)
-
-        def holds(rank: int) -> bool:
-            return self.stage[rank] in stages and (slot < 0 or self.slot[rank] == slot)
-
-        if kind == _WHOLE:
-            found = tuple((r,) for r in self.layout.ranks if holds(r))
-        else:
-            if kind not in self._groups:
-                self._groups[kind] = self.layout.groups(kind)
-            found = tuple(g for g in self._groups[kind] if holds(g[0]))
-        self[key] = found
-        return found
-
-
-def _merge(described: list[Any], leads: tuple[int, ...], copies: _Copies, role: str,
-           problems: list[str]) -> dict[str, _Held]:
-    """One side's tensors from its leads' descriptions (the same on every rank): per name
-    its row (which every lead holding it must describe alike) and the stages holding it."""
-    rows: dict[str, TensorRow] = {}
-    stages: dict[str, set[int]] = {}
-    first: dict[str, int] = {}
-    for lead, lead_rows in zip(leads, described):
-        for row in lead_rows or ():
-            seen = rows.setdefault(row.name, row)
-            if seen != row:
-                problems.append(f"{role} {row.name!r} is {_text(seen)} on rank {first[row.name]} but {_text(row)} on rank {lead}")
-                continue
-            first.setdefault(row.name, lead)
-            stages.setdefault(row.name, set()).add(copies.stage[lead])
-    return {name: _Held(row, tuple(sorted(stages[name])), first[name]) for name, row in rows.items()}
-
-
-def _text(row: TensorRow) -> str:
-    split = f"split {row.ways} ways on dim {row.dim} (stride {row.stride})" if row.kind != _WHOLE else "whole"
-    return f"{row.shape} {row.dtype} {split}" + (f" on expert slot {row.slot}" if row.slot >= 0 else "")
-
-
-def _own_problems(mine: list[TensorRow], merged: dict[str, _Held], copies: _Copies, role: str) -> list[str]:
-    """How this rank's own tensors differ from the merged description of its side: each must
-    be described alike and held on this rank's stage, and this rank must hold every tensor
-    of its stage and expert slot (the layout's promise the copies are derived from)."""
-    me = dist.get_rank()
-    stage, slot = copies.stage[me], copies.slot[me]
-    out = []
-    names = set()
-    for row in mine:
-        names.add(row.name)
-        held = merged.get(row.name)
-        if held is None or held.row != row or stage not in held.stages:
-            there = "absent" if held is None else f"{_text(held.row)} on stages {list(held.stages)}"
-            out.append(f"{role} {row.name!r} is {_text(row)} on stage {stage} here, but {there} on the stage leads")
-    missing = sorted(n for n, h in merged.items() if stage in h.stages and h.row.slot in (-1, slot) and n not in names)
-    if missing:
-        out.append(f"{role} tensors {missing[:3]} (of {len(missing)}) are held by this stage's lead but not here")
-    return out
+def _entry(held: Any) -> tuple[Any, ...]:
+    """What :func:`_match` compares of a merged tensor: ``(shape, dtype, dim, stride, ways, first rank)``."""
+    row = held.row
+    return (row.shape, row.dtype, row.dim if row.kind != WHOLE else None, row.stride, row.ways, held.first)
 
 
 #: the bucket the plan's staging figure assumes (the executor's default)
@@ -698,26 +583,19 @@ class MegatronBackend:
         everywhere: list[str] = []
         merged = []
         for role, state, mine, holds in sides:
-            copies = _Copies(state.layout)
-            described = from_each(mine if me in copies.leads else None, copies.leads, group)
-            side = _merge(described, copies.leads, copies, role, everywhere)
+            copies = StageCopies(state.layout)
+            side = merge(from_each(mine if me in copies.leads else None, copies.leads, group), copies, role, everywhere)
             if holds:
-                local += _own_problems(mine, side, copies, role)
+                local += own_problems(me, mine, side, copies, role)
             merged.append((side, copies))
         (src, src_copies), (dst, dst_copies) = merged
         everywhere += unmatched_names(src, {name: held.first for name, held in dst.items()})
-        everywhere += _match({n: h.row.check_entry(h.first) for n, h in src.items()},
-                             {n: h.row.check_entry(h.first) for n, h in dst.items()})
+        everywhere += _match({n: _entry(h) for n, h in src.items()}, {n: _entry(h) for n, h in dst.items()})
         casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         everywhere += cast_problems
         agree(local, group, "this pair of Megatron models", everywhere=everywhere)
 
-        tensors = []
-        for name in sorted(dst):
-            s, d = src[name], dst[name]
-            tensors.append(TiledTensor(name, d.row.shape, d.row.itemsize, d.row.dtype, s.key(), s.row.split(),
-                                       d.key(), d.row.split(), casts.get(name, ""), s.row.itemsize))
-        part = plan_tiled_local(me, tensors, src_copies, dst_copies, backend="megatron", participants=ranks)
+        part = plan_tiled_local(me, tiled_tensors(src, dst, casts), src_copies, dst_copies, backend="megatron", participants=ranks)
         confirm_part(part, group)
         notes = (
             "planner: scoped_parallel.refit.tiled.plan_tiled_local (each rank plans its own part from both layouts' "

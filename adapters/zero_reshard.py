@@ -2,11 +2,14 @@
 
 The ``"flat"`` reshard backend: each parameter is a flat run of elements; a rank holds all
 of it (a replica: no ZeRO, ZeRO-1/2 model weights, Ulysses SP which splits activations,
-not weights) or one ZeRO-3 partition of it (``param.ds_tensor``: elements
+not weights), one ZeRO-3 partition of it (``param.ds_tensor``: elements
 ``[i * p, (i + 1) * p)`` for partition ``i`` of the parameter's ``ds_process_group``, the
-last one padded). Each rank describes its models compactly (per parameter: shape, dtype,
-itemsize, the kind of the state's groups it is partitioned over or ``"replica"``, the
-partition size); the description of each side is broadcast from its state's first rank
+last one padded), or one DeepSpeed AutoTP shard of it (``tensor_parallel.autotp_size``:
+a column-parallel weight split on dim 0, a row-parallel one on dim 1, read from the
+metadata AutoTP's layers leave on each parameter; even splits only, not the fused
+sub-parameter layers: refused, naming the parameter). Each rank describes its models
+compactly (per parameter: shape, dtype, itemsize, the kind of the state's groups it is
+cut over or ``"replica"``, the cut, :class:`FlatPiece`); the description of each side is broadcast from its state's first rank
 and compared by every rank, and :func:`scoped_parallel.refit.flat.plan_flat_local` makes
 this rank's part of the plan from the descriptions and the states' layouts alone (see
 there: one source copy per destination rank, the rank's own elements copied locally, a
@@ -55,7 +58,7 @@ from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, re
 from scoped_parallel.refit.execute import agree, comm_device, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
 from scoped_parallel.refit.flat import FlatTensor, plan_flat_local
 
-__all__ = ["FlatBackend", "flat_pieces", "settle"]
+__all__ = ["FlatBackend", "FlatPiece", "flat_pieces", "settle"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -72,18 +75,83 @@ def _partition(param: Any) -> tuple[int, int, torch.Tensor]:
     return start, stop, param.ds_tensor.data.view(-1)[: stop - start]
 
 
-def flat_pieces(model: Any) -> list[tuple[str, tuple[int, ...], str, int, int, int, torch.Tensor, Any]]:
-    """``(name, full shape, dtype, itemsize, start, stop, flat tensor, partition group)`` per
-    parameter of ``model`` on this rank (``partition group`` is None for a whole replica)."""
+#: the attribute DeepSpeed's AutoTP layers describe each parameter's split in (0.17+)
+_AUTOTP_META = "ds_autotp_universal_checkpoint_meta"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPiece:
+    """One parameter as this rank holds it, flat: ``flat`` (this rank's elements, a view of
+    the parameter's storage), the parameter's global ``shape``, and how the elements are
+    cut among the members of ``group`` (None: whole on every rank): in tiles of ``part``
+    elements of the flattened tensor, ``stride`` tiles per member (a ZeRO-3 partition: one
+    tile; an AutoTP row-parallel weight ``[out, in]`` split on ``in``: ``out`` tiles of
+    ``in / tp``; see :mod:`scoped_parallel.refit.tiled`). ``problem``: why the refit
+    cannot describe it (an AutoTP split it does not know), or empty."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    flat: torch.Tensor
+    group: Any
+    part: int
+    stride: int = 1
+    problem: str = ""
+
+
+def _autotp_layers(module: torch.nn.Module) -> dict[int, Any]:
+    """``id(parameter) -> mp_group`` for the parameters of DeepSpeed AutoTP layers with a TP group."""
+    out = {}
+    for layer in module.modules():
+        group = getattr(layer, "mp_group", None)
+        if group is None or int(getattr(layer, "tp_world_size", 1)) <= 1:
+            continue
+        for param in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+            if isinstance(param, torch.Tensor):
+                out[id(param)] = group
+    return out
+
+
+def _autotp_piece(name: str, param: Any, group: Any) -> FlatPiece:
+    """An AutoTP parameter from its layer's metadata: whole where replicated (a row-parallel
+    bias), else split evenly on one dimension over ``group``."""
+    meta = getattr(param, _AUTOTP_META, None) or {}
+    flat = param.data.view(-1)
+    if meta.get("replicated") or (meta and meta.get("partition_dim") is None):
+        return FlatPiece(name, tuple(param.shape), str(param.dtype), param.element_size(), flat, None, flat.numel())
+    shape = tuple(meta.get("logical_shape") or ())
+    dim, sizes = meta.get("partition_dim"), tuple(meta.get("partition_sizes") or ())
+    problem = ""
+    if not shape or dim is None or not sizes:
+        problem = "its AutoTP layer left no split metadata"
+    elif meta.get("sub_param_shard_widths") or meta.get("unsupported_reason"):
+        problem = "AutoTP splits it by sub-parameters (a fused QKV or gate/up layer), which the flat refit does not know"
+    elif len(set(sizes)) != 1:
+        problem = f"AutoTP splits it unevenly ({list(sizes)} on dim {dim}), which the flat refit does not know"
+    if problem:
+        return FlatPiece(name, tuple(param.shape), str(param.dtype), param.element_size(), flat, group, flat.numel(), problem=problem)
+    part = sizes[0] * math.prod(shape[dim + 1:])
+    return FlatPiece(name, shape, str(param.dtype), param.element_size(), flat, group, part, math.prod(shape[:dim]))
+
+
+def flat_pieces(model: Any) -> list[FlatPiece]:
+    """This rank's :class:`FlatPiece` per parameter of ``model``: a ZeRO-3 partition, an
+    AutoTP shard, or the whole parameter."""
     out = []
-    for name, param in _module(model).named_parameters():
+    module = _module(model)
+    autotp = _autotp_layers(module)
+    for name, param in module.named_parameters():
         if hasattr(param, "ds_tensor") and param.ds_tensor is not None:
             start, stop, flat = _partition(param)
-            dtype = param.ds_tensor.dtype
-            out.append((name, tuple(param.ds_shape), str(dtype), flat.element_size(), start, stop, flat, param.ds_process_group))
+            problem = "it is both AutoTP-split and ZeRO-3-partitioned" if id(param) in autotp else ""
+            out.append(FlatPiece(name, tuple(param.ds_shape), str(param.ds_tensor.dtype), flat.element_size(), flat,
+                                 param.ds_process_group, int(param.ds_tensor.ds_numel), problem=problem))
+        elif id(param) in autotp:
+            out.append(_autotp_piece(name, param, autotp[id(param)]))
         else:
             flat = param.data.view(-1)
-            out.append((name, tuple(param.shape), str(param.dtype), param.element_size(), 0, flat.numel(), flat, None))
+            out.append(FlatPiece(name, tuple(param.shape), str(param.dtype), param.element_size(), flat, None, flat.numel()))
     return out
 
 
@@ -195,31 +263,30 @@ def _kind_of(state: Any, ranks: tuple[int, ...]) -> str | None:
 
 def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[tuple[Any, ...], ...] | None:
     """This rank's compact description of ``model`` (None where this rank is not in
-    ``state``): per parameter ``(name, shape, dtype, itemsize, key, part)``, ``key`` the kind
-    of the state's groups it is partitioned over (``"replica"``: whole on every rank of the
-    state) and ``part`` the elements per member; the same on every rank of the state."""
+    ``state``): per parameter ``(name, shape, dtype, itemsize, key, part, stride)``, ``key``
+    the kind of the state's groups it is cut over (``"replica"``: whole on every rank of
+    the state), ``part``/``stride`` the cut (:class:`FlatPiece`); the same on every rank of
+    the state."""
     if model is None:
         return None
     out = []
-    for name, shape, dtype, itemsize, start, stop, _, group in flat_pieces(model):
-        numel = math.prod(shape)
-        if group is None:
-            out.append((name, shape, dtype, itemsize, _REPLICA, numel))
+    for piece in flat_pieces(model):
+        if piece.problem:
+            problems.append(f"{role} {piece.name!r}: {piece.problem}")
+            return None
+        if piece.group is None:
+            out.append((piece.name, piece.shape, piece.dtype, piece.itemsize, _REPLICA, math.prod(piece.shape), 1))
             continue
-        ranks = tuple(dist.get_process_group_ranks(group))
+        ranks = tuple(dist.get_process_group_ranks(piece.group))
         kind = _kind_of(state, ranks)
         if kind is None:
             problems.append(
-                f"{role} {name!r} is partitioned over ranks {list(ranks)}, which is no group of "
+                f"{role} {piece.name!r} is partitioned over ranks {list(ranks)}, which is no group of "
                 f"{describe_state(state)}: pass the state the model was built in"
             )
             return None
-        out.append((name, shape, dtype, itemsize, kind, int(_module_param(model, name).ds_tensor.ds_numel)))
+        out.append((piece.name, piece.shape, piece.dtype, piece.itemsize, kind, piece.part, piece.stride))
     return tuple(out)
-
-
-def _module_param(model: Any, name: str) -> Any:
-    return _module(model).get_parameter(name)
 
 
 def _keeps_master(model: Any) -> list[str]:
@@ -311,8 +378,8 @@ class FlatBackend:
 
         tensors = [
             FlatTensor(name, math.prod(shape), itemsize, dtype, src[name][4], src[name][5], key, part,
-                       casts.get(name, ""), src[name][3])
-            for name, shape, dtype, itemsize, key, part in dst_rows
+                       casts.get(name, ""), src[name][3], src[name][6], stride)
+            for name, shape, dtype, itemsize, key, part, stride in dst_rows
         ]
         part_plan = plan_flat_local(me, tensors, _copies(src_state, {row[4] for row in src_rows}),
                                     _copies(dst_state, {row[4] for row in dst_rows}), participants=ranks)
@@ -337,16 +404,16 @@ class FlatBackend:
         src_rows = flat_pieces(src_model) if src_model is not None else []
         dst_rows = flat_pieces(dst_model) if dst_model is not None else []
 
-        def pieces(rows: list[Any]) -> list[Piece]:
-            return [Piece(rank, name, (stop - start,), itemsize) for name, _, _, itemsize, start, stop, _, _ in rows]
+        def pieces(rows: list[FlatPiece]) -> list[Piece]:
+            return [Piece(rank, row.name, (row.flat.numel(),), row.itemsize) for row in rows]
 
         # a parameter in flight out of reach makes this rank's pieces differ from the plan's:
         # every rank returns None, and reshard() plans again, where it is refused on every rank
         held = pieces(src_rows) + [Piece(rank, f"<in flight: {n}>", (0,), 1) for n in stuck]
         if not pieces_match(plan, held, pieces(dst_rows), group=group):
             return None
-        gather_groups = {tuple(dist.get_process_group_ranks(row[7])): row[7] for row in src_rows if row[7] is not None}
-        sent = run_plan(plan, {row[0]: row[6] for row in src_rows}, {row[0]: row[6] for row in dst_rows}, group=group,
+        gather_groups = {tuple(dist.get_process_group_ranks(row.group)): row.group for row in src_rows if row.group is not None}
+        sent = run_plan(plan, {row.name: row.flat for row in src_rows}, {row.name: row.flat for row in dst_rows}, group=group,
                         bucket_bytes=bucket_bytes, gather_groups=gather_groups)
         if dst_model is not None:
             _refresh_gathered(dst_model)

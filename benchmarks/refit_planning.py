@@ -17,6 +17,17 @@ tensors, bf16), in three flat layout pairs:
   (a scatter to the receivers and an all-gather among them would not; the row shows what
   the point-to-point plan costs, and is skipped above 1,024 ranks: 3 M sends on one rank).
 
+and in two Megatron layout pairs, planned from the compact per-stage descriptions the
+``"megatron"`` backend exchanges (``scoped_parallel.refit.staged``: each side's holders
+derived from its ``ParallelLayout``, counted in the time):
+
+* **Megatron TP=8 x PP=4 -> TP=4**: the same 70B-like model in megatron-core's naming (fused
+  QKV, fused gate/up with partition stride 2: 483 tensors), trained under TP=8 x PP=4 and
+  refitted into TP=4 replicas of the whole model on the same ranks;
+* **Megatron EP=8 -> EP=4**: a Qwen3-30B-A3B-like MoE (48 layers, hidden 2,048, 128 experts of
+  FFN 768 each: 12,531 tensors, the experts in megatron-core's ``SequentialMLP`` naming),
+  EP=8 into EP=4 on the same ranks.
+
 Time is the fastest of ``--rounds`` runs; memory is tracemalloc's peak during one run
 (Python objects of the plan and everything built to make it). The global planner
 (``plan_flat``: every rank's transfers on every rank, what the refit did before) is timed
@@ -38,8 +49,11 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scoped_parallel.layout import ParallelLayout  # noqa: E402
 from scoped_parallel.refit.flat import FlatTensor, plan_flat_local  # noqa: E402
 from scoped_parallel.refit.plan import plan_flat  # noqa: E402
+from scoped_parallel.refit.staged import WHOLE, Held, StageCopies, TensorRow, tiled_tensors  # noqa: E402
+from scoped_parallel.refit.tiled import plan_tiled_local  # noqa: E402
 
 
 def llama_70b_shapes() -> list[tuple[int, ...]]:
@@ -71,6 +85,65 @@ def case(name: str, world: int) -> tuple[list[FlatTensor], dict[str, Any], dict[
         src, dst = {"dp": _groups(0, half, half)}, {"replica": _groups(half, half, 1)}
         tensors = [FlatTensor(f"p{i}", n, 2, "torch.bfloat16", "dp", math.ceil(n / half), "replica", n) for i, n in enumerate(numels)]
     return tensors, src, dst, world // 2 - 1
+
+
+def megatron_70b(tp: int, pp: int) -> dict[str, Held]:
+    """The 70B-like model in megatron-core's naming as ``StageCopies`` leads describe it under TP x PP."""
+    h, ffn, kv, vocab, layers = 8192, 28672, 1024, 128256, 80
+
+    def row(name: str, shape: tuple[int, ...], dim: int | None, stride: int = 1) -> TensorRow:
+        return TensorRow(name, shape, "torch.bfloat16", 2, "tp" if dim is not None else WHOLE, dim, stride, tp if dim is not None else 1, -1)
+
+    out = {"embedding.word_embeddings.weight": Held(row("embedding.word_embeddings.weight", (vocab, h), 0), (0,), 0)}
+    last = pp - 1
+    for layer in range(layers):
+        stage = layer * pp // layers
+        base = f"decoder.layers.{layer}"
+        for r in (row(f"{base}.input_layernorm.weight", (h,), None),
+                  row(f"{base}.self_attention.linear_qkv.weight", (h + 2 * kv, h), 0),
+                  row(f"{base}.self_attention.linear_proj.weight", (h, h), 1),
+                  row(f"{base}.pre_mlp_layernorm.weight", (h,), None),
+                  row(f"{base}.mlp.linear_fc1.weight", (2 * ffn, h), 0, 2),
+                  row(f"{base}.mlp.linear_fc2.weight", (h, ffn), 1)):
+            out[r.name] = Held(r, (stage,), 0)
+    for r in (row("decoder.final_layernorm.weight", (h,), None), row("output_layer.weight", (vocab, h), 0)):
+        out[r.name] = Held(r, (last,), 0)
+    return out
+
+
+def qwen3_moe(ep: int) -> dict[str, Held]:
+    """The 30B-A3B-like MoE in megatron-core's naming under EP (TP=1, expert TP=1, PP=1)."""
+    h, q, kv, vocab, layers, experts, ffn = 2048, 4096, 512, 151936, 48, 128, 768
+
+    def row(name: str, shape: tuple[int, ...], slot: int = -1, stride: int = 1) -> TensorRow:
+        return TensorRow(name, shape, "torch.bfloat16", 2, "etp" if slot >= 0 else WHOLE, 0 if slot >= 0 else None, stride, 1, slot)
+
+    rows = [row("embedding.word_embeddings.weight", (vocab, h)), row("decoder.final_layernorm.weight", (h,)),
+            row("output_layer.weight", (vocab, h))]
+    for layer in range(layers):
+        base = f"decoder.layers.{layer}"
+        rows += [row(f"{base}.input_layernorm.weight", (h,)), row(f"{base}.self_attention.linear_qkv.weight", (q + 2 * kv, h)),
+                 row(f"{base}.self_attention.linear_proj.weight", (h, q)), row(f"{base}.pre_mlp_layernorm.weight", (h,)),
+                 row(f"{base}.mlp.router.weight", (experts, h))]
+        for e in range(experts):
+            slot = e // (experts // ep)
+            rows += [row(f"{base}.mlp.experts.local_experts.{e}.linear_fc1.weight", (2 * ffn, h), slot, 2),
+                     row(f"{base}.mlp.experts.local_experts.{e}.linear_fc2.weight", (h, ffn), slot)]
+    return {r.name: Held(r, (0,), 0) for r in rows}
+
+
+def megatron_plan(name: str, world: int, rank: int) -> Any:
+    """One rank's part of a Megatron pair at ``world`` ranks, from the descriptions (holders derived here)."""
+    if name == "Megatron TP=8 x PP=4 -> TP=4":
+        src_layout = ParallelLayout(world_size=world, tensor_model_parallel_size=8, pipeline_model_parallel_size=4)
+        dst_layout = ParallelLayout(world_size=world, tensor_model_parallel_size=4)
+        src, dst = megatron_70b(8, 4), megatron_70b(4, 1)
+    else:
+        src_layout = ParallelLayout(world_size=world, expert_model_parallel_size=8, expert_tensor_parallel_size=1)
+        dst_layout = ParallelLayout(world_size=world, expert_model_parallel_size=4, expert_tensor_parallel_size=1)
+        src, dst = qwen3_moe(8), qwen3_moe(4)
+    tensors = tiled_tensors(src, dst)
+    return lambda: plan_tiled_local(rank, tensors, StageCopies(src_layout), StageCopies(dst_layout)), len(tensors)
 
 
 def measure(fn: Callable[[], Any], rounds: int) -> tuple[float, float, Any]:
@@ -122,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"pair": name, "ranks": world, "tensors": len(tensors), "plan s": seconds, "peak MB": peak,
                          "transfers": len(plan.transfers), "gathers": len(plan.gathers)})
             print(f"{name:<32} {world:>6} {len(tensors):>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} {len(plan.gathers):>8}",
+                  flush=True)
+    for name in ("Megatron TP=8 x PP=4 -> TP=4", "Megatron EP=8 -> EP=4"):
+        for world in args.worlds:
+            planned, count = megatron_plan(name, world, world // 2 - 1)
+            seconds, peak, plan = measure(planned, args.rounds)
+            problems = plan.problems()
+            assert not problems, f"{name} at {world} ranks: {problems[:3]}"
+            rows.append({"pair": name, "ranks": world, "tensors": count, "plan s": seconds, "peak MB": peak,
+                         "transfers": len(plan.transfers), "gathers": len(plan.gathers)})
+            print(f"{name:<32} {world:>6} {count:>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} {len(plan.gathers):>8}",
                   flush=True)
     print("\nglobal plan (every rank's transfers, as before) vs one rank's part; 100 tensors, ZeRO-3 -> replicas")
     print(f"{'ranks':>6} {'global s':>9} {'global MB':>10} {'per-rank s':>11} {'per-rank MB':>12} {'time ratio':>11}")

@@ -118,7 +118,8 @@ def _project_imports(name: str) -> set[str]:
 
 
 LAYOUT = sorted(n for n in SOURCES if n.startswith("scoped_parallel.layout"))
-REFIT_PURE = ["scoped_parallel.refit.plan", "scoped_parallel.refit.flat", "scoped_parallel.refit.api"]
+REFIT_PURE = ["scoped_parallel.refit.plan", "scoped_parallel.refit.tiled", "scoped_parallel.refit.flat", "scoped_parallel.refit.staged",
+              "scoped_parallel.refit.api"]
 STDLIB_ONLY = ["scoped_parallel.scope", "scoped_parallel.dispatch", "scoped_parallel.errors", "scoped_parallel.getters.table"]
 
 

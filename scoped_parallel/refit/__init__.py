@@ -2,10 +2,13 @@
 
 ``scoped_parallel.reshard(src_model, src_state, dst_model, dst_state)`` is the one call,
 ``scoped_parallel.plan_reshard`` its dry run (see :mod:`scoped_parallel.refit.api`);
-:mod:`~scoped_parallel.refit.plan` is the plan as plain data with its checks and report
-(no torch), :mod:`~scoped_parallel.refit.flat` plans one rank's part of a refit between
-flat layouts (no torch), :mod:`~scoped_parallel.refit.execute` runs a plan with torch's
-point-to-point calls and all-gathers.
+:mod:`~scoped_parallel.refit.plan` is the plan as plain data with its checks and report,
+:mod:`~scoped_parallel.refit.tiled` plans one rank's part of a refit between tiled layouts
+(Megatron's TP tiles; :mod:`~scoped_parallel.refit.flat`, ZeRO-3's flat partitions, is its
+one-dimensional case), :mod:`~scoped_parallel.refit.staged` describes a model held by a
+layout's pipeline stages and expert slots (all four without torch), and
+:mod:`~scoped_parallel.refit.execute` runs a plan with torch's point-to-point calls and
+all-gathers.
 """
 
 from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard

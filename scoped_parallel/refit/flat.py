@@ -67,8 +67,10 @@ class FlatTensor:
 
     ``itemsize``/``dtype``: the destination's element (what travels; ``cast`` names it where
     the sender converts, and ``src_itemsize`` is then the source's). ``src``/``dst``: keys of
-    the copies of each side; ``src_part``/``dst_part``: elements per member of a copy
-    (``numel`` for a whole copy per rank)."""
+    the copies of each side; ``src_part``/``dst_part``: elements per tile, each member of a
+    copy holding ``src_stride``/``dst_stride`` tiles (one tile of ``numel`` for a whole copy
+    per rank; a dimension other than the first split evenly, as AutoTP's row-parallel
+    weights are, is ``stride`` tiles: one per row, see :mod:`scoped_parallel.refit.tiled`)."""
 
     name: str
     numel: int
@@ -80,6 +82,8 @@ class FlatTensor:
     dst_part: int
     cast: str = ""
     src_itemsize: int = 0
+    src_stride: int = 1
+    dst_stride: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -87,9 +91,9 @@ class FlatTensor:
         return self.numel * self.itemsize
 
     def tiled(self) -> TiledTensor:
-        """The same tensor as a one-dimensional tiled one (each member: one tile of its part)."""
-        return TiledTensor(self.name, (self.numel,), self.itemsize, self.dtype, self.src, Split(0, self.src_part),
-                           self.dst, Split(0, self.dst_part), self.cast, self.src_itemsize)
+        """The same tensor as a one-dimensional tiled one (each member: ``stride`` tiles of ``part``)."""
+        return TiledTensor(self.name, (self.numel,), self.itemsize, self.dtype, self.src, Split(0, self.src_part, self.src_stride),
+                           self.dst, Split(0, self.dst_part, self.dst_stride), self.cast, self.src_itemsize)
 
 
 def plan_flat_local(
