@@ -382,29 +382,50 @@ def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[s
             dst_model = dict(model, bf16=True) if dtype is torch.bfloat16 else dict(model)
             if other:
                 dst_model["layers"] = 2
-            states = [_state("src", src_layout), _state("dst", dst_layout)]
-            src_state, dst_state = states
+            copies = dst_layout if isinstance(dst_layout, list) else [dst_layout]  # several: one reshard call into all
+            states = [_state("src", src_layout)] + [_state(f"dst{i}", layout) for i, layout in enumerate(copies)]
+            src_state, dst_states = states[0], states[1:]
             try:
                 src = _built(src_state, src_layout, 1, **model) if src_state.is_member else None
-                dst = _built(dst_state, dst_layout, 2, **dst_model) if dst_state.is_member else None
+                dsts = [_built(state, layout, 2 + i, **dst_model) if state.is_member else None
+                        for i, (state, layout) in enumerate(zip(dst_states, copies))]
+                dst = next((d for d in dsts if d is not None), None)
+                dst_state = next((s for s, d in zip(dst_states, dsts) if d is not None), dst_states[0])
                 got: dict[str, Any] = {"called": src is not None or dst is not None}
                 before = snapshot(dst) if dst is not None else []
                 if got["called"]:
                     try:
-                        plan = sp.plan_reshard(src, src_state, dst, dst_state, dtype=dtype)
-                        done = sp.reshard(src, src_state, dst, dst_state, dtype=dtype)
-                        got.update(problems=plan.problems(), sent=done.sent, gathers=len(plan.gathers), participants=plan.participants,
-                                   predicted={d: n for (s, d), n in plan.bytes_between().items() if s == rank}, error=None)
+                        if len(copies) > 1:
+                            done_each = sp.reshard(src, src_state, dsts, dst_states, dtype=dtype)
+                            ran = [d for d in done_each if d is not None]
+                            plans, sent = [d.plan for d in ran], {}
+                            for d in ran:
+                                for peer, n in d.sent.items():
+                                    sent[peer] = sent.get(peer, 0) + n
+                            got["calls"] = len(ran)
+                        else:
+                            plans = [sp.plan_reshard(src, src_state, dst, dst_state, dtype=dtype)]
+                            sent = sp.reshard(src, src_state, dst, dst_state, dtype=dtype).sent
+                        predicted: dict[int, int] = {}
+                        for plan in plans:
+                            for (s, d), n in plan.bytes_between().items():
+                                if s == rank:
+                                    predicted[d] = predicted.get(d, 0) + n
+                        got.update(problems=[p for plan in plans for p in plan.problems()], sent=sent, predicted=predicted,
+                                   gathers=sum(len(plan.gathers) for plan in plans),
+                                   participants=tuple(sorted({r for plan in plans for r in plan.participants})), error=None)
                     except sp.ReshardError as err:
                         got["error"] = str(err)
                 if dst is not None:
                     got["untouched"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(dst)))
                 dist.barrier()  # the test's own sync: the next case starts together
                 if not other:
-                    want, have = full_weights(src, src_state), full_weights(dst, dst_state)
-                    got["equal"] = sorted(want) == sorted(have) and all(
-                        torch.equal(have[n], want[n].to(dtype) if dtype is not None else want[n]) for n in want)
-                    got["names"] = len(want)
+                    want = full_weights(src, src_state)
+                    got["equal"], got["names"] = True, len(want)
+                    for state, model_chunks in zip(dst_states, dsts):
+                        have = full_weights(model_chunks, state)
+                        got["equal"] = got["equal"] and sorted(want) == sorted(have) and all(
+                            torch.equal(have[n], want[n].to(dtype) if dtype is not None else want[n]) for n in want)
                 out[name] = got
             finally:
                 for state in states:

@@ -31,11 +31,15 @@ CASES = {
     "MoE EP=2 on 0-1 -> EP=1 on 2-3": ({"ep": 2, "ranks": (0, 2)}, {"ranks": (2, 2)}, {"experts": 4}),
     "TP=2 on 0-1 -> bf16 TP=2 on 1-2 (dtype=torch.bfloat16)": ({"tp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (1, 2)}, {}, torch.bfloat16),
     "TP=2 on 0-1 -> TP=1 x DP=2 on 0-1 (all-gathers)": ({"tp": 2, "ranks": (0, 2)}, {"ranks": (0, 2)}, {}),
+    "TP=2 on 0-1 -> two copies in one call: TP=1 on rank 2, TP=1 on rank 3": (
+        {"tp": 2, "ranks": (0, 2)}, [{"ranks": (2, 1)}, {"ranks": (3, 1)}], {}),
     "sabotage: 2-layer destination on 2-3": ({"tp": 2, "ranks": (0, 2)}, {"tp": 2, "ranks": (2, 2)}, {"other architecture": True}),
 }
 
 
-def _ranks(layout: dict) -> set[int]:
+def _ranks(layout: dict | list) -> set[int]:
+    if isinstance(layout, list):  # several destination copies
+        return set().union(*(_ranks(one) for one in layout))
     first, count = layout.get("ranks", (0, 4))
     return set(range(first, first + count))
 
@@ -48,9 +52,12 @@ def refits(world):
 @pytest.mark.parametrize("case", [name for name in CASES if not name.startswith("sabotage")])
 def test_the_destination_holds_the_sources_weights_bit_for_bit(refits, case):
     src, dst = CASES[case][:2]
-    participants = tuple(sorted(_ranks(src) | _ranks(dst)))
     for rank, out in enumerate(refits):
         got = out[case]
+        # the ranks of the refits this rank takes part in (several copies: the source's and each copy's it joins)
+        copies = [c for c in (dst if isinstance(dst, list) else [dst]) if rank in _ranks(src) | _ranks(c)]
+        participants = tuple(sorted(_ranks(src).union(*(_ranks(c) for c in copies)))) if copies else ()
+        participants = participants or tuple(sorted(_ranks(src) | _ranks(dst)))
         assert got["called"] == (rank in participants), f"rank {rank} {case}: called={got['called']}, participants {participants}"
         assert got["equal"], f"rank {rank} {case}: the destination's {got['names']} weights differ from the source's"
         if not got["called"]:
@@ -60,6 +67,14 @@ def test_the_destination_holds_the_sources_weights_bit_for_bit(refits, case):
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert got["sent"] == got["predicted"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted']}"
         assert not set(got["sent"]) - set(participants), f"rank {rank} {case}: sent to {got['sent']} outside {participants}"
+
+
+def test_several_copies_in_one_call_run_one_refit_per_copy_on_their_ranks(refits):
+    """Ranks 0-1 (the source) take part in both copies' refits, ranks 2 and 3 in their own only."""
+    want = {0: 2, 1: 2, 2: 1, 3: 1}
+    for rank, out in enumerate(refits):
+        got = out["TP=2 on 0-1 -> two copies in one call: TP=1 on rank 2, TP=1 on rank 3"]
+        assert got["calls"] == want[rank], f"rank {rank}: took part in {got['calls']} refits, expected {want[rank]}"
 
 
 def test_column_parallel_tensors_into_replicas_on_their_own_ranks_are_all_gathered(refits):

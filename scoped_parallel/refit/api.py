@@ -279,6 +279,28 @@ def _everyone(mine: bool, group: Any) -> bool:
     return bool(flag.item())
 
 
+def _reshard_each(src_model: Any, src_state: Any, dst_models: Any, dst_states: Any, **kwargs: Any) -> tuple[Refit | None, ...]:
+    """:func:`reshard` into each of several destination copies (see there), in list order."""
+    import torch.distributed as dist
+
+    if not isinstance(dst_models, (list, tuple)) or len(dst_models) != len(dst_states):
+        raise ReshardError(
+            f"reshard into {len(dst_states)} destination states needs a list of as many destination models (this rank's "
+            f"model in each, None where it is not a member); got {type(dst_models).__name__} "
+            f"{'of ' + str(len(dst_models)) if isinstance(dst_models, (list, tuple)) else ''}".rstrip()
+        )
+    if kwargs.get("plan") is not None:
+        raise ReshardError("reshard(plan=...) takes one destination; plan each copy with plan_reshard and call reshard per copy")
+    rank = dist.get_rank()
+    out: list[Refit | None] = []
+    for model, state in zip(dst_models, dst_states):
+        if src_state.layout.contains(rank) or state.layout.contains(rank):
+            out.append(reshard(src_model, src_state, model, state, **kwargs))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
 def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece], group: Any = None) -> bool:
     """Whether, on every rank, ``sources``/``targets`` (this rank's pieces as the models hold
     them now) are the pieces ``plan`` lists for this rank. Collective over ``group`` (the
@@ -304,7 +326,7 @@ def reshard(
     plan: ReshardPlan | None = None,
     dtype: Any = None,
     **options: Any,
-) -> Refit:
+) -> Any:
     """Copy every parameter of ``src_model`` (laid out by ``src_state``) into ``dst_model``
     (the same architecture, laid out by ``dst_state``). Collective over the ranks of both
     states (a backend with ``partial_ranks``, such as ``"flat"`` and ``"megatron"``: a rank in
@@ -327,7 +349,16 @@ def reshard(
     cached plan that no longer matches is made again, a given one raises. ``options`` go to the backend's executor
     (``bucket_bytes=`` for "flat" and "megatron"; "megatron-core": ``service=``, a megatron-core ``CopyService`` or backend name).
     Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
+
+    **Several destination copies in one call**: ``dst_state`` a list of states (rollout
+    replicas, each on its own ranks) and ``dst_model`` the list of this rank's model in
+    each (None where it is not a member). The copies are refitted one after another, in
+    list order, each over the ranks of the source and that copy (a rank in neither skips
+    it), and a tuple with one :class:`Refit` per copy is returned (None for those this rank
+    skipped). Every rank must pass the same list of states.
     """
+    if isinstance(dst_state, (list, tuple)):
+        return _reshard_each(src_model, src_state, dst_model, dst_state, backend=backend, plan=plan, dtype=dtype, **options)
     chosen = _backend(src_model, dst_model, backend)
     given = plan is not None
     if plan is None:
