@@ -406,6 +406,11 @@ def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[s
                         else:
                             plans = [sp.plan_reshard(src, src_state, dst, dst_state, dtype=dtype)]
                             sent = sp.reshard(src, src_state, dst, dst_state, dtype=dtype).sent
+                            from scoped_parallel.refit import whole_plan
+
+                            whole = whole_plan(plans[0], src_state, dst_state)
+                            got["whole"] = {"problems": whole.problems(), "ranks": whole.ranks,
+                                            "bytes": sum(whole.bytes_between().values()), "report": whole.report()}
                         predicted: dict[int, int] = {}
                         for plan in plans:
                             for (s, d), n in plan.bytes_between().items():

@@ -77,6 +77,19 @@ def test_several_copies_in_one_call_run_one_refit_per_copy_on_their_ranks(refits
         assert got["calls"] == want[rank], f"rank {rank}: took part in {got['calls']} refits, expected {want[rank]}"
 
 
+def test_the_whole_table_is_gathered_on_demand_and_checks_every_rank(refits):
+    """``whole_plan`` joins every rank's part: one table, the same on every participant, its
+    coverage check passing over every rank, its bytes the sum of what the ranks sent."""
+    case = "TP=2 x PP=2 on 0-3 -> TP=2 on 2-3"
+    sent = sum(sum(out[case]["sent"].values()) for out in refits)
+    for rank, out in enumerate(refits):
+        whole = out[case]["whole"]
+        assert whole["problems"] == [], f"rank {rank}: {whole['problems']}"
+        assert whole["ranks"] == (0, 1, 2, 3), f"rank {rank}: the whole table covers ranks {whole['ranks']}"
+        assert whole["bytes"] == sent, f"rank {rank}: the table moves {whole['bytes']} bytes, the ranks sent {sent}"
+        assert whole["report"] == refits[0][case]["whole"]["report"], f"rank {rank}: another table than rank 0's"
+
+
 def test_column_parallel_tensors_into_replicas_on_their_own_ranks_are_all_gathered(refits):
     for rank in (0, 1):
         got = refits[rank]["TP=2 on 0-1 -> TP=1 x DP=2 on 0-1 (all-gathers)"]

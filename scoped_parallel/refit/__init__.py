@@ -11,7 +11,7 @@ layout's pipeline stages and expert slots (all four without torch), and
 all-gathers.
 """
 
-from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard
+from scoped_parallel.refit.api import Backend, Refit, backends, pieces_match, plan_reshard, register_backend, reshard, whole_plan
 from scoped_parallel.refit.plan import (
     Box,
     CastSpec,
@@ -47,4 +47,5 @@ __all__ = [
     "resolve_casts",
     "reshard",
     "unmatched_names",
+    "whole_plan",
 ]

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Protocol
 from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
 from scoped_parallel.refit.plan import CastSpec, Piece, ReshardPlan
 
-__all__ = ["Backend", "Refit", "backends", "cast_spec", "pieces_match", "plan_reshard", "register_backend", "reshard"]
+__all__ = ["Backend", "Refit", "backends", "cast_spec", "pieces_match", "plan_reshard", "register_backend", "reshard", "whole_plan"]
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,31 @@ def _reshard_each(src_model: Any, src_state: Any, dst_models: Any, dst_states: A
         else:
             out.append(None)
     return tuple(out)
+
+
+def whole_plan(plan: ReshardPlan, src_state: Any, dst_state: Any) -> ReshardPlan:
+    """The whole table of a plan that each rank planned alone (``plan.rank`` set: the
+    ``"flat"`` and ``"megatron"`` backends), on every participant: every rank's part gathered
+    over the ranks of both states and joined (each point-to-point transfer once, each gather
+    once), so ``report()`` lists every rank and ``problems()`` checks the whole. Collective
+    over those ranks; its cost grows with the ranks times their parts, so it is a dry-run
+    tool, not something to call every step. A global plan (``rank`` None) is returned as it is.
+    """
+    if plan.rank is None:
+        return plan
+    import torch.distributed as dist
+
+    from scoped_parallel.refit.execute import participants, participants_group
+
+    group = participants_group(src_state, dst_state, participants(src_state, dst_state))
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, plan, group=group)
+    transfers = dict.fromkeys(t for part in parts for t in part.transfers)
+    gathers = dict.fromkeys(g for part in parts for g in part.gathers)
+    staging = {rank: nbytes for part in parts for rank, nbytes in part.staging.items()}
+    return ReshardPlan(plan.backend, tuple(transfers), tuple(p for part in parts for p in part.sources),
+                       tuple(p for part in parts for p in part.targets), dict(sorted(staging.items())), plan.notes,
+                       gathers=tuple(gathers), order=plan.order, participants=plan.participants)
 
 
 def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece], group: Any = None) -> bool:
