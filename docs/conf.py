@@ -32,7 +32,10 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # Google-style "Args:" sections; see setup() below
     "public_docstrings",
+    "myst_parser",  # the guide pages are Markdown (docs/*.md)
 ]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_heading_anchors = 3
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []

@@ -379,7 +379,7 @@ def reshard(
     replicas, each on its own ranks) and ``dst_model`` the list of this rank's model in
     each (None where it is not a member). The copies are refitted one after another, in
     list order, each over the ranks of the source and that copy (a rank in neither skips
-    it), and a tuple with one :class:`Refit` per copy is returned (None for those this rank
+    it), and a tuple with one :class:`~scoped_parallel.refit.api.Refit` per copy is returned (None for those this rank
     skipped). Every rank must pass the same list of states.
     """
     if isinstance(dst_state, (list, tuple)):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, box_is_contiguous, box_slices
+from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, Transfer, box_is_contiguous, box_slices
 from scoped_parallel.refit.tiled import pairing_holds
 
 __all__ = ["agree", "comm_device", "confirm_part", "from_each", "participants", "participants_group", "peak_staging", "run_plan"]
@@ -127,6 +127,11 @@ def _run_gathers(gathers: list[Gather], rank: int, sources: Mapping[str, torch.T
             offset += g.part
 
 
+def _wire_order(t: Transfer) -> tuple[object, ...]:
+    """The order in which a bucket's transfers are posted: the same for the two ends of each pair."""
+    return (t.dst_name, t.dst_box, t.src_name, t.src_box, t.src_rank, t.dst_rank)
+
+
 def run_plan(
     plan: ReshardPlan,
     sources: Mapping[str, torch.Tensor],
@@ -157,9 +162,9 @@ def run_plan(
                 _run_gathers(gathers[bucket], rank, sources, targets, gather_groups or {}, sent)
             ops: list[dist.P2POp] = []
             writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for i, t in mine:
-                if bucket_of[i] != bucket:
-                    continue
+            # one order at both ends of every pair (the two ends of a per-rank plan list a pair's
+            # transfers in orders of their own; messages between two ranks match in posting order)
+            for _, t in sorted(((i, t) for i, t in mine if bucket_of[i] == bucket), key=lambda it: _wire_order(it[1])):
                 if t.local:
                     data = _view(sources[t.src_name], t.src_box)
                     _view(targets[t.dst_name], t.dst_box).copy_(data.to(_wire_dtype(t.cast)) if t.cast else data)

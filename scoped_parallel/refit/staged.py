@@ -1,6 +1,6 @@
 """A model held by the pipeline stages and expert slots of a layout, described compactly (no torch).
 
-A Megatron-style model lives on a :class:`~scoped_parallel.layout.ParallelLayout` so that
+A Megatron-style model lives on a :class:`~scoped_parallel.ParallelLayout` so that
 every rank of one pipeline stage holds that stage's tensors, an expert's tensors only on
 the ranks of its expert-parallel slot, and each tensor whole or split over the rank's TP
 (or expert-TP) group. So one description per (stage, expert slot) says who holds what:
