@@ -32,8 +32,8 @@ test-quick: setup
 # The numerical claims on another machine's kernels: the refit and matrix tests again with
 # two intra-op threads per rank, and with ATen's portable kernels (no AVX2/AVX-512 paths).
 # A bitwise claim that held only on one CPU's BLAS fails here. Not in CI (time).
-ANY_CPU_TESTS := tests/test_refit_megatron.py tests/test_refit_zero.py tests/test_refit_stale.py \
-	tests/test_matrix_deepspeed.py tests/test_matrix_megatron.py
+ANY_CPU_TESTS := tests/refit/test_refit_megatron.py tests/refit/test_refit_zero.py tests/refit/test_refit_stale.py \
+	tests/matrix/test_matrix_deepspeed.py tests/matrix/test_matrix_megatron.py
 test-any-cpu: setup
 	SCOPED_PARALLEL_TEST_THREADS=2 $(BIN)/pytest -q $(ANY_CPU_TESTS)
 	ATEN_CPU_CAPABILITY=default $(BIN)/pytest -q $(ANY_CPU_TESTS)
@@ -88,7 +88,7 @@ test-newest-stack: $(VENV_STACK)/.installed
 # megatron-core minor that installs on this Python (0.16 is in `make test`); one venv
 # per minor (torch pinned first), kept out of `make test` (about 3 min per minor here).
 MEGATRON_MINORS ?= 0.15 0.14 0.13
-MEGATRON_TESTS := tests/test_adapter_megatron.py tests/test_megatron_oracle.py tests/test_megatron_gpt.py
+MEGATRON_TESTS := tests/adapters/megatron/test_adapter_megatron.py tests/getters/test_megatron_oracle.py tests/adapters/megatron/test_megatron_gpt.py
 
 .venv-megatron-%/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-megatron-$*

@@ -42,15 +42,15 @@ NEWEST_TRANSFORMERS = TRANSFORMERS[-1]
 
 #: the tests that exercise DeepSpeed and the Ulysses adapter
 ADAPTER_TESTS = [
-    "tests/test_adapter_deepspeed_engines.py",
-    "tests/test_adapter_deepspeed_experts.py",
-    "tests/test_adapter_deepspeed_groups.py",
-    "tests/test_adapter_deepspeed_initialize.py",
-    "tests/test_adapter_deepspeed_install.py",
-    "tests/test_adapter_deepspeed_zeropp.py",
-    "tests/test_adapter_deepspeed_checkpointing.py",
-    "tests/test_compat_parallel_state_wrappers.py",
-    "tests/test_adapter_ulysses.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_engines.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_experts.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_groups.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_initialize.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_install.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_zeropp.py",
+    "tests/adapters/deepspeed/test_adapter_deepspeed_checkpointing.py",
+    "tests/compat/test_compat_parallel_state_wrappers.py",
+    "tests/adapters/test_adapter_ulysses.py",
 ]
 
 nox.options.sessions = ["deepspeed", "transformers"]

@@ -15,7 +15,7 @@ lazily and skipped when the target is not installed:
 
 Every change to another library goes through one :class:`~._ledger.Ledger`
 (``_ledger.py``), and every patched function finds its state with the scope's
-``dispatching``/``resolve`` (``scoped_parallel.scope``).
+``dispatching``/``resolve`` (``scoped_parallel.dispatch``).
 
 Usage::
 

@@ -2,7 +2,7 @@
 
 Inside ``with state.activate():`` each getter of the getter table's ``megatron``
 family (:mod:`scoped_parallel.getters.table`) answers from the state (same name, same meaning, Megatron's answer for the same
-configuration, checked against megatron-core by ``tests/test_megatron_oracle.py``);
+configuration, checked against megatron-core by ``tests/getters/test_megatron_oracle.py``);
 outside any scope it is Megatron's own function, unchanged (or raises, with
 ``install(strict=True)``). So ``ProcessGroupCollection.use_mpu_process_groups()`` and
 the model classes that call it (``GPTModel``, ``TransformerBlock``, ...) work in a scope.

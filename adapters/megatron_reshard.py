@@ -66,7 +66,7 @@ import re
 from collections import Counter
 import sys
 import warnings
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -84,11 +84,23 @@ from scoped_parallel.refit import (
     resolve_casts,
     unmatched_names,
 )
-from scoped_parallel.refit.execute import agree, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
-from scoped_parallel.refit.staged import WHOLE, StageCopies, TensorRow, merge, own_problems, tiled_tensors
+from scoped_parallel.refit.execute import (
+    agree, confirm_part, from_each, participants, participants_group, peak_staging, relay_groups, run_plan,
+)
+from scoped_parallel.refit.staged import WHOLE, Held, StageCopies, TensorRow, merge, own_problems, tiled_tensors
 from scoped_parallel.refit.tiled import plan_tiled_local
 
 __all__ = ["MegatronBackend", "canonical_tensors", "finish_param_gathers", "is_expert"]
+
+class _Op(NamedTuple):
+    """One receive or send of megatron-core's plan on one rank: its task id (the same at both
+    ends), the tensor's name in the view, the peer rank and this rank's slice."""
+
+    task: Any
+    name: str
+    peer: int
+    slice: tuple[slice, ...]
+
 
 #: what megatron-core's ``extract_param_metadata`` reads from a parameter (0.16-0.19)
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "partition_sizes", "allreduce")
@@ -254,22 +266,44 @@ def _global_expert_name(name: str, state: Any, experts: int | None) -> str:
     return ".".join(parts)
 
 
-def _summary(named: list[tuple[str, torch.Tensor]], state: Any, gated: set[int], experts: int | None) -> list[tuple[Any, ...]]:
-    """``(name for the checks, local shape, dtype, itemsize, partition dim or None, stride,
-    split size, name in the view)`` per tensor."""
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    """One tensor of this rank's chunks: its :class:`~scoped_parallel.refit.staged.TensorRow`
+    (global shape, split, expert slot), its ``shape`` here and its name in the planner's
+    view (grouped-GEMM expert tensors keep rank-local numbers there)."""
+
+    row: TensorRow
+    shape: tuple[int, ...]
+    view: str
+
+
+def _describe(model: Any, state: Any) -> list[_Local]:
+    """This rank's tensors of ``model`` as megatron-core's planner reads them (through
+    :func:`_stand_in`: stride 2 for a gated fc1 before 0.19, ``allreduce=False`` on every
+    expert tensor), split over the expert-TP group for experts, the TP group otherwise."""
+    chunks = _chunks(model)
+    gated = _gated_fc1(chunks)
     tp = state.get_tensor_model_parallel_world_size()
     etp = state.get_expert_tensor_parallel_world_size()
-    rows = []
-    for name, tensor in named:
+    slot = state.layout.coordinates(dist.get_rank())["ep"]
+    experts = getattr(chunks[0].config, "num_moe_experts", None)
+    out = []
+    for name, tensor in canonical_tensors(chunks):
         stand = _stand_in(name, tensor, id(tensor) in gated)
+        expert = is_expert(name, tensor)
         sharded = bool(getattr(stand, "tensor_model_parallel", False))
-        expert = is_expert(name, tensor)  # split over the expert TP group, not the dense one
-        rows.append((
-            _global_expert_name(name, state, experts) if expert else name, tuple(tensor.shape), str(tensor.dtype), tensor.element_size(),
-            int(getattr(stand, "partition_dim", 0)) if sharded else None,
-            int(getattr(stand, "partition_stride", 1)), (etp if expert else tp) if sharded else 1, name,
-        ))
-    return rows
+        ways = (etp if expert else tp) if sharded else 1
+        dim = int(getattr(stand, "partition_dim", 0)) if sharded else None
+        shape = list(tensor.shape)
+        if dim is not None:
+            shape[dim] *= ways
+        row = TensorRow(
+            _global_expert_name(name, state, experts) if expert else name, tuple(shape), str(tensor.dtype),
+            tensor.element_size(), ("etp" if expert else "tp") if sharded else WHOLE, dim,
+            int(getattr(stand, "partition_stride", 1)) if sharded else 1, ways, slot if expert else -1,
+        )
+        out.append(_Local(row, tuple(tensor.shape), name))
+    return out
 
 
 def _built_in(chunks: list[Any], state: Any, role: str, collection: Any) -> list[str]:
@@ -290,42 +324,43 @@ def _built_in(chunks: list[Any], state: Any, role: str, collection: Any) -> list
     return []
 
 
-def _global_shapes(rows: list[tuple[int, tuple[Any, ...]]], role: str, problems: list[str]) -> dict[str, tuple[Any, ...]]:
-    """Per name: (global shape, dtype, partition dim, stride, split size, first rank), checked equal on every rank."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for rank, (name, shape, dtype, _, dim, stride, size, _view) in rows:
-        full = list(shape)
-        if dim is not None:
-            full[dim] *= size
-        entry = (tuple(full), dtype, dim, stride, size, rank)
-        seen = out.setdefault(name, entry)
-        if seen[:2] != entry[:2]:
-            problems.append(f"{role} {name!r}: global shape/dtype {seen[:2]} on rank {seen[5]} but {entry[:2]} on rank {rank}")
+def _by_name(described: list[tuple[int, _Local]], role: str, problems: list[str]) -> dict[str, Held]:
+    """Per global name the tensor as the first rank describing it does (``Held.first``); a
+    rank that gives it another global shape or dtype is a line in ``problems``."""
+    out: dict[str, Held] = {}
+    for rank, local in described:
+        row = local.row
+        seen = out.setdefault(row.name, Held(row, (), rank))
+        if (seen.row.shape, seen.row.dtype) != (row.shape, row.dtype):
+            problems.append(f"{role} {row.name!r}: global shape/dtype {(seen.row.shape, seen.row.dtype)} on rank {seen.first} "
+                            f"but {(row.shape, row.dtype)} on rank {rank}")
     return out
 
 
-def _match(src: dict[str, tuple[Any, ...]], dst: dict[str, tuple[Any, ...]]) -> list[str]:
+def _match(src: Mapping[str, Held], dst: Mapping[str, Held]) -> list[str]:
     """The reasons the destination cannot be filled from the source, per tensor (names,
     global shapes, TP tiling; dtypes are :func:`~scoped_parallel.refit.plan.resolve_casts`'s)."""
-    problems = unmatched_names(src, {name: entry[5] for name, entry in dst.items()})
-    for name, (shape, dtype, dim, stride, size, rank) in dst.items():
+    problems = unmatched_names(src, {name: held.first for name, held in dst.items()})
+    for name, held in dst.items():
         if name not in src:
             continue
-        s_shape, s_dtype, s_dim, s_stride, s_size, _ = src[name]
-        if s_shape != shape:
-            problems.append(f"{name!r}: source global shape {s_shape} (split {s_size}) but destination {shape} (split {size})")
+        s, d = src[name].row, held.row
+        s_dim = s.dim if s.kind != WHOLE else None
+        dim = d.dim if d.kind != WHOLE else None
+        if s.shape != d.shape:
+            problems.append(f"{name!r}: source global shape {s.shape} (split {s.ways}) but destination {d.shape} (split {d.ways})")
         elif dim is not None or s_dim is not None:
             if dim is not None and s_dim is not None and dim != s_dim:
                 problems.append(f"{name!r}: split on dim {s_dim} in the source but dim {dim} in the destination")
                 continue
             axis = dim if dim is not None else s_dim
-            n_src = s_size * (s_stride if s_dim is not None else 1)
-            n_dst = size * (stride if dim is not None else 1)
+            n_src = s.ways * (s.stride if s_dim is not None else 1)
+            n_dst = d.ways * (d.stride if dim is not None else 1)
             tile = n_src * n_dst // math.gcd(n_src, n_dst)
-            if shape[axis] % tile:
+            if d.shape[axis] % tile:  # type: ignore[index]
                 problems.append(
-                    f"{name!r}: dim {axis} of size {shape[axis]} does not divide into the {tile} tiles that "
-                    f"{s_size}-way (stride {s_stride}) -> {size}-way (stride {stride}) splitting needs"
+                    f"{name!r}: dim {axis} of size {d.shape[axis]} does not divide into the {tile} tiles that "  # type: ignore[index]
+                    f"{s.ways}-way (stride {s.stride}) -> {d.ways}-way (stride {d.stride}) splitting needs"
                 )
     return problems
 
@@ -513,40 +548,6 @@ def _global_named(model: Any, state: Any) -> list[tuple[str, torch.Tensor, bool]
     return out
 
 
-def _describe_rows(model: Any, state: Any) -> list[TensorRow]:
-    """This rank's :class:`TensorRow` per tensor of ``model`` (megatron-core's attributes, as
-    its planner reads them through :func:`_stand_in`: stride 2 for a gated fc1 before 0.19,
-    ``allreduce=False`` on every expert tensor)."""
-    chunks = _chunks(model)
-    gated = _gated_fc1(chunks)
-    tp = state.get_tensor_model_parallel_world_size()
-    etp = state.get_expert_tensor_parallel_world_size()
-    slot = state.layout.coordinates(dist.get_rank())["ep"]
-    experts = getattr(chunks[0].config, "num_moe_experts", None)
-    rows = []
-    for name, tensor in canonical_tensors(chunks):
-        stand = _stand_in(name, tensor, id(tensor) in gated)
-        expert = is_expert(name, tensor)
-        sharded = bool(getattr(stand, "tensor_model_parallel", False))
-        ways = (etp if expert else tp) if sharded else 1
-        dim = int(getattr(stand, "partition_dim", 0)) if sharded else None
-        shape = list(tensor.shape)
-        if dim is not None:
-            shape[dim] *= ways
-        rows.append(TensorRow(
-            _global_expert_name(name, state, experts) if expert else name, tuple(shape), str(tensor.dtype),
-            tensor.element_size(), ("etp" if expert else "tp") if sharded else WHOLE, dim,
-            int(getattr(stand, "partition_stride", 1)) if sharded else 1, ways, slot if expert else -1,
-        ))
-    return rows
-
-
-def _entry(held: Any) -> tuple[Any, ...]:
-    """What :func:`_match` compares of a merged tensor: ``(shape, dtype, dim, stride, ways, first rank)``."""
-    row = held.row
-    return (row.shape, row.dtype, row.dim if row.kind != WHOLE else None, row.stride, row.ways, held.first)
-
-
 #: the bucket the plan's staging figure assumes (the executor's default)
 _BUCKET = 1 << 26
 
@@ -575,7 +576,7 @@ class MegatronBackend:
                 chunks = _chunks(model)
                 local += _built_in(chunks, state, role, state.process_group_collection())
                 local += _param_sync_steps(model, role)[1]
-                mine = _describe_rows(model, state)
+                mine = [local.row for local in _describe(model, state)]
                 twice = sorted(n for n, count in Counter(r.name for r in mine).items() if count > 1)
                 if twice:
                     local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
@@ -590,7 +591,7 @@ class MegatronBackend:
             merged.append((side, copies))
         (src, src_copies), (dst, dst_copies) = merged
         everywhere += unmatched_names(src, {name: held.first for name, held in dst.items()})
-        everywhere += _match({n: _entry(h) for n, h in src.items()}, {n: _entry(h) for n, h in dst.items()})
+        everywhere += _match(src, dst)
         casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         everywhere += cast_problems
         agree(local, group, "this pair of Megatron models", everywhere=everywhere)
@@ -626,9 +627,9 @@ class MegatronBackend:
 
         if not pieces_match(plan, pieces(src), pieces(dst), group=group):
             return None
-        gather_groups = {}
+        gather_groups = relay_groups(plan, src_state, dst_state)
         if src_model is not None:
-            gather_groups = {src_state.ranks(k): src_state.group(k) for k in ("tp", "etp") if k in src_state.kinds()}
+            gather_groups.update({src_state.ranks(k): src_state.group(k) for k in ("tp", "etp") if k in src_state.kinds()})
         return run_plan(plan, src, dst, group=group, bucket_bytes=bucket_bytes, gather_groups=gather_groups)
 
 
@@ -662,15 +663,15 @@ class MegatronCoreBackend:
             if twice:
                 local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
         world = dist.get_world_size()
-        mine = (local, _summary(src_named, src_state, src_gated, experts), _summary(dst_named, dst_state, dst_gated, experts))
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine)  # the one gather every decision below is made on
-
+        dist.all_gather_object(gathered, (local, _describe(src_model, src_state), _describe(dst_model, dst_state)))
+        # every decision below is made on that one gather: (rank, _Local) per tensor of each side
+        src_locals = [(r, one) for r, g in enumerate(gathered) for one in g[1]]
+        dst_locals = [(r, one) for r, g in enumerate(gathered) for one in g[2]]
         problems = [f"rank {r}: {p}" for r, (probs, _, _) in enumerate(gathered) for p in probs]
-        src = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[1]], "source", problems)
-        dst = _global_shapes([(r, row) for r, g in enumerate(gathered) for row in g[2]], "destination", problems)
+        src, dst = _by_name(src_locals, "source", problems), _by_name(dst_locals, "destination", problems)
         problems += _match(src, dst)
-        casts, cast_problems = resolve_casts(cast, {name: (src[name][1], entry[1]) for name, entry in dst.items() if name in src})
+        casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         problems += cast_problems
         if problems:
             raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
@@ -684,37 +685,34 @@ class MegatronCoreBackend:
         except Exception as err:  # megatron-core 0.19+: raised on every rank alike
             raise ReshardError(f"megatron-core's planner refused the pair: {err}") from err
 
-        ops = (
-            [(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.recv_ops],
-            [(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.send_ops],
-        )
+        ops = ([_Op(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.recv_ops],
+               [_Op(o.task_id, o.param_name, o.peer_rank, o.my_slice) for o in local_plan.send_ops])
         all_ops: list[Any] = [None] * world
         dist.all_gather_object(all_ops, ops)
-        shapes_src = {(r, row[7]): row[1] for r, g in enumerate(gathered) for row in g[1]}
-        shapes_dst = {(r, row[7]): row[1] for r, g in enumerate(gathered) for row in g[2]}
-        itemsize = {(r, row[7]): row[3] for r, g in enumerate(gathered) for row in g[2]}
-        sends = {op[0]: (r, op) for r, (_, s) in enumerate(all_ops) for op in s}
+        src_at = {(r, one.view): one for r, one in src_locals}  # (rank, name in the view) -> that rank's tensor
+        dst_at = {(r, one.view): one for r, one in dst_locals}
+        sends = {op.task: (r, op) for r, (_, rank_sends) in enumerate(all_ops) for op in rank_sends}
         transfers: list[Transfer] = []
         unpaired: list[str] = []
         full_reads: set[int] = set()
         for r, (recvs, _) in enumerate(all_ops):
-            for task, name, peer, my_slice in recvs:
-                paired = sends.pop(task, None)
-                if paired is None or paired[0] != peer or paired[1][2] != r:
-                    unpaired.append(f"receive {task} of {name!r} on rank {r} from rank {peer} has no matching send")
+            for op in recvs:
+                sender, send = sends.pop(op.task, (None, None))
+                if send is None or sender != op.peer or send.peer != r:
+                    unpaired.append(f"receive {op.task} of {op.name!r} on rank {r} from rank {op.peer} has no matching send")
                     continue
-                src_name, src_slice = paired[1][1], paired[1][3]
-                src_shape = shapes_src.get((peer, src_name), ())
-                if all(s == slice(None) for s in src_slice):
+                held = src_at.get((op.peer, send.name))
+                if all(s == slice(None) for s in send.slice):
                     full_reads.add(len(transfers))
-                transfers.append(Transfer(peer, r, src_name, name, _box(src_slice, src_shape),
-                                          _box(my_slice, shapes_dst[(r, name)]), itemsize[(r, name)]))
-        unpaired += [f"send {task} of {op[1]!r} from rank {r} to rank {op[2]} has no matching receive" for task, (r, op) in sends.items()]
+                target = dst_at[(r, op.name)]
+                transfers.append(Transfer(op.peer, r, send.name, op.name, _box(send.slice, held.shape if held else ()),
+                                          _box(op.slice, target.shape), target.row.itemsize))
+        unpaired += [f"send {task} of {op.name!r} from rank {r} to rank {op.peer} has no matching receive" for task, (r, op) in sends.items()]
         if unpaired:
             raise ReshardError("megatron-core's plan does not pair up (nothing was moved):\n  " + "\n  ".join(unpaired[:20]))
-        src_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[1]}
-        dst_global = {(r, row[7]): row[0] for r, g in enumerate(gathered) for row in g[2]}
-        rerouted = _reroute_replicated(transfers, full_reads, src_global, dst_global, shapes_src)
+        src_global = {key: one.row.name for key, one in src_at.items()}
+        dst_global = {key: one.row.name for key, one in dst_at.items()}
+        rerouted = _reroute_replicated(transfers, full_reads, src_global, dst_global, {key: one.shape for key, one in src_at.items()})
         if casts:  # the sender converts: the wire carries the destination's dtype (Transfer.itemsize is already its)
             transfers = [dataclasses.replace(t, cast=casts[dst_global[(t.dst_rank, t.dst_name)]])
                          if dst_global[(t.dst_rank, t.dst_name)] in casts else t for t in transfers]
@@ -723,14 +721,14 @@ class MegatronCoreBackend:
             raise ReshardError("megatron-core's plan copies between different tensors (nothing was moved):\n  " + "\n  ".join(misnamed[:20]))
 
         transfers.sort(key=lambda t: (t.dst_name, t.dst_rank, t.dst_box))
-        sources = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[1])
-        targets = tuple(Piece(r, row[7], row[1], row[3], row[2]) for r, g in enumerate(gathered) for row in g[2])
+        sources = tuple(Piece(r, one.view, one.shape, one.row.itemsize, one.row.dtype) for r, one in src_locals)
+        targets = tuple(Piece(r, one.view, one.shape, one.row.itemsize, one.row.dtype) for r, one in dst_locals)
         staging: dict[int, int] = {r: 0 for r in range(world)}
         for t in transfers:
-            src_shape = shapes_src.get((t.src_rank, t.src_name))  # None: a wrong holder, which check() reports
-            if t.cast or (not t.local and src_shape is not None and not box_is_contiguous(t.src_box, src_shape)):
+            held = src_at.get((t.src_rank, t.src_name))  # None: a wrong holder, which check() reports
+            if t.cast or (not t.local and held is not None and not box_is_contiguous(t.src_box, held.shape)):
                 staging[t.src_rank] += t.nbytes  # a copy of the box: converted to the wire dtype, or made contiguous
-            if not box_is_contiguous(t.dst_box, shapes_dst[(t.dst_rank, t.dst_name)]):
+            if not box_is_contiguous(t.dst_box, dst_at[(t.dst_rank, t.dst_name)].shape):
                 staging[t.dst_rank] += t.nbytes
         notes = (
             f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "

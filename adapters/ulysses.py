@@ -27,7 +27,8 @@ falling back when no scope is active.
 Every ``ALL_ATTENTION_FUNCTIONS`` entry a dispatcher replaces is recorded in the
 adapters' ledger (``Ledger.setitem``), which restores it on uninstall.
 deepspeed and transformers are imported only by :func:`install` and by the
-patched calls; per-state data lives here, keyed weakly, so the core stays
+patched calls; per-state data lives in each state's ``adapter_record("ulysses", ...)``
+(dropped with the state) and per-module bindings in a weak map here, so the core stays
 DeepSpeed-agnostic.
 """
 

@@ -55,7 +55,9 @@ import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
 from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, register_backend, resolve_casts, unmatched_names
-from scoped_parallel.refit.execute import agree, comm_device, confirm_part, from_each, participants, participants_group, peak_staging, run_plan
+from scoped_parallel.refit.execute import (
+    agree, comm_device, confirm_part, from_each, participants, participants_group, peak_staging, relay_groups, run_plan,
+)
 from scoped_parallel.refit.flat import FlatTensor, plan_flat_local
 
 __all__ = ["FlatBackend", "FlatPiece", "flat_pieces", "settle"]
@@ -413,6 +415,7 @@ class FlatBackend:
         if not pieces_match(plan, held, pieces(dst_rows), group=group):
             return None
         gather_groups = {tuple(dist.get_process_group_ranks(row.group)): row.group for row in src_rows if row.group is not None}
+        gather_groups.update(relay_groups(plan, src_state, dst_state))
         sent = run_plan(plan, {row.name: row.flat for row in src_rows}, {row.name: row.flat for row in dst_rows}, group=group,
                         bucket_bytes=bucket_bytes, gather_groups=gather_groups)
         if dst_model is not None:

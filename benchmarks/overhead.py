@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/overhead.py \
         [--steps 6] [--json benchmarks/overhead.json]
 
-The end-to-end ratio of ``examples/rl_ppo.py --bench`` sits inside this machine's noise.
+The end-to-end ratio of ``benchmarks/e2e.py`` sits inside this machine's noise.
 This accounting does not depend on noise:
 
 1. **step time**: the median PPO step (after the first) of ``examples/rl_ppo.py``'s
@@ -184,7 +184,7 @@ def main() -> int:
     }
     batch = rl_ppo.ROLLOUTS_PER_RANK * dist.get_world_size()
     _, stats, _ = rl_ppo.interleaved_run(states, args.steps, batch, show=False)
-    step_seconds = statistics.median(rl_ppo._steady([s.seconds for s in stats]))
+    step_seconds = statistics.median(rl_ppo.steady([s.seconds for s in stats]))
 
     counters = Counters()
     counters.install()

@@ -55,7 +55,6 @@ import torch.distributed as dist  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 HIDDEN, FFN, LAYERS, VOCAB = 256, 1024, 4, 2048
 
@@ -130,6 +129,17 @@ def allgather_resplit(src: list[Any], src_state: Any, dst: list[Any], dst_state:
     del full
 
 
+def _megatron_example() -> Any:
+    """``examples/megatron_two_models.py`` (megatron-core on the CPU: its shims and a CPU copy service)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("megatron_two_models_example", os.path.join(ROOT, "examples", "megatron_two_models.py"))
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=11)
@@ -143,13 +153,13 @@ def main() -> int:
     from megatron.core import resharding
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from _refit_megatron import cpu_copy_service, example, megatron_executor_runs
+    example = _megatron_example()
 
     rank = dist.get_rank()
     actor_state = ParallelState(name="actor", tensor_model_parallel_size=2)
     rollout_state = ParallelState(name="rollout", tensor_model_parallel_size=4)
     results: dict[str, Any] = {}
-    with example().cpu_shims(), adapters.installed(targets=("megatron",)):
+    with example.cpu_shims(), adapters.installed(targets=("megatron",)):
         actor, rollout = build(actor_state, 1), build(rollout_state, 2)
         for model, state in ((actor, actor_state), (rollout, rollout_state)):
             model[0].pg_collection = ProcessGroupCollection(
@@ -158,7 +168,7 @@ def main() -> int:
         start = time.perf_counter()
         plan = sp.plan_reshard(actor, actor_state, rollout, rollout_state)
         plan_seconds = time.perf_counter() - start
-        service = cpu_copy_service()
+        service = example.cpu_copy_service()
         sent: dict[str, dict[int, int]] = {}
 
         def ours() -> None:
@@ -190,7 +200,7 @@ def main() -> int:
         methods = {"ours": ours, "(a) all-gather + re-split": gathered, "(b) swap_model_weights direct": direct,
                    "(c) one all_to_all of the same bytes": plain,
                    "ours, 1024 KiB buckets": bucketed(1 << 20), "ours, 256 KiB buckets": bucketed(1 << 18)}
-        direct_runs = megatron_executor_runs()
+        direct_runs = example.megatron_executor_runs()
         if not direct_runs:
             del methods["(b) swap_model_weights direct"]
         outcome: dict[str, list[torch.Tensor]] = {}

@@ -14,7 +14,7 @@ goal. Sections:
                backend vs megatron-core's ``initialize_model_parallel``; ours from
                1k to 128k ranks
 4. sharing     actor/critic/reference groups created with vs without sharing
-5. end_to_end  see examples/rl_ppo.py --bench (needs several processes)
+5. end_to_end  see benchmarks/e2e.py (needs several processes)
 """
 
 from __future__ import annotations

@@ -108,6 +108,59 @@ def cpu_shims() -> Any:
         CudaRNGStatesTracker.fork, GlobalMemoryBuffer.get_tensor, torch.cuda.current_device = saved  # type: ignore[method-assign]
 
 
+def megatron_executor_runs() -> bool:
+    """Whether megatron-core's own ``execute_reshard_plan`` can run here: from 0.17 on it calls
+    ``torch.cuda.synchronize()``, so it needs a GPU whatever the copy service."""
+    from megatron.core import package_info
+
+    version = tuple(int(x) for x in package_info.__version__.split(".")[:2])
+    return version < (0, 17) or torch.cuda.is_available()
+
+
+def cpu_copy_service() -> Any:
+    """A megatron-core ``CopyService`` on torch's batched point-to-point calls (CPU, gloo), counting bytes."""
+    from megatron.core.resharding.copy_services.base import CopyService
+
+    class Service(CopyService):
+        def __init__(self) -> None:
+            self.sends: list[Any] = []
+            self.recvs: list[Any] = []
+            self.sent: dict[int, int] = {}
+
+        def submit_send(self, tensor: Any, dest_rank: int, task_id: Any = None) -> None:
+            self.sends.append((task_id, tensor, dest_rank))
+
+        def submit_recv(self, tensor: Any, src_rank: int, task_id: Any = None) -> None:
+            self.recvs.append((task_id, tensor, src_rank))
+
+        def submit_send_with_id(self, task_id: Any, tensor: Any, dest_rank: int) -> None:
+            self.submit_send(tensor, dest_rank, task_id)
+
+        def submit_recv_with_id(self, task_id: Any, tensor: Any, src_rank: int) -> None:
+            self.submit_recv(tensor, src_rank, task_id)
+
+        def run(self) -> None:
+            me = dist.get_rank()
+            local = {task: tensor for task, tensor, peer in self.sends if peer == me}
+            ops = []
+            for task, tensor, peer in self.recvs:
+                if peer == me:
+                    tensor.copy_(local[task])
+                else:
+                    ops.append(dist.P2POp(dist.irecv, tensor, peer))
+            for _, tensor, peer in self.sends:
+                if peer != me:
+                    ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+                    self.sent[peer] = self.sent.get(peer, 0) + tensor.numel() * tensor.element_size()
+            if ops:
+                for request in dist.batch_isend_irecv(ops):
+                    request.wait()
+            self.sends.clear()
+            self.recvs.clear()
+
+    return Service()
+
+
 def build_gpt(tp: int, pp: int = 1, vpp: int = 1, pg_collection: Any = None) -> list[Any]:
     """A tiny GPTModel (local spec, 2 layers per virtual stage over ``pp`` stages) as this
     rank's model chunks (one per virtual stage), weights from a fixed seed; groups from the

@@ -3,11 +3,11 @@
 Run (4 CPU ranks over gloo; NCCL, one GPU per rank, when CUDA GPUs are present)::
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 examples/rl_ppo.py
-        [--steps 20] [--verify] [--bench [--bench-json benchmarks/e2e.json]]
+        [--steps 20] [--verify]
 
 The world size must be a multiple of 4 (the reference uses SP=4). On 2 shared CPU cores
-the default run takes about 20-30 s, ``--verify`` adds under 10 s (cheap enough to be on
-by default in a demo) and ``--bench`` about 30 s (3 rounds). DeepSpeed JIT-builds a small
+the default run takes about 20-30 s and ``--verify`` adds under 10 s (cheap enough to be on
+by default in a demo). DeepSpeed JIT-builds a small
 communication extension the first time (about a minute), cached in ``$TORCH_EXTENSIONS_DIR``
 (default: ``<tmp>/scoped_parallel_torch_ext``, shared with the test suite).
 
@@ -46,20 +46,13 @@ The parallel plumbing (``sp_size``, ``dp_rows``, ``sp_gather``, ``dp_gather``,
 getters (``deepspeed.utils.groups``); run inside a model's scope, the scoped_parallel
 adapters make those getters answer with that model's groups, so the same code is right for
 all three models. The same code also runs unchanged on plain DeepSpeed with one model in
-the process, which is what ``--bench`` compares against.
+the process, which is what ``benchmarks/e2e.py`` times it against.
 
 ``--verify``: after the interleaved run, re-run the actor and the critic alone (fresh
 engines, same seeds) on exactly the inputs each received, and check that rollouts, losses
 and final parameters are bit-identical; exits non-zero if not. Alone, the actor samples
 its rollouts itself: identical rollouts mean every refit gave the copy the actor's weights
 bit for bit.
-
-``--bench``: the same models' step work timed with scopes and adapters (the interleaved
-run) and on plain DeepSpeed without adapters, one model at a time (a single model needs
-no scope; DeepSpeed's globals are reset between models), in alternating rounds; also
-checks that plain DeepSpeed reproduces the scoped results bit for bit. The ratio goes to
-``--bench-json``. On a busy 2-core machine run-to-run noise is several percent, more than
-the overhead being measured: read a single ratio with that in mind.
 """
 
 from __future__ import annotations
@@ -68,7 +61,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import os
 import statistics
@@ -90,11 +82,9 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 import deepspeed.comm  # noqa: E402
-from deepspeed.runtime.sequence_parallel import parallel_state_sp  # noqa: E402
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF  # noqa: E402
 from deepspeed.utils import groups  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from scoped_parallel import ParallelState, adapters, plan_reshard, reshard  # noqa: E402
 from scoped_parallel import shared_groups  # noqa: E402
@@ -110,7 +100,6 @@ TIMEOUT = timedelta(minutes=2)
 RESPONSE_POSITIONS = slice(PROMPT_LEN - 1, SEQ_LEN - 1)
 # DeepSpeed's ZeRO calls torch's deprecated all_gather_into_tensor: one warning per rank, noise here.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-BENCH_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "e2e.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +376,7 @@ def generate(engine: Any, step: int, batch: int) -> torch.Tensor:
 
 
 def rollout(engine: Any, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Actor alone (``--verify``, ``--bench``): sample responses itself, then old log-probs."""
+    """Actor alone (``--verify``, and ``benchmarks/e2e.py``): sample responses itself, then old log-probs."""
     tokens = generate(engine, step, batch)
     return tokens, sequence_logprobs(engine, tokens)
 
@@ -518,7 +507,7 @@ def interleaved_run(
     return batches, stats, final
 
 
-# ---------------------------------------------------------------------- alone: --verify and --bench
+# ---------------------------------------------------------------------- alone: --verify
 
 
 def replay(model: Model, batches: list[Batch]) -> dict[str, Any]:
@@ -548,12 +537,12 @@ def replay(model: Model, batches: list[Batch]) -> dict[str, Any]:
     return {"losses": losses, "outputs_identical": same, "params": parameters(model), "seconds": seconds}
 
 
-def _losses(stats: list[StepStats], name: str) -> list[float]:
+def losses_of(stats: list[StepStats], name: str) -> list[float]:
     """The losses a model reported in the interleaved run (none for the frozen reference)."""
     return [s.actor_loss if name == "actor" else s.critic_loss for s in stats] if SPECS[name].lr else []
 
 
-def _world_all(flag: bool) -> bool:
+def world_all(flag: bool) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() == 0.0
@@ -566,7 +555,7 @@ def _world_max(x: float) -> float:
 
 
 def _verdict(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, str]:
-    same = _world_all(len(a) == len(b) and all(map(torch.equal, a, b)))
+    same = world_all(len(a) == len(b) and all(map(torch.equal, a, b)))
     if same:
         return True, "identical"
     diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(a, b)), default=float("inf"))
@@ -582,10 +571,10 @@ def verify(states: dict[str, ParallelState], batches: list[Batch], stats: list[S
         model = build_model(SPECS[name], states[name])
         alone = replay(model, batches)
         free({name: model})
-        interleaved, replayed = ([torch.tensor(x) for x in run] for run in (_losses(stats, name), alone["losses"]))
+        interleaved, replayed = ([torch.tensor(x) for x in run] for run in (losses_of(stats, name), alone["losses"]))
         loss_ok, loss_text = _verdict(interleaved, replayed)
         param_ok, param_text = _verdict(final[name], alone["params"])
-        out_ok = _world_all(alone["outputs_identical"])
+        out_ok = world_all(alone["outputs_identical"])
         ok = ok and loss_ok and param_ok and out_ok
         scored = "rollouts + log-probs" if name == "actor" else "values"
         lines.append(f"  {name:<7} losses {loss_text}; final parameters {param_text}; "
@@ -595,101 +584,9 @@ def verify(states: dict[str, ParallelState], batches: list[Batch], stats: list[S
     return ok
 
 
-@contextlib.contextmanager
-def plain_deepspeed() -> Any:
-    """One model on plain DeepSpeed; afterwards, reset the process-wide state it set.
-
-    DeepSpeed keeps one layout per process: register_with_transformers initializes
-    parallel_state_sp (a second call asserts) and replaces ALL_ATTENTION_FUNCTIONS["sdpa"]
-    for every model, and deepspeed.initialize sets groups.mpu. The baseline therefore runs
-    one model at a time and puts these back in between (the groups live until the end).
-    """
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    try:
-        yield
-    finally:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
-        parallel_state_sp._release_sequence_parallel_groups()
-        groups.mpu = None
-
-
-def _steady(seconds: list[float]) -> list[float]:
+def steady(seconds: list[float]) -> list[float]:
     """Seconds of the steps after the first (warm-up) one, or of the only step."""
     return seconds[1:] or seconds
-
-
-def plain_run(batches: list[Batch], stats: list[StepStats]) -> dict[str, tuple[list[float], bool]]:
-    """Each model alone on plain DeepSpeed (adapters uninstalled): its seconds per step, and
-    whether it reproduced the interleaved run's outputs and losses bit for bit."""
-    out = {}
-    for name, spec in SPECS.items():
-        with plain_deepspeed():
-            model = build_model(spec, None)
-            alone = replay(model, batches)
-            free({name: model})
-        out[name] = (alone["seconds"], alone["outputs_identical"] and alone["losses"] == _losses(stats, name))
-    return out
-
-
-def bench(states: dict[str, ParallelState], batches: list[Batch], stats: list[StepStats],
-          rounds: int, path: str, show: bool) -> None:
-    """Model time per step: scopes + adapters (interleaved) vs plain DeepSpeed (one model at a time).
-
-    Rounds alternate the two (the interleaved training run is the first scoped round), so a
-    busy shared machine slows both alike; each model's fastest step after the first of each
-    round is compared (the least disturbed), medians are reported too. Rank 0's clock: the
-    collectives inside every call keep the ranks in step.
-    """
-    scoped: dict[str, list[float]] = {name: [] for name in SPECS}
-    plain: dict[str, list[float]] = {name: [] for name in SPECS}
-    same = dict.fromkeys(SPECS, True)
-    for round_ in range(rounds):
-        if round_:
-            adapters.install()
-            _, stats, _ = interleaved_run(states, len(batches), len(batches[0].tokens), show=False)
-        adapters.uninstall()
-        for name, (seconds, identical) in plain_run(batches, stats).items():
-            # alone, the actor samples itself; interleaved, its rollout copy does (refit + sampling)
-            scoped[name] += _steady([s.model_seconds[name] + (s.model_seconds["rollout"] if name == "actor" else 0.0) for s in stats])
-            plain[name] += _steady(seconds)
-            same[name] = same[name] and _world_all(identical)
-    runs = {"scoped": scoped, "plain": plain}
-    fastest = {kind: sum(map(min, per_model.values())) for kind, per_model in runs.items()}
-    median = {kind: sum(map(statistics.median, per_model.values())) for kind, per_model in runs.items()}
-    ratio = fastest["scoped"] / fastest["plain"]
-    result = {
-        "what": "seconds per PPO step in each model's calls, scoped + adapters (interleaved) vs plain "
-                "DeepSpeed (alone); fastest and median over steps 2..N of every round",
-        "steps": len(batches),
-        "rounds": rounds,
-        "world_size": dist.get_world_size(),
-        "backend": str(dist.get_backend()),
-        "device": str(device()),
-        "scoped": {name: {"fastest": min(x), "median": statistics.median(x)} for name, x in scoped.items()},
-        "plain": {name: {"fastest": min(x), "median": statistics.median(x)} for name, x in plain.items()},
-        "fastest_total": fastest,
-        "median_total": median,
-        "ratio": ratio,
-        "ratio_of_medians": median["scoped"] / median["plain"],
-        "overhead_percent": 100 * (ratio - 1),
-        "goal_percent": 2.0,
-        "plain_reproduces_scoped_bit_for_bit": same,
-    }
-    if show:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
-        print(f"bench: ms per step in each model's calls, fastest (median) of {rounds} rounds x steps 2..N\n"
-              "            scoped + adapters, interleaved   plain DeepSpeed, one model alone")
-        for name in SPECS:
-            print(f"  {name:<9} {min(scoped[name]) * 1e3:9.1f} ({statistics.median(scoped[name]) * 1e3:7.1f})"
-                  f"          {min(plain[name]) * 1e3:9.1f} ({statistics.median(plain[name]) * 1e3:7.1f})"
-                  f"       {'bit-identical results' if same[name] else 'DIFFERENT results'}")
-        print(f"  total     {fastest['scoped'] * 1e3:9.1f} ({median['scoped'] * 1e3:7.1f})"
-              f"          {fastest['plain'] * 1e3:9.1f} ({median['plain'] * 1e3:7.1f})\n"
-              f"  ratio {ratio:.4f} ({100 * (ratio - 1):+.2f}%, goal <= +2%; medians: "
-              f"{median['scoped'] / median['plain']:.4f}) -> {path}", flush=True)
 
 
 # ---------------------------------------------------------------------- output (rank 0)
@@ -730,7 +627,7 @@ def summary_table(stats: list[StepStats]) -> str:
     first, last = stats[0], stats[-1]
     lines.append(f"reward {first.reward:.3f} -> {last.reward:.3f}; actor loss {first.actor_loss:+.4f} -> "
                  f"{last.actor_loss:+.4f}; critic loss {first.critic_loss:.4f} -> {last.critic_loss:.4f}; "
-                 f"{statistics.median(_steady([s.seconds for s in stats])):.2f} s/step (median, after the first)")
+                 f"{statistics.median(steady([s.seconds for s in stats])):.2f} s/step (median, after the first)")
     return "\n".join(lines)
 
 
@@ -741,12 +638,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="PPO steps (default 20)")
     parser.add_argument("--verify", action="store_true", help="check each model alone is bit-identical")
-    parser.add_argument("--bench", action="store_true", help="time scoped vs plain DeepSpeed")
-    parser.add_argument("--bench-rounds", type=int, default=3, help="alternating rounds of --bench (default 3)")
-    parser.add_argument("--bench-json", default=BENCH_JSON, help="where --bench writes its result")
     args = parser.parse_args()
-    if args.steps < 1 or args.bench_rounds < 1:
-        parser.error("--steps and --bench-rounds must be at least 1")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     if int(os.environ.get("WORLD_SIZE", "1")) % 4:
         parser.error("launch with torchrun and a multiple of 4 ranks (the reference uses SP=4), "
                      "e.g. torchrun --standalone --nproc-per-node 4 examples/rl_ppo.py")
@@ -778,8 +672,6 @@ def main() -> int:
     if show:
         print(summary_table(stats), flush=True)
     ok = verify(states, batches, stats, final, show) if args.verify else True
-    if args.bench:
-        bench(states, batches, stats, args.bench_rounds, args.bench_json, show)
     for state in states.values():
         state.destroy()
     dist.destroy_process_group()

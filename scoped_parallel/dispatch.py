@@ -205,7 +205,8 @@ def dispatching(
 # one C call (``ContextVar.get``), two tests and one Python call more than the original.
 # The generated source is ours and says so: it is compiled under a file name of its own,
 # ``<scoped_parallel.dispatch:N what>``, registered in ``linecache`` (tracebacks, ``inspect``
-# and profilers show the generated lines), and its frames run in this module's globals.
+# and profilers show the generated lines), and its frames run in a namespace of their own whose
+# ``__name__`` is this module's (every name they use is passed in to the factory).
 
 _CO_NOT_PLAIN = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_VARARGS \
     | inspect.CO_VARKEYWORDS

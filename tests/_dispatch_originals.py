@@ -1,4 +1,4 @@
-"""Originals for tests/test_dispatch_exact.py, in a module pytest does not rewrite (plain functions
+"""Originals for tests/scope/test_dispatch_exact.py, in a module pytest does not rewrite (plain functions
 whose failures are their own ``assert`` statements)."""
 
 GLOBAL = {"value": None}

@@ -16,7 +16,7 @@ a partner model in a state of another layout. Every cell ends in exactly one of:
     the vanilla engine itself fails for this cell on this machine (the error is
     recorded in ``expect``); nothing of ours is claimed.
 
-``docs/matrix.rst`` is rendered from :data:`CELLS` (``tests/test_matrix_catalogue.py``
+``docs/matrix.rst`` is rendered from :data:`CELLS` (``tests/matrix/test_matrix_catalogue.py``
 keeps the two equal) and every cell names the test that shows its status.
 """
 
@@ -71,10 +71,10 @@ def _sizes(layout: Mapping[str, int]) -> str:
 
 DS = "DeepSpeed"
 MEG = "megatron-core"
-DS_TESTS = "tests/test_matrix_deepspeed.py"
-EXPERTS_TESTS = "tests/test_adapter_deepspeed_experts.py"
-PIPELINE_TESTS = "tests/test_adapter_deepspeed_pipeline.py"
-MEG_TESTS = "tests/test_matrix_megatron.py"
+DS_TESTS = "tests/matrix/test_matrix_deepspeed.py"
+EXPERTS_TESTS = "tests/adapters/deepspeed/test_adapter_deepspeed_experts.py"
+PIPELINE_TESTS = "tests/adapters/deepspeed/test_adapter_deepspeed_pipeline.py"
+MEG_TESTS = "tests/matrix/test_matrix_megatron.py"
 TP2: dict[str, int] = {"tensor_model_parallel_size": 2}
 DP4: dict[str, int] = {}
 
@@ -98,13 +98,13 @@ def _deepspeed_cells() -> list[Cell]:
         Cell(DS, "ZeRO++ qgZ, ZeRO-3", DP4, TP2, VANILLA_FAILS, f"{DS_TESTS}::test_precision_and_zeropp_cells",
              {"kind": "mlp", "stage": 3, "zero": {"zero_quantized_gradients": True}},
              expect=("ValueError", "not been implemented on CPU"), note="the quantized gradient reduction has no CPU kernel; the groups are "
-             "proven per state in tests/test_adapter_deepspeed_zeropp.py"),
+             "proven per state in tests/adapters/deepspeed/test_adapter_deepspeed_zeropp.py"),
         Cell(DS, "ZeRO++ qwZ, ZeRO-3", DP4, TP2, VANILLA_FAILS, f"{DS_TESTS}::test_precision_and_zeropp_cells",
              {"kind": "mlp", "stage": 3, "zero": {"zero_quantized_weights": True}},
              expect=("ValueError", "not been implemented on CPU"), note="the weight quantizer has no CPU kernel"),
         Cell(DS, "Ulysses SP=2 (engine sequence_parallel_size), ZeRO-1", {"sequence_parallel_size": 2}, TP2, PROVEN,
              f"{DS_TESTS}::test_sequence_and_refused_cells", {"kind": "mlp", "stage": 1, "sp": 2},
-             note="the engine's SP x DP groups; the attention itself: tests/test_adapter_ulysses.py"),
+             note="the engine's SP x DP groups; the attention itself: tests/adapters/test_adapter_ulysses.py"),
         Cell(DS, "Ulysses SP=2 (engine sequence_parallel_size), ZeRO-3", {"sequence_parallel_size": 2}, TP2, PROVEN,
              f"{DS_TESTS}::test_sequence_and_refused_cells", {"kind": "mlp", "stage": 3, "sp": 2}),
         Cell(DS, "AutoTP autotp_size=2, ZeRO-1", TP2, DP4, PROVEN, f"{DS_TESTS}::test_autotp_and_moe_cells",
@@ -180,7 +180,7 @@ def _megatron_cells() -> list[Cell]:
              expect=("AssertionError", "Context parallelism is only supported by TEDotProductAttention"),
              note="megatron-core's local attention has no context parallelism (Transformer Engine's has; "
              "it needs CUDA); the state's CP groups are proven against megatron-core's in "
-             "tests/test_megatron_oracle.py"),
+             "tests/getters/test_megatron_oracle.py"),
     ]
     return cells
 
@@ -261,7 +261,7 @@ def check_cell(name: str, per_rank: list[Mapping[str, Any]]) -> None:
 def render_rst() -> str:
     """The docs page ``docs/matrix.rst`` (kept equal to this by a test)."""
     lines = [
-        ".. This page is generated from tests/_matrix.py (CELLS); tests/test_matrix_catalogue.py",
+        ".. This page is generated from tests/_matrix.py (CELLS); tests/matrix/test_matrix_catalogue.py",
         "   fails when the two differ. Regenerate: python tests/_matrix.py > docs/matrix.rst",
         "",
         "Engine x dimension matrix",

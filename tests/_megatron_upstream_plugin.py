@@ -1,7 +1,7 @@
 """A pytest plugin that runs megatron-core's own parallel-state tests inside a scope.
 
 Loaded (``-p _megatron_upstream_plugin``) by each of the 8 rank processes that
-``tests/test_megatron_upstream.py`` starts on Megatron-LM's
+``tests/adapters/megatron/test_megatron_upstream.py`` starts on Megatron-LM's
 ``tests/unit_tests/test_parallel_state.py`` (a checkout named by ``MEGATRON_LM``;
 nothing of it is copied here). Before the tests are collected it joins a gloo world on
 127.0.0.1 and installs the megatron adapter; then it replaces three methods of

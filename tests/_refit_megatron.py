@@ -136,58 +136,6 @@ def logits(chunks: list[Any]) -> torch.Tensor:
     return next(x for x in everyone if x is not None)
 
 
-def megatron_executor_runs() -> bool:
-    """Whether megatron-core's own ``execute_reshard_plan`` can run here: from 0.17 on it calls
-    ``torch.cuda.synchronize()``, so it needs a GPU whatever the copy service."""
-    from scoped_parallel.adapters.megatron_reshard import _megatron_version
-
-    return _megatron_version() < (0, 17) or torch.cuda.is_available()
-
-
-def cpu_copy_service() -> Any:
-    """A megatron-core ``CopyService`` on torch's batched point-to-point calls (CPU, gloo), counting bytes."""
-    from megatron.core.resharding.copy_services.base import CopyService
-
-    class Service(CopyService):
-        def __init__(self) -> None:
-            self.sends: list[Any] = []
-            self.recvs: list[Any] = []
-            self.sent: dict[int, int] = {}
-
-        def submit_send(self, tensor: Any, dest_rank: int, task_id: Any = None) -> None:
-            self.sends.append((task_id, tensor, dest_rank))
-
-        def submit_recv(self, tensor: Any, src_rank: int, task_id: Any = None) -> None:
-            self.recvs.append((task_id, tensor, src_rank))
-
-        def submit_send_with_id(self, task_id: Any, tensor: Any, dest_rank: int) -> None:
-            self.submit_send(tensor, dest_rank, task_id)
-
-        def submit_recv_with_id(self, task_id: Any, tensor: Any, src_rank: int) -> None:
-            self.submit_recv(tensor, src_rank, task_id)
-
-        def run(self) -> None:
-            me = dist.get_rank()
-            local = {task: tensor for task, tensor, peer in self.sends if peer == me}
-            ops = []
-            for task, tensor, peer in self.recvs:
-                if peer == me:
-                    tensor.copy_(local[task])
-                else:
-                    ops.append(dist.P2POp(dist.irecv, tensor, peer))
-            for _, tensor, peer in self.sends:
-                if peer != me:
-                    ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
-                    self.sent[peer] = self.sent.get(peer, 0) + tensor.numel() * tensor.element_size()
-            if ops:
-                for request in dist.batch_isend_irecv(ops):
-                    request.wait()
-            self.sends.clear()
-            self.recvs.clear()
-
-    return Service()
-
-
 def _state(name: str, layout: dict[str, int]) -> Any:
     from scoped_parallel import ParallelState
 
@@ -304,7 +252,7 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                 finally:
                     megatron_reshard._stand_in = fixed
             if sabotage == "service":
-                service = cpu_copy_service()
+                service = ex.cpu_copy_service()
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service, **backend)
                 out["sent"] = dict(sorted(service.sent.items()))
                 out["refit sent"] = done.sent  # {} by contract: the bytes are the service's to count
@@ -436,3 +384,8 @@ def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[s
                 for state in states:
                     state.destroy()
     return out
+
+
+def megatron_executor_runs() -> bool:
+    """Whether megatron-core's own executor runs here (the example's check)."""
+    return bool(example().megatron_executor_runs())

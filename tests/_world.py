@@ -180,7 +180,7 @@ def new_groups_destroyed() -> Iterator[None]:
     groups without destroying them, and DeepSpeed keeps the expert and AutoTP groups it
     creates; each gloo group keeps its threads and sockets, so a world that ran a dozen
     vanilla layouts slowed every later test of the session about fivefold (measured: 21 s
-    -> 141 s for tests/test_megatron_gpt.py after the Megatron matrix).
+    -> 141 s for tests/adapters/megatron/test_megatron_gpt.py after the Megatron matrix).
     Destroying a group is local (no collective), so ranks need not agree on the moment.
     """
     import torch.distributed as dist

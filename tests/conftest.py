@@ -9,9 +9,7 @@ import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _world import World  # noqa: E402
+from _world import World  # the helpers are importable: pyproject's pytest `pythonpath = ["tests"]`
 
 pytest_plugins = ["scoped_parallel.testing"]
 

@@ -52,6 +52,24 @@ def impl(
     return register
 
 
+def forward(table: dict[str, Callable[..., Any]], answers: dict[str, str]) -> None:
+    """Register, for each upstream name in ``answers``, the state's getter named there as its
+    in-scope implementation (a DeepSpeed getter that means exactly a state getter: one row
+    of data each, not one hand-written function each)."""
+    for name, method in answers.items():
+        table[name] = _forwarder(method)
+
+
+@functools.lru_cache(maxsize=None)
+def _forwarder(method: str) -> Callable[[Any], Any]:
+    def answer(state: Any) -> Any:
+        return getattr(state, method)()
+
+    answer.__name__ = answer.__qualname__ = method  # tracebacks and profilers name the state getter
+    answer.__doc__ = f"The active state's ``{method}()``."
+    return answer
+
+
 @functools.lru_cache(maxsize=None)
 def state_class() -> type:
     from scoped_parallel.state import ParallelState

@@ -19,43 +19,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, impl
+from scoped_parallel.adapters.deepspeed._shared import GROUPS_IMPL, forward, impl
 from scoped_parallel.errors import LayoutError, describe_state
 
 
-@impl(GROUPS_IMPL, "get_tensor_model_parallel_group", "get_model_parallel_group")
-def tp_group(state: Any) -> Any:
-    return state.get_tensor_model_parallel_group()
-
-
-@impl(GROUPS_IMPL, "get_data_parallel_group")
-def public_dp_group(state: Any) -> Any:
-    return state.get_data_parallel_group()
-
-
-@impl(GROUPS_IMPL, "get_tensor_model_parallel_world_size", "get_model_parallel_world_size")
-def tp_world_size(state: Any) -> int:
-    return state.get_tensor_model_parallel_world_size()  # type: ignore[no-any-return]
-
-
-@impl(GROUPS_IMPL, "get_tensor_model_parallel_rank", "get_model_parallel_rank")
-def tp_rank(state: Any) -> int:
-    return state.get_tensor_model_parallel_rank()  # type: ignore[no-any-return]
-
-
-@impl(GROUPS_IMPL, "get_tensor_model_parallel_src_rank")
-def tp_src_rank(state: Any) -> int:
-    return state.get_tensor_model_parallel_src_rank()  # type: ignore[no-any-return]
-
-
-@impl(GROUPS_IMPL, "get_data_parallel_world_size")
-def public_dp_world_size(state: Any) -> int:
-    return state.get_data_parallel_world_size()  # type: ignore[no-any-return]
-
-
-@impl(GROUPS_IMPL, "get_data_parallel_rank")
-def public_dp_rank(state: Any) -> int:
-    return state.get_data_parallel_rank()  # type: ignore[no-any-return]
+# DeepSpeed's AutoTP getters that are the state's: as in DeepSpeed, "model parallel" is the TP group
+forward(GROUPS_IMPL, {
+    "get_tensor_model_parallel_group": "get_tensor_model_parallel_group",
+    "get_model_parallel_group": "get_tensor_model_parallel_group",
+    "get_tensor_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+    "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+    "get_tensor_model_parallel_rank": "get_tensor_model_parallel_rank",
+    "get_model_parallel_rank": "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_src_rank": "get_tensor_model_parallel_src_rank",
+    "get_data_parallel_group": "get_data_parallel_group",
+    "get_data_parallel_world_size": "get_data_parallel_world_size",
+    "get_data_parallel_rank": "get_data_parallel_rank",
+})
 
 
 @impl(GROUPS_IMPL, "set_tensor_model_parallel_world_size")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from scoped_parallel.adapters.deepspeed._records import record_of
-from scoped_parallel.adapters.deepspeed._shared import SP_IMPL, impl
+from scoped_parallel.adapters.deepspeed._shared import SP_IMPL, forward, impl
 from scoped_parallel.errors import LayoutError, describe_state
 
 
@@ -36,31 +36,15 @@ def initialize(state: Any, sequence_parallel_size: int) -> None:
     record_of(state).sp_size = sequence_parallel_size
 
 
-@impl(SP_IMPL, "get_sequence_parallel_group", "get_model_parallel_group")
-def group(state: Any) -> Any:
-    return state.get_sequence_parallel_group()
-
-
-@impl(SP_IMPL, "get_sequence_parallel_world_size", "get_model_parallel_world_size")
-def world_size(state: Any) -> int:
-    return state.get_sequence_parallel_world_size()  # type: ignore[no-any-return]
-
-
-@impl(SP_IMPL, "get_sequence_parallel_rank", "get_model_parallel_rank")
-def rank(state: Any) -> int:
-    return state.get_sequence_parallel_rank()  # type: ignore[no-any-return]
-
-
-@impl(SP_IMPL, "get_sequence_data_parallel_group")
-def sdp_group(state: Any) -> Any:
-    return state.get_sequence_data_parallel_group()
-
-
-@impl(SP_IMPL, "get_sequence_data_parallel_world_size")
-def sdp_world_size(state: Any) -> int:
-    return state.get_sequence_data_parallel_world_size()  # type: ignore[no-any-return]
-
-
-@impl(SP_IMPL, "get_sequence_data_parallel_rank")
-def sdp_rank(state: Any) -> int:
-    return state.get_sequence_data_parallel_rank()  # type: ignore[no-any-return]
+# its getters and their get_model_parallel_* aliases are the state's sp and sp-dp getters
+forward(SP_IMPL, {
+    "get_sequence_parallel_group": "get_sequence_parallel_group",
+    "get_model_parallel_group": "get_sequence_parallel_group",
+    "get_sequence_parallel_world_size": "get_sequence_parallel_world_size",
+    "get_model_parallel_world_size": "get_sequence_parallel_world_size",
+    "get_sequence_parallel_rank": "get_sequence_parallel_rank",
+    "get_model_parallel_rank": "get_sequence_parallel_rank",
+    "get_sequence_data_parallel_group": "get_sequence_data_parallel_group",
+    "get_sequence_data_parallel_world_size": "get_sequence_data_parallel_world_size",
+    "get_sequence_data_parallel_rank": "get_sequence_data_parallel_rank",
+})

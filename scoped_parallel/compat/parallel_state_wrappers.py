@@ -14,7 +14,7 @@ Code written against the PR's module switches by changing one import line::
 
 Same names, signatures, return types and exception types as the PR: DeepSpeed PR #7726's
 own test file passes against this module unmodified, with and without
-:func:`scoped_parallel.adapters.install` (``tests/test_deepspeed_pr7726.py``).
+:func:`scoped_parallel.adapters.install` (``tests/compat/test_deepspeed_pr7726.py``).
 ``get_parallel_state_instance(name)`` returns a :class:`ParallelState` (this module's,
 the PR's shape: ``initialize_model_parallel`` then the getters; ``deepspeed.initialize``
 keeps it as ``engine.mpu``); ``get_model_parallel_world_size``/``_rank`` are the
@@ -365,45 +365,23 @@ def _get_local_all_to_all_group(name: str | None = None) -> dict[str, Any]:
 
 _WRAPPERS = __name__
 _NAME = inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
-_DP = ("with_context_parallel", "partial_data_parallel")
-_EDP = ("partial_expert_data_parallel",)
-#: the PR's getter -> its flags (the PR's signature after ``name``)
-_PR_GETTERS: dict[str, tuple[str, ...]] = {
-    "get_tensor_model_parallel_group": (),
-    "get_tensor_model_parallel_world_size": (),
-    "get_tensor_model_parallel_rank": (),
-    "get_tensor_model_parallel_src_rank": (),
-    "get_model_parallel_group": (),
-    "get_model_parallel_world_size": (),
-    "get_model_parallel_rank": (),
-    "get_data_parallel_group": _DP,
-    "get_data_parallel_world_size": _DP,
-    "get_data_parallel_rank": _DP,
-    "get_pipeline_model_parallel_group": (),
-    "get_pipeline_model_parallel_world_size": (),
-    "get_pipeline_model_parallel_rank": (),
-    "get_context_parallel_group": (),
-    "get_context_parallel_world_size": (),
-    "get_context_parallel_rank": (),
-    "get_sequence_parallel_group": (),
-    "get_sequence_parallel_world_size": (),
-    "get_sequence_parallel_rank": (),
-    "get_sequence_data_parallel_group": (),
-    "get_sequence_data_parallel_world_size": (),
-    "get_sequence_data_parallel_rank": (),
-    "get_expert_model_parallel_group": (),
-    "get_expert_model_parallel_world_size": (),
-    "get_expert_model_parallel_rank": (),
-    "get_expert_tensor_parallel_group": (),
-    "get_expert_tensor_parallel_world_size": (),
-    "get_expert_tensor_parallel_rank": (),
-    "get_expert_data_parallel_group": _EDP,
-    "get_expert_data_parallel_world_size": _EDP,
-    "get_expert_data_parallel_rank": _EDP,
-    "get_embedding_group": (),
-    "get_tensor_and_data_parallel_group": ("with_context_parallel",),
-    "get_tensor_and_context_parallel_group": (),
-}
+#: the flags the PR's getters take; which of them a getter takes is the getter table's ``keywords``
+_PR_FLAGS = ("with_context_parallel", "partial_data_parallel", "partial_expert_data_parallel")
+#: the PR's getters (its signature: ``name`` first, then the flags its table row lists)
+_PR_GETTERS: tuple[str, ...] = (
+    "get_tensor_model_parallel_group", "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_src_rank",
+    "get_model_parallel_group", "get_model_parallel_world_size", "get_model_parallel_rank",
+    "get_data_parallel_group", "get_data_parallel_world_size", "get_data_parallel_rank",
+    "get_pipeline_model_parallel_group", "get_pipeline_model_parallel_world_size", "get_pipeline_model_parallel_rank",
+    "get_context_parallel_group", "get_context_parallel_world_size", "get_context_parallel_rank",
+    "get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
+    "get_sequence_data_parallel_group", "get_sequence_data_parallel_world_size", "get_sequence_data_parallel_rank",
+    "get_expert_model_parallel_group", "get_expert_model_parallel_world_size", "get_expert_model_parallel_rank",
+    "get_expert_tensor_parallel_group", "get_expert_tensor_parallel_world_size", "get_expert_tensor_parallel_rank",
+    "get_expert_data_parallel_group", "get_expert_data_parallel_world_size", "get_expert_data_parallel_rank",
+    "get_embedding_group", "get_tensor_and_data_parallel_group", "get_tensor_and_context_parallel_group",
+)
 #: the PR's model-parallel size and rank are the tensor-parallel ones
 _ANSWERED_BY = {
     "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
@@ -415,10 +393,11 @@ def _flag(flag: str) -> inspect.Parameter:
     return inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False)
 
 
-def _getter(public: str, flags: tuple[str, ...]) -> Callable[..., Any]:
+def _getter(public: str) -> Callable[..., Any]:
     method = _ANSWERED_BY.get(public, public)
     if method not in _TABLE:
         raise TypeError(f"compat getter {public!r} answers with {method!r}, which the getter table lacks")
+    flags = tuple(k for k in _TABLE[method].keywords if k in _PR_FLAGS)
 
     def getter(name: str | None = None, *args: Any, **kwargs: Any) -> Any:
         bound = dict(zip(flags, args))
@@ -436,7 +415,7 @@ def _getter(public: str, flags: tuple[str, ...]) -> Callable[..., Any]:
     return getter
 
 
-GETTERS: dict[str, Callable[..., Any]] = {public: _getter(public, flags) for public, flags in _PR_GETTERS.items()}
+GETTERS: dict[str, Callable[..., Any]] = {public: _getter(public) for public in _PR_GETTERS}
 globals().update(GETTERS)
 __all__ += sorted(GETTERS)
 

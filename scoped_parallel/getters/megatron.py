@@ -10,7 +10,7 @@ through the state's primitives ``_kind_group``, ``_kind_ranks``, ``_kind_size``,
 
 Optional groups answer what megatron-core's getter of the same name answers after
 ``initialize_model_parallel`` with the same options (checked against megatron-core by
-``tests/test_megatron_oracle.py``): a group the state's options did not ask for is
+``tests/getters/test_megatron_oracle.py``): a group the state's options did not ask for is
 ``None`` with ``check_initialized=False`` (Megatron's answer), or the group Megatron
 uses in its place (the dp-cp group as the "partial" group with one
 distributed-optimizer instance); asked for with ``check_initialized=True``, where

@@ -11,7 +11,9 @@ groups, composite answers). Everything else derives from this table:
 * the Megatron adapter's patch list (``family == "megatron"``) and its setters
   (:data:`SETTERS`); a row's ``override`` is the key a setter writes, which the
   state's method answers first (Megatron's ``_MPU_*`` globals, per state);
-* the getters of ``scoped_parallel.compat.parallel_state_wrappers`` (``keywords``);
+* the getters of ``scoped_parallel.compat.parallel_state_wrappers``: which state method
+  answers and which flags each takes (``keywords``: the variant keywords a getter takes,
+  which the compat getters offer where the PR did);
 * the tests that compare every row with megatron-core.
 
 Adding a getter that a new megatron-core minor brings is one row (plus a method
@@ -68,8 +70,6 @@ class Getter(NamedTuple):
     family: str = "megatron"
     #: the key a Megatron ``set_*`` setter writes; inside a scope its value answers first
     override: str | None = None
-    #: honours the virtual pipeline stage (``ignore_virtual``/``vp_stage``) of the side state
-    virtual: bool = False
     #: the first megatron-core minor that has the name ("": every supported minor up to ``until``)
     since: str = ""
     #: the last megatron-core minor that has the name ("": every minor from ``since`` on)
@@ -100,8 +100,8 @@ GETTERS: dict[str, Getter] = {
     "get_pipeline_model_parallel_last_rank": Getter("pp", LAST),
     "get_pipeline_model_parallel_next_rank": Getter("pp", METHOD),
     "get_pipeline_model_parallel_prev_rank": Getter("pp", METHOD),
-    "is_pipeline_first_stage": Getter("pp", METHOD, virtual=True, keywords=_VIRTUAL),
-    "is_pipeline_last_stage": Getter("pp", METHOD, virtual=True, keywords=_VIRTUAL),
+    "is_pipeline_first_stage": Getter("pp", METHOD, keywords=_VIRTUAL),
+    "is_pipeline_last_stage": Getter("pp", METHOD, keywords=_VIRTUAL),
     "get_model_parallel_group": Getter("tp-pp", GROUP),
     "get_model_parallel_world_size": Getter("tp-pp", SIZE, family="state"),
     "get_model_parallel_rank": Getter("tp-pp", RANK, family="state"),
@@ -146,7 +146,7 @@ GETTERS: dict[str, Getter] = {
     "get_expert_data_parallel_rank": Getter("edp", METHOD, keywords=_EDP),
     "get_data_modulo_expert_parallel_group": Getter("edp", METHOD, until="0.16", keywords=_EDP),
     # embeddings
-    "is_rank_in_embedding_group": Getter("embd", METHOD, virtual=True, keywords=_VIRTUAL),
+    "is_rank_in_embedding_group": Getter("embd", METHOD, keywords=_VIRTUAL),
     "is_rank_in_position_embedding_group": Getter("pos-embd", METHOD),
     "get_embedding_group": Getter("embd", METHOD),
     "get_position_embedding_group": Getter("pos-embd", METHOD),

@@ -7,7 +7,7 @@ Each rank creates only the groups it belongs to. torch's public
 group after a hash of its ranks *and of how many groups the calling process has
 registered*; ranks that belong to different numbers of groups (an actor on
 ranks 0-3 and a reference on 0-7, say) then compute different names for the
-same group and wait for each other forever (``tests/test_state_world.py`` shows
+same group and wait for each other forever (``tests/state/test_state_world.py`` shows
 the names diverge). So groups are named here from what every member agrees on
 (the group's ranks and backend, and the ``tag`` of the state construction that
 creates it, which the state's agreement check has compared between peers) and

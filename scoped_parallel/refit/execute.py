@@ -33,7 +33,7 @@ from scoped_parallel.errors import ReshardError
 from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, Transfer, box_is_contiguous, box_slices
 from scoped_parallel.refit.tiled import pairing_holds
 
-__all__ = ["agree", "comm_device", "confirm_part", "from_each", "participants", "participants_group", "peak_staging", "run_plan"]
+__all__ = ["agree", "comm_device", "confirm_part", "from_each", "participants", "participants_group", "peak_staging", "relay_groups", "run_plan"]
 
 
 def comm_device(group: object = None) -> torch.device:
@@ -99,8 +99,8 @@ def _run_gathers(gathers: list[Gather], rank: int, sources: Mapping[str, torch.T
     tensors. Peak extra memory: the send buffer and the gathered one (about the bucket)."""
     batches: dict[tuple[tuple[int, ...], str], list[Gather]] = {}
     for g in gathers:
-        batches.setdefault((g.group, g.dtype), []).append(g)
-    for (members, dtype_name), batch in sorted(batches.items()):
+        batches.setdefault((g.group, g.dtype, g.relay), []).append(g)
+    for (members, dtype_name, _), batch in sorted(batches.items()):
         group = groups[members]
         device = comm_device(group)
         index = members.index(rank)
@@ -110,7 +110,9 @@ def _run_gathers(gathers: list[Gather], rank: int, sources: Mapping[str, torch.T
         offset = 0
         for g in batch:
             start, stop = g.span(index)
-            mine[offset: offset + stop - start].copy_(sources[g.name].view(-1)[: stop - start])
+            # a relay's member contributes what it received into its destination (already converted)
+            held = targets[g.name].view(-1)[start:stop] if g.relay else sources[g.name].view(-1)[: stop - start]
+            mine[offset: offset + stop - start].copy_(held)
             offset += g.part
         gathered = torch.empty(width * len(members), dtype=dtype, device=device)
         dist.all_gather_into_tensor(gathered, mine, group=group)
@@ -158,8 +160,9 @@ def run_plan(
         gathers.setdefault(tensor_bucket.get(g.name, 0), []).append(g)
     with torch.no_grad():
         for bucket in sorted({bucket_of[i] for i, _ in mine} | set(gathers)):
-            if bucket in gathers:
-                _run_gathers(gathers[bucket], rank, sources, targets, gather_groups or {}, sent)
+            first = [g for g in gathers.get(bucket, []) if not g.relay]
+            if first:
+                _run_gathers(first, rank, sources, targets, gather_groups or {}, sent)
             ops: list[dist.P2POp] = []
             writebacks: list[tuple[torch.Tensor, torch.Tensor]] = []
             # one order at both ends of every pair (the two ends of a per-rank plan list a pair's
@@ -187,6 +190,9 @@ def run_plan(
                     request.wait()
             for view, buffer in writebacks:
                 view.copy_(buffer)
+            relayed = [g for g in gathers.get(bucket, []) if g.relay]
+            if relayed:  # after the bucket's receives: each member passes on what it received
+                _run_gathers(relayed, rank, sources, targets, gather_groups or {}, sent)
     return sent
 
 
@@ -246,21 +252,35 @@ def participants_group(src_state: object, dst_state: object, ranks: tuple[int, .
     released with the first of them destroyed."""
     if len(ranks) == dist.get_world_size():
         return None
+    return _held_group(src_state, dst_state, ranks, "refit")
+
+
+def relay_groups(part: ReshardPlan, src_state: object, dst_state: object) -> dict[tuple[int, ...], object]:
+    """The process groups of the relays this rank's part takes part in (``Gather.relay``: replicas
+    on ranks outside the source that all-gather what each received), by their ranks: made
+    member-only, in ascending order of their ranks on every member (so no two members wait
+    on each other), held by both states like the participants' group."""
+    wanted = sorted({g.group for g in part.gathers if g.relay})
+    return {ranks: _held_group(src_state, dst_state, ranks, "refit relay") for ranks in wanted}
+
+
+def _held_group(src_state: object, dst_state: object, ranks: tuple[int, ...], what: str) -> object:
+    """The group over ``ranks`` both states hold for refits (made once, member-only)."""
     from scoped_parallel.groups import create
 
     held = [s.adapter_record("refit-participants", _ParticipantGroups) for s in (src_state, dst_state)]  # type: ignore[attr-defined]
     if all(ranks in h.groups for h in held):
         return held[0].groups[ranks]
-    # the how-manyth group over these ranks this process makes: every participant makes each
-    # one (they all call this), so the number agrees, and a group made again after its states
+    # the how-manyth group over these ranks this process makes: every member makes each one
+    # (they all call this), so the number agrees, and a group made again after its states
     # were destroyed is never named like the old one (torch keeps a destroyed group's store keys)
     number = _MADE_OVER.get(ranks, 0)
     _MADE_OVER[ranks] = number + 1
-    tag = f"refit:{number}:{src_state.layout.fingerprint()}:{dst_state.layout.fingerprint()}"  # type: ignore[attr-defined]
+    tag = f"{what}:{number}:{src_state.layout.fingerprint()}:{dst_state.layout.fingerprint()}"  # type: ignore[attr-defined]
     group = None
     for h in held:
         if ranks not in h.groups:
-            h.groups[ranks] = create.acquire(create.GroupRequest(ranks=ranks, desc="scoped_parallel refit", tag=tag), share=True)
+            h.groups[ranks] = create.acquire(create.GroupRequest(ranks=ranks, desc=f"scoped_parallel {what}", tag=tag), share=True)
         group = h.groups[ranks]
     return group
 

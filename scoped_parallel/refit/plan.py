@@ -269,6 +269,9 @@ class Gather:
     itemsize: int
     dtype: str
     cast: str = ""
+    #: a *relay*: each member first receives its own range point-to-point (a transfer of the
+    #: plan) and contributes it from its destination tensor; the gather writes the others'
+    relay: bool = False
 
     def span(self, index: int) -> tuple[int, int]:
         """Elements ``[start, stop)`` that member ``index`` contributes."""
@@ -435,7 +438,8 @@ class ReshardPlan:
                     found.append(f"gather of {g.name!r} over {g.group[:8]} writes rank {rank}, which does not hold it whole "
                                  "as a destination (in whole rows of its first dimension)")
                     continue
-                written[key] += [((a // row, b // row), *((0, n) for n in shape[1:])) for a, b in spans]
+                mine_span = g.span(g.group.index(rank)) if g.relay else None  # received point-to-point: not the gather's
+                written[key] += [((a // row, b // row), *((0, n) for n in shape[1:])) for a, b in spans if (a, b) != mine_span]
         for (rank, name), boxes in written.items():
             piece = targets[(rank, name)]
             total = sum(_volume(b) for b in boxes)

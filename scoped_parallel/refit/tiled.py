@@ -28,7 +28,12 @@ rank derives what it receives, what it sends and the gathers it takes part in
   on the same ranks; a column-parallel weight into TP=1 on the TP ranks), every member of a
   copy needs the same thing: one :class:`~scoped_parallel.refit.plan.Gather` per tensor (an
   all-gather over the copy's group, batched into buckets) instead of ``n * (n - 1)``
-  point-to-point messages.
+  point-to-point messages;
+* where the destination is whole replicas on ranks outside the source, in groups of as many
+  ranks as a source copy has, the same kind of source is *relayed*: member ``j`` of each
+  group receives source member ``j``'s range, then the group all-gathers (a ``Gather`` with
+  ``relay`` set); each source rank sends one message per group reading its copy, not one
+  per replica.
 
 Planning takes time and memory in the rank's own transfers plus, once per pair of keys,
 the ranks of the two layouts (never ranks squared). The checks are local: each rank's
@@ -129,6 +134,14 @@ class _Pairing:
             and all(r in self.src_at for r in self.dst_at) and any(len(group) > 1 for group in src)
         )
         self._readers: dict[int, list[int]] | None = None
+        # a relay (scatter, then all-gather among the receivers): replicas on ranks outside the
+        # source, the source copies of one size k > 1, the replicas in groups of k (in layout order)
+        sizes = {len(group) for group in src}
+        k = sizes.pop() if len(sizes) == 1 else 0
+        singles = [group[0] for group in dst] if all(len(group) == 1 for group in dst) else []
+        relayed = k > 1 and bool(singles) and len(singles) % k == 0 and not any(r in self.src_at for r in singles)
+        self.relays = [tuple(singles[i: i + k]) for i in range(0, len(singles), k)] if relayed else []
+        self.relay_at = {r: (g, j) for g, group in enumerate(self.relays) for j, r in enumerate(group)}
 
     def choose(self, rank: int) -> int:
         """The source copy destination ``rank`` reads: its own, else ``rank % copies``."""
@@ -246,6 +259,31 @@ def plan_tiled_local(
             if src_at is not None:
                 row = math.prod(t.shape[1:])
                 gathers.append(Gather(pair.src[src_at[0]], t.name, math.prod(t.shape), ss.part * row, t.itemsize, t.dtype, t.cast))
+            continue
+        if pair.relays and ss.dim == 0 and ss.stride == 1 and (ds.dim is None or ds.part * ds.stride >= length):
+            # a relay: member j of each group of k replicas receives source member j's range, then they all-gather
+            copies = len(pair.src)
+            if dst_at is not None:
+                g, j = pair.relay_at[rank]
+                holder = pair.src[g % copies][j]
+                tile = (min(j * ss.part, length), min((j + 1) * ss.part, length), 0)
+                x = _transfer(t, holder, rank, tile, mine_dst[0], _local_shape(t.shape, axis, [tile]), dst_shape)
+                if x is not None:
+                    transfers.append(x)
+                    h1, h2 = _digest(holder, rank, t.name, tile[0])
+                    digest[2], digest[3] = (digest[2] + h1) % _MOD, (digest[3] + h2) % _MOD
+                row = math.prod(t.shape[1:])
+                gathers.append(Gather(pair.relays[g], t.name, math.prod(t.shape), ss.part * row, t.itemsize, t.dtype, relay=True))
+            if src_at is not None:
+                c, i = src_at
+                for g in range(c, len(pair.relays), copies):
+                    d = pair.relays[g][i]
+                    whole = next(iter(_tiles(ds, 1, 0, length)))
+                    x = _transfer(t, rank, d, mine_src[0], whole, src_shape, _local_shape(t.shape, axis, [whole]))
+                    if x is not None:
+                        transfers.append(x)
+                        h1, h2 = _digest(rank, d, t.name, mine_src[0][0])
+                        digest[0], digest[1] = (digest[0] + h1) % _MOD, (digest[1] + h2) % _MOD
             continue
         if dst_at is not None:  # receives and local copies, from the chosen copy
             group = pair.src[pair.choose(rank)]

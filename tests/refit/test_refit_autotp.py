@@ -26,7 +26,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import _adapter_deepspeed_support as support  # noqa: E402
-from test_refit_disjoint import SEQ, VOCAB, _actor_weights, _llama, _trained_actor  # noqa: E402
+from _refit_deepspeed import SEQ, VOCAB, actor_weights, llama, trained_actor  # noqa: E402
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
 TOLERANCE = 1e-5
@@ -34,7 +34,7 @@ TOLERANCE = 1e-5
 
 def _autotp_engine(state: Any, seed: int) -> Any:
     ds = support._ds()
-    module = _llama(seed)
+    module = llama(seed)
     with state.activate():
         config = support.config(stage=0, train_micro_batch_size_per_gpu=1, tensor_parallel={"autotp_size": 2})
         engine, *_ = ds.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2), config=config, mpu=state)
@@ -72,12 +72,12 @@ def rank_autotp_refits(rank: int) -> dict[str, Any]:
         actor = rollout = None
         try:
             with support.installed():
-                actor = _trained_actor(actor_state, 3)
-                expected = _actor_weights(actor, 0)
+                actor = trained_actor(actor_state, 3)
+                expected = actor_weights(actor, 0)
                 rollout = _autotp_engine(tp_state, 2)
                 attention = rollout.module.model.layers[0].self_attn
                 out["local shapes"] = {"q_proj": tuple(attention.q_proj.weight.shape), "o_proj": tuple(attention.o_proj.weight.shape)}
-                whole = _llama(1)
+                whole = llama(1)
                 with torch.no_grad():
                     for p, w in zip(whole.parameters(), expected):
                         p.copy_(w)
@@ -93,7 +93,7 @@ def rank_autotp_refits(rank: int) -> dict[str, Any]:
                 with tp_state.activate():
                     out["into"]["logit diff"] = float((_logits(rollout.module) - want).abs().max())
                 dist.barrier()
-                replica = _llama(3) if apart.is_member else None
+                replica = llama(3) if apart.is_member else None
                 plan = sp.plan_reshard(rollout, tp_state, replica, apart)
                 done = sp.reshard(rollout, tp_state, replica, apart)
                 out["from"] = {"problems": plan.problems(), "sent": done.sent,

@@ -6,7 +6,7 @@ git checkout FETCH_HEAD`` in a DeepSpeed clone) named by the environment variabl
 ``tests/unit/utils/test_parallel_state.py`` from that checkout's ``tests`` folder with
 DeepSpeed's own ``conftest.py`` and ``DistributedTest`` (4 processes on 127.0.0.1 per
 test, gloo, ``LOCAL_SIZE=4`` so that the CPU accelerator counts four devices), and with
-``tests/_deepspeed_pr_glue`` first on ``PYTHONPATH``: the PR's module names resolve to
+``tests/compat/_deepspeed_pr_glue`` first on ``PYTHONPATH``: the PR's module names resolve to
 ``scoped_parallel.compat`` and the one hub model the file loads is built from its config.
 The released DeepSpeed installed here runs the engines; only the PR's two new modules
 are replaced.

@@ -195,15 +195,17 @@ def test_another_architecture_raises_naming_the_tensors_and_moves_nothing(refits
 
 
 def test_tp_splits_that_do_not_tile_are_refused_before_planning():
-    """megatron-core's LCM tiling needs the dimension to divide into lcm(splits x strides)
-    tiles; the check names the tensor and the sizes (no world needed: pure data)."""
+    """Both sides' TP tiles must cut the dimension alike: it must divide into lcm(splits x
+    strides) tiles; the check names the tensor and the sizes (no world needed: pure data)."""
     from scoped_parallel.adapters.megatron_reshard import _match
+    from scoped_parallel.refit.staged import Held, TensorRow
 
-    src = {"w": ((6, 4), "torch.float32", 0, 2, 1, 0)}  # split 1 way, stride 2 (SwiGLU)
-    dst = {"w": ((6, 4), "torch.float32", 0, 2, 3, 0)}  # split 3 ways, stride 2: needs 6 | lcm(2, 6) = 6: fine
-    assert _match(src, dst) == []
-    dst = {"w": ((6, 4), "torch.float32", 0, 2, 2, 0)}  # 2 ways x stride 2 = 4 tiles of 6 rows: no
-    problems = _match(src, dst)
+    def held(ways: int, stride: int) -> dict[str, Held]:
+        return {"w": Held(TensorRow("w", (6, 4), "torch.float32", 4, "tp", 0, stride, ways, -1), (), 0)}
+
+    src = held(1, 2)  # split 1 way, stride 2 (SwiGLU)
+    assert _match(src, held(3, 2)) == []  # 3 ways x stride 2: 6 | lcm(2, 6) = 6: fine
+    problems = _match(src, held(2, 2))  # 2 ways x stride 2 = 4 tiles of 6 rows: no
     assert len(problems) == 1 and "'w'" in problems[0] and "6" in problems[0] and "4 tiles" in problems[0], problems
 
 

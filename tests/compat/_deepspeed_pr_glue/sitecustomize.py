@@ -1,6 +1,6 @@
 """CPU glue for running DeepSpeed PR #7726's own test file in DeepSpeed's own harness.
 
-Put this folder first on ``PYTHONPATH`` (``tests/test_deepspeed_pr7726.py`` does): every
+Put this folder first on ``PYTHONPATH`` (``tests/compat/test_deepspeed_pr7726.py`` does): every
 process of the harness (pytest, the forkserver, each rank) then runs this file at start-up.
 It changes three things and nothing else:
 

@@ -11,14 +11,11 @@ wrong, and ``uninstall()``.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 import torch.utils.checkpoint as ckpt
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _backward_scenario import Stub, catch, concurrent_read, holding, read_during  # noqa: E402
 

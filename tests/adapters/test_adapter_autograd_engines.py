@@ -12,8 +12,6 @@ groups; after the backward it is ambiguous again.
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import pytest
@@ -24,7 +22,6 @@ import torch.utils.checkpoint as ckpt
 pytest.importorskip("deepspeed")
 pytest.importorskip("megatron.core.parallel_state")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _adapter_deepspeed_support as support  # noqa: E402
 from _adapter_deepspeed_support import WORLD_TIMEOUT  # noqa: E402

@@ -30,49 +30,9 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import _adapter_deepspeed_support as support  # noqa: E402
+from _refit_deepspeed import actor_weights, llama, trained_actor  # noqa: E402
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
-VOCAB, SEQ = 64, 8
-
-
-def _llama(seed: int, hidden: int = 32) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    return LlamaForCausalLM(config)
-
-
-def _trained_actor(state: Any, stage: int) -> Any:
-    ds = support._ds()
-    module = _llama(1)
-    with state.activate():
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
-        config = support.config(stage=stage, train_micro_batch_size_per_gpu=1,
-                                zero_optimization={"stage": stage, "stage3_param_persistence_threshold": 0})
-        engine, *_ = ds.initialize(model=module, optimizer=optimizer, config=config, mpu=state)
-        tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(5))
-        engine.backward(engine(input_ids=tokens).logits.float().pow(2).mean())
-        engine.step()
-    return engine
-
-
-def _actor_weights(engine: Any, holder: int) -> list[torch.Tensor]:
-    """The actor's whole parameters on every rank: gathered on the actor's ranks, broadcast from ``holder``."""
-    import deepspeed
-    import torch.distributed as dist
-
-    box: list[Any] = [None]
-    if engine is not None:
-        params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params):
-            box[0] = [p.detach().clone() for p in params]
-    dist.broadcast_object_list(box, src=holder)
-    return box[0]  # type: ignore[no-any-return]
-
-
 def rank_disjoint_refits(rank: int) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -88,12 +48,12 @@ def rank_disjoint_refits(rank: int) -> dict[str, Any]:
         actor = wide = None
         try:
             with support.installed():
-                actor = _trained_actor(actor_state, 2) if rank < 2 else None
-                expected = _actor_weights(actor, 0)
+                actor = trained_actor(actor_state, 2) if rank < 2 else None
+                expected = actor_weights(actor, 0)
 
                 def check(name: str, state: Any, dtype: Any = None, src: Any = actor, src_state: Any = actor_state,
                           want: Any = expected) -> None:
-                    rollout = _llama(2) if state.is_member else None
+                    rollout = llama(2) if state.is_member else None
                     if rollout is not None and dtype is not None:
                         rollout = rollout.to(dtype)
                     if src_state.is_member or state.is_member:
@@ -114,12 +74,12 @@ def rank_disjoint_refits(rank: int) -> dict[str, Any]:
                 check("alone", alone)
                 check("overlap bf16", overlap, torch.bfloat16)
                 src = actor
-                wide = _trained_actor(wide_state, 3)
-                check("zero3 into ranks 2-3", apart, src=wide, src_state=wide_state, want=_actor_weights(wide, 0))
+                wide = trained_actor(wide_state, 3)
+                check("zero3 into ranks 2-3", apart, src=wide, src_state=wide_state, want=actor_weights(wide, 0))
                 # another architecture on the rollout ranks: refused on every participant
                 if rank < 2 or apart.is_member:
                     try:
-                        sp.reshard(src, actor_state, _llama(2, hidden=16) if apart.is_member else None, apart)
+                        sp.reshard(src, actor_state, llama(2, hidden=16) if apart.is_member else None, apart)
                         out["other architecture"] = None
                     except sp.ReshardError as err:
                         out["other architecture"] = str(err)

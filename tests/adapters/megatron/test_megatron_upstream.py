@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2]  # the tests folder (its plugin lives there)
 ROOT = HERE.parent
 WORLD = 8
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(script: str, *args: str, timeout: int = 400, folder: str = "examples") -> subprocess.CompletedProcess[str]:

@@ -49,13 +49,17 @@ def _simulate(tensors, src, dst, ranks):
             for k in range(d1 - d0):
                 assert row[d0 + k] is None, f"rank {r} {x.dst_name}[{d0 + k}] written twice"
                 row[d0 + k] = base + s0 + k
+    received = {key: list(row) for key, row in filled.items()}  # after every receive
+    for r, part in parts.items():
         for g in part.gathers:
             row = filled[(r, g.name)]
-            for i in range(len(g.group)):
+            for i, peer in enumerate(g.group):
+                if g.relay and peer == r:
+                    continue  # received point-to-point above
                 a, b = g.span(i)
                 for k in range(a, b):
-                    assert row[k] is None
-                    row[k] = k
+                    assert row[k] is None, f"rank {r} {g.name}[{k}] written twice"
+                    row[k] = received[(peer, g.name)][k] if g.relay else k
     return filled, sums, parts
 
 

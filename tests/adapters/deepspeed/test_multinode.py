@@ -6,7 +6,7 @@ on a real cluster. Proves: ZeRO++ hpZ and all-to-all groups follow the node layo
 state (local groups inside a node, global groups across nodes), and hpZ training matches
 training alone bitwise. The node layout is read by the ZeRO++ adapter only
 (``LOCAL_WORLD_SIZE``), so the main job, which uses no ZeRO++, is proven on one node
-(``tests/test_examples.py``).
+(``tests/examples/test_examples.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _two_nodes(script: Path, *args: str, timeout: int = 500) -> list[subprocess.CompletedProcess[str]]:

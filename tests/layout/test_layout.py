@@ -27,7 +27,7 @@ from scoped_parallel.layout import (
     canonical_kind,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL_KINDS = DENSE_KINDS + EXPERT_KINDS
 
 

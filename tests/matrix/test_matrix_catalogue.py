@@ -9,7 +9,7 @@ import pytest
 
 from _matrix import CELLS, PROVEN, STATUSES, render_rst
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_page_is_the_rendered_catalogue():

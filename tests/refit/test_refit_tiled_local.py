@@ -56,11 +56,15 @@ def _run(tensor, src, dst, ranks):
                 assert x in parts[x.src_rank].transfers, f"rank {r} receives {x}, which rank {x.src_rank} does not send"
             filled[r][box_slices(x.dst_box)] = held[x.src_rank][box_slices(x.src_box)]
             counts[r][box_slices(x.dst_box)] += 1
+    received = {r: f.clone() for r, f in filled.items()}  # what each rank holds after its receives
+    for r, part in parts.items():
         for g in part.gathers:
             flat, count = filled[r].view(-1), counts[r].view(-1)
             for i, peer in enumerate(g.group):
                 a, b = g.span(i)
-                flat[a:b] = held[peer].reshape(-1)[: b - a]
+                if g.relay and peer == r:
+                    continue  # received point-to-point above
+                flat[a:b] = received[peer].reshape(-1)[a:b] if g.relay else held[peer].reshape(-1)[: b - a]
                 count[a:b] += 1
     for r, part in parts.items():
         for x in part.transfers:
@@ -128,6 +132,17 @@ def test_column_parallel_into_replicas_on_its_own_ranks_is_one_gather():
     assert [len(p.gathers) for p in parts.values()] == [1, 1], "expected one gather per rank"
     assert all(not p.transfers for p in parts.values()), "expected no point-to-point transfer"
     assert all(torch.equal(filled[r], full) for r in range(2))
+
+
+def test_replicas_on_other_ranks_are_relayed_one_message_per_source_rank():
+    """A partition over ranks 0-3 into replicas on ranks 4-11: each source rank sends to one
+    replica of each group of four (a relay), the groups all-gather; every replica whole."""
+    tensor = TiledTensor("w", (16, 2), 8, "torch.float64", "dp", Split(0, 4), "one", Split())
+    src, dst = {"dp": ((0, 1, 2, 3),)}, {"one": tuple((r,) for r in range(4, 12))}
+    filled, counts, full, parts = _run(tensor, src, dst, range(12))
+    assert [len(parts[r].transfers) for r in range(4)] == [2, 2, 2, 2], "expected one send per relay group per source rank"
+    assert all(len(parts[r].gathers) == 1 and parts[r].gathers[0].relay for r in range(4, 12))
+    assert all(torch.equal(filled[r], full) for r in range(4, 12))
 
 
 def test_a_row_parallel_weight_into_replicas_is_point_to_point():

@@ -9,12 +9,9 @@ from __future__ import annotations
 import inspect
 import textwrap
 
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _dispatch_originals import GLOBAL as _GLOBAL  # noqa: E402
 from _dispatch_originals import no_return, positional, reader  # noqa: E402
