@@ -13,9 +13,8 @@ tensors, bf16), in three flat layout pairs:
   partitioned over N/8 ranks (another DP split: point-to-point, each rank receives from
   the few ranks whose range overlaps its own);
 * **ZeRO-3 -> replicas, disjoint**: an actor on ranks 0..N/2-1, replicas on N/2..N-1 (rollout
-  GPUs apart); the sender's part is every receiver of its copy, so it grows with N/2
-  (a scatter to the receivers and an all-gather among them would not; the row shows what
-  the point-to-point plan costs, and is skipped above 1,024 ranks: 3 M sends on one rank).
+  GPUs apart): a relay (each source rank sends its range to one replica of the group of
+  N/2, which then all-gathers); planned for a source rank and for a replica.
 
 and in two Megatron layout pairs, planned from the compact per-stage descriptions the
 ``"megatron"`` backend exchanges (``scoped_parallel.refit.staged``: each side's holders
@@ -183,19 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     rows: list[dict[str, Any]] = []
-    print(f"{'layout pair':<32} {'ranks':>6} {'tensors':>8} {'plan s':>8} {'peak MB':>8} {'transfers':>10} {'gathers':>8}")
+    print(f"{'layout pair':<44} {'ranks':>6} {'tensors':>8} {'plan s':>8} {'peak MB':>8} {'transfers':>10} {'gathers':>8}")
     for name in ("ZeRO-3 -> replicas", "ZeRO-3 -> ZeRO-3 x8", "ZeRO-3 -> replicas, disjoint"):
         for world in args.worlds:
             tensors, src, dst, rank = case(name, world)
-            if name.endswith("disjoint") and world > 1024:
-                print(f"{name:<32} {world:>6} {len(tensors):>8} skipped: {len(tensors) * world // 2:,} point-to-point sends on the "
-                      "planned rank (every receiver of its copy); a scatter + all-gather plan is the fix, not yet built", flush=True)
-                continue
-            seconds, peak, plan = measure(lambda: plan_flat_local(rank, tensors, src, dst), args.rounds)
-            rows.append({"pair": name, "ranks": world, "tensors": len(tensors), "plan s": seconds, "peak MB": peak,
-                         "transfers": len(plan.transfers), "gathers": len(plan.gathers)})
-            print(f"{name:<32} {world:>6} {len(tensors):>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} {len(plan.gathers):>8}",
-                  flush=True)
+            planned = [(name, rank)]
+            if name.endswith("disjoint"):  # a source rank (above) and a replica rank
+                planned = [(name + " (a source rank)", rank), (name + " (a replica)", world // 2)]
+            for label, who in planned:
+                seconds, peak, plan = measure(lambda: plan_flat_local(who, tensors, src, dst), args.rounds)
+                rows.append({"pair": label, "ranks": world, "tensors": len(tensors), "plan s": seconds, "peak MB": peak,
+                             "transfers": len(plan.transfers), "gathers": len(plan.gathers)})
+                print(f"{label:<44} {world:>6} {len(tensors):>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} "
+                      f"{len(plan.gathers):>8}", flush=True)
     for name in ("Megatron TP=8 x PP=4 -> TP=4", "Megatron EP=8 -> EP=4"):
         for world in args.worlds:
             planned, count = megatron_plan(name, world, world // 2 - 1)
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             assert not problems, f"{name} at {world} ranks: {problems[:3]}"
             rows.append({"pair": name, "ranks": world, "tensors": count, "plan s": seconds, "peak MB": peak,
                          "transfers": len(plan.transfers), "gathers": len(plan.gathers)})
-            print(f"{name:<32} {world:>6} {count:>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} {len(plan.gathers):>8}",
+            print(f"{name:<44} {world:>6} {count:>8} {seconds:>8.3f} {peak:>8.1f} {len(plan.transfers):>10} {len(plan.gathers):>8}",
                   flush=True)
     print("\nglobal plan (every rank's transfers, as before) vs one rank's part; 100 tensors, ZeRO-3 -> replicas")
     print(f"{'ranks':>6} {'global s':>9} {'global MB':>10} {'per-rank s':>11} {'per-rank MB':>12} {'time ratio':>11}")

@@ -90,6 +90,14 @@ def test_the_whole_table_is_gathered_on_demand_and_checks_every_rank(refits):
         assert whole["report"] == refits[0][case]["whole"]["report"], f"rank {rank}: another table than rank 0's"
 
 
+def test_replicas_on_other_ranks_are_relayed(refits):
+    """TP=2 on ranks 0-1 into TP=1 replicas on 2-3: each column-parallel tensor reaches the
+    replicas as one half each from its holder, then an all-gather between ranks 2 and 3."""
+    for rank in (2, 3):
+        got = refits[rank]["TP=2 on 0-1 -> TP=1 x DP=2 on 2-3"]
+        assert got["gathers"] > 0, f"rank {rank}: no relay all-gather in the plan"
+
+
 def test_column_parallel_tensors_into_replicas_on_their_own_ranks_are_all_gathered(refits):
     for rank in (0, 1):
         got = refits[rank]["TP=2 on 0-1 -> TP=1 x DP=2 on 0-1 (all-gathers)"]
