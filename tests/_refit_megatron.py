@@ -241,16 +241,16 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
             if sabotage == "swap-shard":
                 plan = _swap_first_sources(plan)
             if sabotage == "raw-stride":  # megatron-core's planner on the model's own attributes, no stride fix
-                from scoped_parallel.adapters import megatron_reshard
+                from scoped_parallel.adapters.megatron_reshard import local, names
 
                 fc1 = next(p for c in src for n, p in c.named_parameters() if n.endswith("linear_fc1.weight"))
                 out["model's own fc1 stride"] = int(getattr(fc1, "partition_stride", 1))
-                fixed = megatron_reshard._stand_in
-                megatron_reshard._stand_in = lambda name, tensor, gated: fixed(name, tensor, False)
+                fixed = names.stand_in
+                names.stand_in = lambda name, tensor, gated: fixed(name, tensor, False)
                 try:
-                    plan = megatron_reshard.MegatronBackend().plan(src, src_state, dst, dst_state)
+                    plan = local.MegatronBackend().plan(src, src_state, dst, dst_state)
                 finally:
-                    megatron_reshard._stand_in = fixed
+                    names.stand_in = fixed
             if sabotage == "service":
                 service = ex.cpu_copy_service()
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service, **backend)

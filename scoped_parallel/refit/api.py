@@ -52,7 +52,7 @@ class Refit:
 
 
 class Backend(Protocol):
-    """What a reshard backend provides (see ``adapters/megatron_reshard.py``)."""
+    """What a reshard backend provides (see ``adapters/megatron_reshard/``)."""
 
     name: str
 

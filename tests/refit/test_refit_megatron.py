@@ -30,7 +30,7 @@ pytest.importorskip("megatron.core.resharding")
 
 from _refit_megatron import megatron_executor_runs, rank_refits  # noqa: E402
 
-from scoped_parallel.adapters.megatron_reshard import _megatron_version  # noqa: E402
+from scoped_parallel.adapters.megatron_reshard.names import megatron_version  # noqa: E402
 
 CASES = {
     # name: (source layout, destination layout, model options[, sabotage])
@@ -68,7 +68,7 @@ SERVICE = "megatron-core's planner and executor (service=): TP=2 x PP=2 -> TP=4"
 RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
 REFITS = [
     pytest.param(name, marks=pytest.mark.skipif(
-        name not in RUN, reason=f"megatron-core {'.'.join(map(str, _megatron_version()))}'s executor needs CUDA (torch.cuda.synchronize)"))
+        name not in RUN, reason=f"megatron-core {'.'.join(map(str, megatron_version()))}'s executor needs CUDA (torch.cuda.synchronize)"))
     for name in CASES if not name.startswith("sabotage")
 ]
 
@@ -197,7 +197,7 @@ def test_another_architecture_raises_naming_the_tensors_and_moves_nothing(refits
 def test_tp_splits_that_do_not_tile_are_refused_before_planning():
     """Both sides' TP tiles must cut the dimension alike: it must divide into lcm(splits x
     strides) tiles; the check names the tensor and the sizes (no world needed: pure data)."""
-    from scoped_parallel.adapters.megatron_reshard import _match
+    from scoped_parallel.adapters.megatron_reshard.checks import match as _match
     from scoped_parallel.refit.staged import Held, TensorRow
 
     def held(ways: int, stride: int) -> dict[str, Held]:
@@ -212,7 +212,7 @@ def test_tp_splits_that_do_not_tile_are_refused_before_planning():
 def test_a_transfer_between_two_tensors_of_other_global_names_is_named():
     """Grouped-GEMM experts share view names across ranks ("...weight0" is expert 0 on one
     rank, expert 2 on another): the pairing check compares global names (pure data)."""
-    from scoped_parallel.adapters.megatron_reshard import _misnamed
+    from scoped_parallel.adapters.megatron_reshard.core import misnamed_transfers as _misnamed
     from scoped_parallel.refit import Transfer
 
     t = Transfer(0, 1, "fc2.weight0", "fc2.weight0", ((0, 4),), ((0, 4),), 4)
@@ -225,7 +225,7 @@ def test_expert_reads_from_a_non_holder_go_to_a_holder_by_global_name():
     """A whole-tensor read of an expert tensor from a rank without it is given a holder of
     the same global name (the destination rank itself where it holds it); other reads and
     non-expert tensors are left as they are (pure data)."""
-    from scoped_parallel.adapters.megatron_reshard import _reroute_replicated
+    from scoped_parallel.adapters.megatron_reshard.core import reroute_replicated as _reroute_replicated
     from scoped_parallel.refit import Transfer
 
     name = "layers.0.mlp.experts.local_experts.1.linear_fc2.bias"

@@ -194,7 +194,7 @@ def test_megatron_core_without_resharding_is_named_with_its_version():
     else:
         pytest.skip("this megatron-core has megatron.core.resharding")
     from scoped_parallel import UnsupportedSetupError
-    from scoped_parallel.adapters.megatron_reshard import _resharding
+    from scoped_parallel.adapters.megatron_reshard.core import resharding_api as _resharding
 
     with pytest.raises(UnsupportedSetupError, match=r"megatron-core 0\.1[0-5]\.\d+ has no megatron.core.resharding \(added in 0.16\)"):
         _resharding()

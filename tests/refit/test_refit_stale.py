@@ -5,7 +5,7 @@ megatron-core's ``DistributedDataParallel`` with the distributed optimizer and
 parameter buffer; the other data-parallel shards arrive with the all-gathers that the next
 forward's pre-hooks finish. A refit that read the parameters then would copy weights whose
 other shards are one step old, with no error (NeMo-RL shipped that bug). The megatron
-backend finishes those gathers first (``adapters/megatron_reshard.finish_param_gathers``).
+backend finishes those gathers first (``adapters/megatron_reshard/checks.finish_param_gathers``).
 
 World case (4 gloo ranks, CPU shims of ``tests/_megatron_ddp.py``): a GPTModel in DDP
 TP=2 x DP=2 (distributed Adam, small buckets: several bucket groups), two steps, refit into
@@ -82,11 +82,11 @@ def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
 
     import scoped_parallel as sp
     from scoped_parallel import adapters
-    from scoped_parallel.adapters import megatron_reshard
+    from scoped_parallel.adapters.megatron_reshard import checks
 
     out: dict[str, Any] = {}
     states = [md.state("src", SRC), md.state("dst", DST)]
-    kept = megatron_reshard.finish_param_gathers
+    kept = checks.finish_param_gathers
     try:
         with md.ddp_cpu_shims(), adapters.installed(targets=("megatron",)):
             src_state, dst_state = states
@@ -100,9 +100,9 @@ def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
                 dst = rm.build(DST, 2)
             out["pending after step"] = _pending(src)
             if sabotage:
-                megatron_reshard.finish_param_gathers = lambda model, role="source": 0
+                checks.finish_param_gathers = lambda model, role="source": 0
             sp.reshard(src, src_state, dst, dst_state)
-            megatron_reshard.finish_param_gathers = kept
+            checks.finish_param_gathers = kept
             out["pending after refit"] = _pending(src)
             refitted = _whole(dst, dst_state)
             with src_state.activate():
@@ -131,7 +131,7 @@ def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
                     truth = _whole(src, src_state)
                 out["second weights bitwise"], out["second weights max diff"] = _diff(refitted, truth)
     finally:
-        megatron_reshard.finish_param_gathers = kept
+        checks.finish_param_gathers = kept
         for state in states:
             state.destroy()
     return out
