@@ -57,11 +57,11 @@ What both add around the plan:
   because megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service
   allocates a CUDA stream.
 
-The package, one module per job: :mod:`~scoped_parallel.adapters.megatron_reshard.names`
-(canonical names, this rank's description), :mod:`~scoped_parallel.adapters.megatron_reshard.checks`
+The package, one module per job: ``names``
+(canonical names, this rank's description), ``checks``
 (what is checked and finished before anything moves),
-:mod:`~scoped_parallel.adapters.megatron_reshard.local` (the ``"megatron"`` backend) and
-:mod:`~scoped_parallel.adapters.megatron_reshard.core` (the ``"megatron-core"`` backend).
+``local`` (the ``"megatron"`` backend) and
+``core`` (the ``"megatron-core"`` backend).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def param_sync_steps(model: Any, role: str) -> tuple[list[Any], list[str]]:
 
 
 def finish_param_gathers(model: Any, role: str = "source") -> int:
-    """Finish what megatron-core's DDP left pending on ``model`` (see :func:`param_sync_steps`),
+    """Finish what megatron-core's DDP left pending on ``model`` (see ``param_sync_steps`` (below)),
     so that a ``role="source"`` model's parameters on this rank hold the last step's weights
     and no gather is in flight on either model. Collective over each bucket group's
     data-parallel group (every rank of it finds the same groups pending: megatron-core's own
