@@ -180,7 +180,7 @@ def main() -> int:
     show = dist.get_rank() == 0
     states = {
         name: ParallelState.from_config(rl_ppo.ds_config(spec), name=name, timeout=rl_ppo.TIMEOUT)
-        for name, spec in rl_ppo.SPECS.items()
+        for name, spec in rl_ppo.ALL_SPECS.items()
     }
     batch = rl_ppo.ROLLOUTS_PER_RANK * dist.get_world_size()
     _, stats, _ = rl_ppo.interleaved_run(states, args.steps, batch, show=False)
