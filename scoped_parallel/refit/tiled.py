@@ -197,8 +197,9 @@ def _local_shape(shape: tuple[int, ...], axis: int | None, tiles: Iterable[tuple
     return tuple(sum(b - a for a, b, _ in tiles) if d == axis else n for d, n in enumerate(shape))
 
 
-def _digest(src: int, dst: int, name: str, start: int) -> tuple[int, int]:
-    key = f"{src}>{dst}:{start}:{name}".encode()
+def _digest(t: Transfer) -> tuple[int, int]:
+    """Two hashes of a transfer, the same at both of its ends (each end derives it alike)."""
+    key = f"{t.src_rank}>{t.dst_rank}:{t.src_name}{t.src_box}:{t.dst_name}{t.dst_box}".encode()
     return zlib.crc32(key) % _MOD, zlib.adler32(key[::-1]) % _MOD
 
 
@@ -236,6 +237,17 @@ def plan_tiled_local(
     targets: list[Piece] = []
     order: list[tuple[str, int]] = []
     digest = [0, 0, 0, 0]  # sends (two hashes), receives (two hashes)
+
+    def record(x: Transfer | None) -> None:
+        """Keep a transfer of this rank and add it to the send or receive digest (not a local copy)."""
+        if x is None:
+            return
+        transfers.append(x)
+        if not x.local:
+            at = 0 if x.src_rank == rank else 2
+            h1, h2 = _digest(x)
+            digest[at], digest[at + 1] = (digest[at] + h1) % _MOD, (digest[at + 1] + h2) % _MOD
+
     for t in tensors:
         order.append((t.name, t.nbytes))
         pair = pairings.get((t.src, t.dst))
@@ -267,38 +279,23 @@ def plan_tiled_local(
                 g, j = pair.relay_at[rank]
                 holder = pair.src[g % copies][j]
                 tile = (min(j * ss.part, length), min((j + 1) * ss.part, length), 0)
-                x = _transfer(t, holder, rank, tile, mine_dst[0], _local_shape(t.shape, axis, [tile]), dst_shape)
-                if x is not None:
-                    transfers.append(x)
-                    h1, h2 = _digest(holder, rank, t.name, tile[0])
-                    digest[2], digest[3] = (digest[2] + h1) % _MOD, (digest[3] + h2) % _MOD
+                record(_transfer(t, holder, rank, tile, mine_dst[0], _local_shape(t.shape, axis, [tile]), dst_shape))
                 row = math.prod(t.shape[1:])
                 gathers.append(Gather(pair.relays[g], t.name, math.prod(t.shape), ss.part * row, t.itemsize, t.dtype, relay=True))
             if src_at is not None:
                 c, i = src_at
+                whole = next(iter(_tiles(ds, 1, 0, length)))
+                whole_shape = _local_shape(t.shape, axis, [whole])
                 for g in range(c, len(pair.relays), copies):
-                    d = pair.relays[g][i]
-                    whole = next(iter(_tiles(ds, 1, 0, length)))
-                    x = _transfer(t, rank, d, mine_src[0], whole, src_shape, _local_shape(t.shape, axis, [whole]))
-                    if x is not None:
-                        transfers.append(x)
-                        h1, h2 = _digest(rank, d, t.name, mine_src[0][0])
-                        digest[0], digest[1] = (digest[0] + h1) % _MOD, (digest[1] + h2) % _MOD
+                    record(_transfer(t, rank, pair.relays[g][i], mine_src[0], whole, src_shape, whole_shape))
             continue
         if dst_at is not None:  # receives and local copies, from the chosen copy
             group = pair.src[pair.choose(rank)]
             n = len(group)
             for tile in mine_dst:
                 for member, a, b, local in _covering(ss, n, tile[0], tile[1], length):
-                    holder = group[member]
                     held = list(_tiles(ss, n, member, length))
-                    x = _transfer(t, holder, rank, (a, b, local), tile, _local_shape(t.shape, axis, held), dst_shape)
-                    if x is None:
-                        continue
-                    transfers.append(x)
-                    if holder != rank:
-                        h1, h2 = _digest(holder, rank, t.name, max(a, tile[0]))
-                        digest[2], digest[3] = (digest[2] + h1) % _MOD, (digest[3] + h2) % _MOD
+                    record(_transfer(t, group[member], rank, (a, b, local), tile, _local_shape(t.shape, axis, held), dst_shape))
         if src_at is not None:  # sends, to the destination ranks that read this copy
             copy = src_at[0]
             for j in pair.readers(copy):
@@ -310,12 +307,7 @@ def plan_tiled_local(
                         if d == rank or pair.choose(d) != copy:
                             continue
                         held = list(_tiles(ds, m, member, length))
-                        x = _transfer(t, rank, d, tile, (a, b, local), src_shape, _local_shape(t.shape, axis, held))
-                        if x is None:
-                            continue
-                        transfers.append(x)
-                        h1, h2 = _digest(rank, d, t.name, max(a, tile[0]))
-                        digest[0], digest[1] = (digest[0] + h1) % _MOD, (digest[1] + h2) % _MOD
+                        record(_transfer(t, rank, d, tile, (a, b, local), src_shape, _local_shape(t.shape, axis, held)))
     return ReshardPlan(backend, tuple(transfers), tuple(sources), tuple(targets), {}, (), rank=rank,
                        gathers=tuple(gathers), order=tuple(order), pairing=(digest[0], digest[1], digest[2], digest[3]),
                        participants=participants)
