@@ -18,7 +18,7 @@ import torch.distributed as dist
 from scoped_parallel.adapters.megatron_reshard import checks
 from scoped_parallel.adapters.megatron_reshard.names import chunks_of, describe, global_named, is_megatron_model
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, resolve_casts, unmatched_names
+from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, resolve_casts
 from scoped_parallel.refit.execute import (
     agree, confirm_part, from_each, participants, participants_group, peak_staging, relay_groups, run_plan,
 )
@@ -56,7 +56,7 @@ class MegatronBackend:
                 chunks = chunks_of(model)
                 local += checks.built_in(chunks, state, role, state.process_group_collection())
                 local += checks.param_sync_steps(model, role)[1]
-                mine = [local.row for local in describe(model, state)]
+                mine = [one.row for one in describe(model, state)]
                 twice = sorted(n for n, count in Counter(r.name for r in mine).items() if count > 1)
                 if twice:
                     local.append(f"{role} tensors {twice[:3]} appear twice under their canonical names")
@@ -70,8 +70,7 @@ class MegatronBackend:
                 local += own_problems(me, mine, side, copies, role)
             merged.append((side, copies))
         (src, src_copies), (dst, dst_copies) = merged
-        everywhere += unmatched_names(src, {name: held.first for name, held in dst.items()})
-        everywhere += checks.match(src, dst)
+        everywhere += checks.match(src, dst)  # names both ways, global shapes, TP tiling
         casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         everywhere += cast_problems
         agree(local, group, "this pair of Megatron models", everywhere=everywhere)
