@@ -178,10 +178,7 @@ def main() -> int:
     rl_ppo.init_distributed()
     rl_ppo.deepspeed.utils.logger.setLevel(40)
     show = dist.get_rank() == 0
-    states = {
-        name: ParallelState.from_config(rl_ppo.ds_config(spec), name=name, timeout=rl_ppo.TIMEOUT)
-        for name, spec in rl_ppo.ALL_SPECS.items()
-    }
+    states = rl_ppo.build_states()
     batch = rl_ppo.ROLLOUTS_PER_RANK * dist.get_world_size()
     _, stats, _ = rl_ppo.interleaved_run(states, args.steps, batch, show=False)
     step_seconds = statistics.median(rl_ppo.steady([s.seconds for s in stats]))

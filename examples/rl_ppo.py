@@ -656,16 +656,19 @@ def init_distributed() -> str:
     return backend
 
 
+def build_states() -> dict[str, ParallelState]:
+    """One ParallelState per model the PPO step runs (actor, critic, reference, rollout), each
+    from its DeepSpeed config."""
+    return {name: ParallelState.from_config(ds_config(spec), name=name, timeout=TIMEOUT) for name, spec in ALL_SPECS.items()}
+
+
 def main() -> int:
     args = parse_args()
     adapters.install()
     backend = init_distributed()
     deepspeed.utils.logger.setLevel(logging.WARNING)
     world, show = dist.get_world_size(), dist.get_rank() == 0
-    states = {
-        name: ParallelState.from_config(ds_config(spec), name=name, timeout=TIMEOUT)
-        for name, spec in ALL_SPECS.items()
-    }
+    states = build_states()
     if show:
         print(layout_summary(states, backend), flush=True)
     batches, stats, final = interleaved_run(states, args.steps, ROLLOUTS_PER_RANK * world, show)
