@@ -48,19 +48,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, register_backend, resolve_casts, unmatched_names
-from scoped_parallel.refit.execute import (
-    agree, comm_device, confirm_part, from_each, participants, participants_group, peak_staging, relay_groups, run_plan,
-)
+from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, register_backend, resolve_casts, unmatched_names
+from scoped_parallel.refit.execute import agree, comm_device, from_each
 from scoped_parallel.refit.flat import FlatTensor, plan_flat_local
+from scoped_parallel.refit.per_rank import Holdings, PerRankBackend
 
-__all__ = ["FlatBackend", "FlatPiece", "flat_pieces", "settle"]
+__all__ = ["FlatBackend", "FlatPiece", "FlatRow", "flat_pieces", "settle"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -263,12 +262,24 @@ def _kind_of(state: Any, ranks: tuple[int, ...]) -> str | None:
     return None
 
 
-def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[tuple[Any, ...], ...] | None:
+class FlatRow(NamedTuple):
+    """One parameter in a side's compact description: the same on every rank of the state
+    (what is broadcast and compared; :class:`FlatPiece` is this rank's own, with its tensor)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    #: the kind of the state's groups the parameter is cut over, or ``"replica"`` (whole on every rank)
+    key: str
+    #: elements per tile, ``stride`` tiles per member (:class:`FlatPiece`)
+    part: int
+    stride: int
+
+
+def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[FlatRow, ...] | None:
     """This rank's compact description of ``model`` (None where this rank is not in
-    ``state``): per parameter ``(name, shape, dtype, itemsize, key, part, stride)``, ``key``
-    the kind of the state's groups it is cut over (``"replica"``: whole on every rank of
-    the state), ``part``/``stride`` the cut (:class:`FlatPiece`); the same on every rank of
-    the state."""
+    ``state``, or where a parameter cannot be described: the reason is added to ``problems``)."""
     if model is None:
         return None
     out = []
@@ -277,7 +288,7 @@ def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[t
             problems.append(f"{role} {piece.name!r}: {piece.problem}")
             return None
         if piece.group is None:
-            out.append((piece.name, piece.shape, piece.dtype, piece.itemsize, _REPLICA, math.prod(piece.shape), 1))
+            out.append(FlatRow(piece.name, piece.shape, piece.dtype, piece.itemsize, _REPLICA, math.prod(piece.shape), 1))
             continue
         ranks = tuple(dist.get_process_group_ranks(piece.group))
         kind = _kind_of(state, ranks)
@@ -287,7 +298,7 @@ def _describe(model: Any, state: Any, role: str, problems: list[str]) -> tuple[t
                 f"{describe_state(state)}: pass the state the model was built in"
             )
             return None
-        out.append((piece.name, piece.shape, piece.dtype, piece.itemsize, kind, piece.part, piece.stride))
+        out.append(FlatRow(piece.name, piece.shape, piece.dtype, piece.itemsize, kind, piece.part, piece.stride))
     return tuple(out)
 
 
@@ -320,29 +331,28 @@ def _copies(state: Any, keys: set[str]) -> dict[str, tuple[tuple[int, ...], ...]
 
 
 _REPLICA = "replica"
-#: the bucket the plan's staging figure assumes (the executor's default)
-_BUCKET = 1 << 26
 
 
-class FlatBackend:
+class FlatBackend(PerRankBackend):
     """The ``"flat"`` reshard backend (see the module docstring)."""
 
     name = "flat"
-    #: the states may lie on other, overlapping or partial rank sets of the world
-    partial_ranks = True
+    notes = (
+        "planner: scoped_parallel.refit.flat.plan_flat_local (each rank plans its own part from both layouts' "
+        "descriptions); executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own "
+        "storage; a ZeRO-3 source into replicas on its own ranks is one all-gather per bucket over its partition "
+        "group; the staging figure counts gather buffers and converted send copies"
+    )
 
     def claims(self, model: Any) -> bool:
         """Whether ``model`` is one torch module (or an engine / wrapper holding one as ``.module``)."""
         models = model if isinstance(model, (list, tuple)) else [model]
         return len(models) == 1 and isinstance(_module(models[0]), torch.nn.Module)
 
-    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
-        """This rank's part of the checked plan (collective over the ranks of both states; see
-        the module docstring); ``cast``: ``reshard``'s ``dtype=`` (dtypes as strings), keyed by
-        parameter name."""
-        ranks = participants(src_state, dst_state)
-        group = participants_group(src_state, dst_state, ranks)
-        me = dist.get_rank()
+    def plan_part(self, me: int, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, cast: CastSpec,
+                  ranks: tuple[int, ...], group: Any) -> ReshardPlan:
+        """Describe each side as :class:`FlatRow` s, share each from its state's first rank, check,
+        and plan this rank's part; ``cast``: ``reshard``'s ``dtype=`` keyed by parameter name."""
         local: list[str] = []
         src_desc = _describe(src_model, src_state, "source", local)
         dst_desc = _describe(dst_model, dst_state, "destination", local)
@@ -364,43 +374,31 @@ class FlatBackend:
             raise ReshardError("a state's first rank described no model (nothing was moved)")
 
         problems: list[str] = []
-        src = {row[0]: row for row in src_rows}
-        dst = {row[0]: row for row in dst_rows}
-        first_dst = dst_state.layout.ranks[0]
-        problems += unmatched_names(src, {name: first_dst for name in dst})
-        for name, (_, shape, dtype, *_rest) in dst.items():
-            if name in src and src[name][1] != shape:
-                problems.append(f"{name!r}: source {src[name][1]} {src[name][2]} but destination {shape} {dtype}; "
-                                "refit copies, it does not reshape or cast")
-        casts, cast_problems = resolve_casts(cast, {name: (src[name][2], row[2]) for name, row in dst.items()
-                                                    if name in src and src[name][1] == row[1]})
+        src = {row.name: row for row in src_rows}
+        dst = {row.name: row for row in dst_rows}
+        problems += unmatched_names(src, {name: dst_state.layout.ranks[0] for name in dst})
+        for name, row in dst.items():
+            if name in src and src[name].shape != row.shape:
+                problems.append(f"{name!r}: source {src[name].shape} {src[name].dtype} but destination {row.shape} "
+                                f"{row.dtype}; refit copies, it does not reshape or cast")
+        casts, cast_problems = resolve_casts(cast, {name: (src[name].dtype, row.dtype) for name, row in dst.items()
+                                                    if name in src and src[name].shape == row.shape})
         problems += cast_problems
         if problems:  # the same on every rank: made from the agreed descriptions alone
             raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 
         tensors = [
-            FlatTensor(name, math.prod(shape), itemsize, dtype, src[name][4], src[name][5], key, part,
-                       casts.get(name, ""), src[name][3], src[name][6], stride)
-            for name, shape, dtype, itemsize, key, part, stride in dst_rows
+            FlatTensor(row.name, math.prod(row.shape), row.itemsize, row.dtype, src[row.name].key, src[row.name].part,
+                       row.key, row.part, casts.get(row.name, ""), src[row.name].itemsize, src[row.name].stride, row.stride)
+            for row in dst.values()
         ]
-        part_plan = plan_flat_local(me, tensors, _copies(src_state, {row[4] for row in src_rows}),
-                                    _copies(dst_state, {row[4] for row in dst_rows}), participants=ranks)
-        confirm_part(part_plan, group)
-        notes = (
-            "planner: scoped_parallel.refit.flat.plan_flat_local (each rank plans its own part from both layouts' "
-            "descriptions); executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own "
-            "storage; a ZeRO-3 source into replicas on its own ranks is one all-gather per bucket over its partition "
-            f"group; staging: peak extra bytes with bucket_bytes={_BUCKET} (gather buffers, converted send copies)",
-        )
-        return dataclasses.replace(part_plan, staging={me: peak_staging(part_plan, _BUCKET)}, notes=notes)
+        return plan_flat_local(me, tensors, _copies(src_state, {row.key for row in src.values()}),
+                               _copies(dst_state, {row.key for row in dst.values()}), participants=ranks)
 
-    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                bucket_bytes: int = _BUCKET) -> dict[int, int] | None:
-        """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
-        rank when the models no longer hold the planned pieces (nothing moved)."""
+    def hold(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> Holdings:
+        """Both models' flat pieces, after waiting for any ZeRO-3 gather in flight; the source's
+        partition groups gather a ZeRO-3 source into replicas on its own ranks."""
         rank = dist.get_rank()
-        ranks = participants(src_state, dst_state)
-        group = participants_group(src_state, dst_state, ranks)
         # no gather in flight on either model while partitions are read and written
         stuck = (settle(src_model) if src_model is not None else []) + (settle(dst_model) if dst_model is not None else [])
         src_rows = flat_pieces(src_model) if src_model is not None else []
@@ -412,15 +410,13 @@ class FlatBackend:
         # a parameter in flight out of reach makes this rank's pieces differ from the plan's:
         # every rank returns None, and reshard() plans again, where it is refused on every rank
         held = pieces(src_rows) + [Piece(rank, f"<in flight: {n}>", (0,), 1) for n in stuck]
-        if not pieces_match(plan, held, pieces(dst_rows), group=group):
-            return None
         gather_groups = {tuple(dist.get_process_group_ranks(row.group)): row.group for row in src_rows if row.group is not None}
-        gather_groups.update(relay_groups(plan, src_state, dst_state))
-        sent = run_plan(plan, {row.name: row.flat for row in src_rows}, {row.name: row.flat for row in dst_rows}, group=group,
-                        bucket_bytes=bucket_bytes, gather_groups=gather_groups)
-        if dst_model is not None:
-            _refresh_gathered(dst_model)
-        return sent
+        return Holdings({row.name: row.flat for row in src_rows}, {row.name: row.flat for row in dst_rows}, held,
+                        pieces(dst_rows), gather_groups)
+
+    def after(self, dst_model: Any) -> None:
+        """Gather again every destination parameter that is whole now (DeepSpeed keeps it so)."""
+        _refresh_gathered(dst_model)
 
 
 register_backend(FlatBackend())

@@ -98,9 +98,9 @@ def resolve(what: str) -> Any:
 
 def forget_memo(state: Any) -> None:
     """Drop the answers :func:`dispatching` memoized for ``state`` (its inputs changed)."""
-    memo = getattr(state, "_memo", None)
-    if memo is not None:
-        memo.clear()
+    store = getattr(state, "store", None)
+    if store is not None:
+        store.memo.clear()
 
 
 def dispatching(
@@ -115,7 +115,7 @@ def dispatching(
 
     Where :func:`resolve` finds no state, the replacement calls ``original(*args)``
     (or raises in strict mode). With ``memoize=True`` the answer of a call *without
-    arguments* is kept per state in the state's ``_memo`` dict until
+    arguments* is kept per state in ``state.store.memo`` (a :class:`~scoped_parallel.store.StateStore`) until
     :func:`forget_memo` (the state clears it on ``destroy()``); calls with arguments
     always ask ``inside``. Use it for readers whose answer depends only on the state
     and on inputs that call ``forget_memo`` when they change.
@@ -170,9 +170,9 @@ def dispatching(
             else:
                 state = frame[0]
             try:
-                return state._memo[key]
+                return state.store.memo[key]
             except KeyError:
-                answer = state._memo[key] = inside(state)
+                answer = state.store.memo[key] = inside(state)
                 return answer
 
         return scoped_reader
@@ -189,9 +189,9 @@ def dispatching(
         if args or kwargs:
             return inside(state, *args, **kwargs)
         try:
-            return state._memo[key]
+            return state.store.memo[key]
         except KeyError:
-            answer = state._memo[key] = inside(state)
+            answer = state.store.memo[key] = inside(state)
             return answer
 
     return scoped_getter
@@ -231,9 +231,9 @@ def _sp_factory(_sp_get, _sp_active, _sp_strict, _sp_resolve, _sp_what, _sp_orig
 _MEMO_TEMPLATE = """\
         if {all_default}:
             try:
-                return _sp_state._memo[_sp_key]
+                return _sp_state.store.memo[_sp_key]
             except KeyError:
-                _sp_answer = _sp_state._memo[_sp_key] = _sp_inside(_sp_state)
+                _sp_answer = _sp_state.store.memo[_sp_key] = _sp_inside(_sp_state)
                 return _sp_answer
 """
 

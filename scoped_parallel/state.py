@@ -7,7 +7,13 @@ getter name of :mod:`scoped_parallel.getters.table` from that table (Megatron's 
 DeepSpeed's names, through :class:`~scoped_parallel.getters.Getters`), and is made
 current with ``with state.activate():``. It is a complete DeepSpeed ``mpu``:
 ``deepspeed.initialize(model=..., mpu=state)``. This module also checks the
-constructor's arguments before any communication and builds the DeviceMesh view.
+constructor's arguments before any communication.
+
+A state is three parts, each public and each with one job: ``state.layout`` (the pure
+rank math), ``state.groups`` (a :class:`~scoped_parallel.groups.view.GroupView`, this
+rank's view of the group table, all the getters read) and ``state.store`` (a
+:class:`~scoped_parallel.store.StateStore`, the adapters' records, Megatron's override
+values and memoized answers).
 
 Worked example on 8 ranks, ``ParallelState(name="actor", tensor_model_parallel_size=2,
 pipeline_model_parallel_size=2)`` (so data parallel size 2). On rank 5:
@@ -25,6 +31,7 @@ getter                                       rank 5 sees
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable
@@ -34,23 +41,20 @@ import torch.distributed as dist
 from scoped_parallel import scope
 from scoped_parallel.errors import (
     DistributedNotInitializedError,
-    GroupNotAvailableError,
     LayoutError,
-    RankNotInLayoutError,
     ScopedParallelError,
-    UnsupportedSetupError,
     describe_state,
 )
 from scoped_parallel.getters import Getters
-from scoped_parallel.getters.table import OVERRIDE_KEYS
 from scoped_parallel.groups import table as group_table
-from scoped_parallel.groups import torch_compat as compat
 from scoped_parallel.groups.plan import StateSpec
+from scoped_parallel.groups.view import GroupView
 from scoped_parallel.layout.axes import AXES
 from scoped_parallel.layout.checks import DEFAULT_ORDER, as_int
-from scoped_parallel.layout.grid import DENSE_AXES, ParallelLayout
+from scoped_parallel.layout.grid import ParallelLayout
 from scoped_parallel.layout.kinds import normalise_kind
 from scoped_parallel.layout.optional import OptionalGroups
+from scoped_parallel.store import StateStore
 
 __all__ = ["ParallelState"]
 
@@ -139,21 +143,15 @@ class ParallelState(Getters):
         )
         self._name = name
         self._rank = dist.get_rank()
-        self._destroyed = False
-        #: per-state data of the adapters, by owner (see adapter_record); cleared by destroy()
-        self._adapter_records: dict[str, Any] = {}
-        #: answers memoized by scoped_parallel.dispatch.dispatching(memoize=True)
-        self._memo: dict[Any, Any] = {}
-        #: values set with Megatron's setters in this state's scope (see set_override)
-        self._overrides: dict[str, Any] = {}
-        # An empty table until build() returns: messages raised during the build may describe
+        describe = _describer(self)
+        #: the adapters' records, Megatron's override values and memoized answers (one store)
+        self.store = StateStore(describe)
+        # An empty view until build() returns: messages raised during the build may describe
         # the state, and a failed build leaves nothing held.
-        self._table = group_table.GroupTable()
-        self._entries = self._table.entries  # the hot getters' one dict lookup
-        self._table, self._tag = group_table.build(
-            self._spec, optional, self._rank, world, lambda: describe_state(self)
-        )
-        self._entries = self._table.entries
+        #: this rank's view of the group table: what every getter reads
+        self.groups = GroupView(group_table.GroupTable(), self._layout, self._rank, describe)
+        self._table, self._tag = group_table.build(self._spec, optional, self._rank, world, describe)
+        self.groups = GroupView(self._table, self._layout, self._rank, describe)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> ParallelState:
@@ -185,17 +183,10 @@ class ParallelState(Getters):
         state after its ranks have used it (or passed a barrier); a gloo group destroyed right
         after its creation can close the sockets of a slower peer that is still connecting it.
         """
-        if self._destroyed:
+        if self.groups.closed:
             return
-        self._destroyed = True
-        for record in list(self._adapter_records.values()):  # e.g. a refit plan cache shared with another state
-            # looked up on the type: a record may answer attribute reads itself (compat's
-            # handle raises its own error for any name once its state is destroyed)
-            hook = getattr(type(record), "state_destroyed", None)
-            if hook is not None:
-                hook(record, self)
-        self._adapter_records.clear()  # adapters may cache answers derived from the groups
-        self._memo.clear()
+        self.groups.close()
+        self.store.close(self)  # adapters may cache answers derived from the groups
         self._table.release()
 
     def set_override(self, key: str, value: Any) -> None:
@@ -210,19 +201,11 @@ class ParallelState(Getters):
             state.set_override("tp_size", 4)
             state.get_tensor_model_parallel_world_size()   # 4
         """
-        if key not in OVERRIDE_KEYS:
-            raise ValueError(f"unknown override key {key!r}; the keys are {sorted(OVERRIDE_KEYS)}")
-        if value is None:
-            self._overrides.pop(key, None)
-        else:
-            self._overrides[key] = value
-        self._memo.clear()  # memoized getter answers may depend on it
+        self.store.set_override(key, value)
 
     def override(self, key: str) -> Any:
         """The value :meth:`set_override` set for ``key`` in this state, or ``None``."""
-        if key not in OVERRIDE_KEYS:
-            raise ValueError(f"unknown override key {key!r}; the keys are {sorted(OVERRIDE_KEYS)}")
-        return self._overrides.get(key)
+        return self.store.override(key)
 
     def adapter_record(self, owner: str, factory: Callable[[ParallelState], Any]) -> Any:
         """The per-state data of adapter ``owner``: ``factory(state)`` on first use, then the same object.
@@ -233,15 +216,7 @@ class ParallelState(Getters):
 
             record = state.adapter_record("deepspeed", Record)   # Record(state) once per state
         """
-        try:
-            return self._adapter_records[owner]  # type: ignore[no-any-return]
-        except KeyError:
-            if self._destroyed:
-                raise GroupNotAvailableError(
-                    f"{describe_state(self)} was destroyed; adapter {owner!r} cannot keep data for it"
-                ) from None
-            record = self._adapter_records[owner] = factory(self)
-            return record
+        return self.store.record(owner, factory, self)
 
     # ------------------------------------------------------------------ identity
 
@@ -268,12 +243,17 @@ class ParallelState(Getters):
     @property
     def destroyed(self) -> bool:
         """Whether :meth:`destroy` was called."""
-        return self._destroyed
+        return self.groups.closed
+
+    @property
+    def optional_groups(self) -> OptionalGroups:
+        """The Megatron options for optional groups this state was built with (:mod:`scoped_parallel.layout.optional`)."""
+        return self._optional
 
     def __repr__(self) -> str:
         sizes = repr(self._layout)[len("ParallelLayout(") : -1]
         where = f"rank {self._rank}" if self.is_member else f"rank {self._rank} (not a member)"
-        gone = ", destroyed" if self._destroyed else ""
+        gone = ", destroyed" if self.groups.closed else ""
         head = f"{self._name!r}, " if self._name else ""
         return f"ParallelState({head}{sizes}; {where}{gone})"
 
@@ -283,7 +263,7 @@ class ParallelState(Getters):
         ``with actor.activate(): ...`` — nestable, exception-safe, per thread and per
         asyncio task (see the README's scope rules).
         """
-        if self._destroyed:
+        if self.groups.closed:
             raise ScopedParallelError(
                 f"{describe_state(self)} was destroyed and cannot be activated; build a new ParallelState "
                 "(with the same arguments on every rank) if you need its layout again"
@@ -305,78 +285,31 @@ class ParallelState(Getters):
         """Undo :meth:`bind`; return the engine."""
         return scope.unbind(self, engine)
 
-    def device_mesh(self, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
-        """A ``torch.distributed.device_mesh.DeviceMesh`` over this state's own groups.
-
-        No communicator is created: each mesh dimension is the state's group of that axis.
-        ``dims`` names the dimensions, outermost first, from ``tp``, ``cp``, ``sp``, ``dp``,
-        ``pp``; by default every axis of size > 1 in the layout's order, slowest first
-        (e.g. ``("pp", "dp", "tp")`` for the default order), or ``("dp",)`` when all are 1.
-        Every axis of size > 1 must be named, so the mesh covers exactly the state's ranks.
-        """
-        return _device_mesh(self, dims, device_type)
-
     # ------------------------------------------------------------------ groups by kind
-
-    def _require(self, kind: str) -> str:
-        """``kind`` canonical, when this rank holds its group; else the explanatory error."""
-        if self._destroyed:
-            raise GroupNotAvailableError(
-                f"{describe_state(self)} was destroyed; its groups are gone. Build a new ParallelState "
-                "to use this layout again"
-            )
-        if not self.is_member:
-            lo = self._layout.rank_offset
-            raise RankNotInLayoutError(
-                f"rank {self._rank} is not part of {describe_state(self)} (ranks {lo}..{lo + self._layout.world_size - 1}), "
-                "so it holds none of its groups; only call its getters on its own ranks "
-                "(check state.is_member)."
-            )
-        kind = normalise_kind(kind)
-        if kind not in self._entries:
-            if kind in ("embd", "pos-embd"):
-                raise GroupNotAvailableError(
-                    f"rank {self._rank} is not in an {kind!r} group of {describe_state(self)} (only the "
-                    "first/last pipeline stages are); check is_rank_in_embedding_group() first."
-                )
-            raise GroupNotAvailableError(
-                f"{describe_state(self)} holds no {kind!r} group; it holds {sorted(self._table.kinds())}."
-            )
-        return kind
 
     def group(self, kind: str) -> Any:
         """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
-        return self._entries[self._require(kind)].group
+        return self.groups.group(kind)
 
     def ranks(self, kind: str) -> tuple[int, ...]:
         """Global ranks of this rank's ``kind`` group."""
-        return self._entries[self._require(kind)].ranks
+        return self.groups.ranks(kind)
 
     def size(self, kind: str) -> int:
         """How many ranks this rank's ``kind`` group has."""
-        return len(self.ranks(kind))
+        return self.groups.size(kind)
 
     def rank_in(self, kind: str) -> int:
         """This rank's index inside its ``kind`` group."""
-        return self._entries[self._require(kind)].index
+        return self.groups.index(kind)
 
     def kinds(self) -> tuple[str, ...]:
         """The group kinds this rank holds."""
-        return self._table.kinds()
+        return self.groups.kinds()
 
     def gloo_group(self, kind: str) -> Any:
         """The gloo twin of ``kind`` (dp, dp-cp or edp) built with ``create_gloo_process_groups=True``."""
-        if kind.startswith("intra-"):  # the twin of a partial (one optimizer instance) group
-            self._require("tp")
-        else:
-            kind = self._require(kind)
-        entry = self._entries.get(group_table.GLOO + kind)
-        if entry is None:
-            raise GroupNotAvailableError(
-                f"{describe_state(self)} has no gloo twin of {kind!r}; build it with "
-                "create_gloo_process_groups=True (twins exist for dp, dp-cp and edp)."
-            )
-        return entry.group
+        return self.groups.gloo(kind)
 
     def derived_groups(self, purpose: str, rank_sets: Any) -> tuple[Any, ...]:
         """Process groups over ``rank_sets`` (each a subset of the state's ranks holding this rank).
@@ -385,44 +318,17 @@ class ParallelState(Getters):
         and all-to-all groups), built like the state's own: member-only (every member of a set
         calls this with the same ``purpose``), shared with an identical group, in the one
         global order, once per ``(purpose, ranks)``, kept in the state's group table and
-        released by :meth:`destroy`. Returns the groups in the order of ``rank_sets``.
+        released by :meth:`destroy`. Returns the groups in the order of ``rank_sets``
+        (see ``scoped_parallel.groups.table.derive``).
         """
-        self._require("dp")  # destroyed or not a member: the explanatory error
-        if compat.bound_device() is not None:
-            raise UnsupportedSetupError(
-                f"derived_groups({purpose!r}) on {describe_state(self)}: the default group is bound to a "
-                "device, so groups can only be split collectively from it, and derived groups are created "
-                "on their members only. Initialize the default group without device_id to use them."
-            )
-        wanted = _derived_rank_sets(purpose, rank_sets, self._rank, self._layout, describe_state(self))
-        return group_table.derive(self._table, self._spec, self._tag, purpose, wanted)
+        self.groups.check_member()  # destroyed or not a member: the explanatory error
+        return group_table.derive(self._table, self._spec, self._tag, purpose, rank_sets, describe_state(self))
 
-    # Fast versions of group/ranks/size/rank_in for the getters: ``kind`` is canonical
-    # there, so one dict lookup answers; anything unusual (destroyed, non-member,
-    # missing kind) takes the slow path, which raises the explanatory error.
-    def _kind_group(self, kind: str) -> Any:
-        try:
-            return self._entries[kind].group
-        except KeyError:
-            return self.group(kind)
 
-    def _kind_ranks(self, kind: str) -> tuple[int, ...]:
-        try:
-            return self._entries[kind].ranks
-        except KeyError:
-            return self.ranks(kind)
-
-    def _kind_size(self, kind: str) -> int:
-        try:
-            return len(self._entries[kind].ranks)
-        except KeyError:
-            return self.size(kind)
-
-    def _kind_rank(self, kind: str) -> int:
-        try:
-            return self._entries[kind].index
-        except KeyError:
-            return self.rank_in(kind)
+def _describer(state: ParallelState) -> Callable[[], str]:
+    """How the state's view and store name it in messages (a weak reference: no cycle keeps it alive)."""
+    ref = weakref.ref(state)
+    return lambda: describe_state(ref())
 
 
 # ---------------------------------------------------------------------- constructor arguments
@@ -499,68 +405,6 @@ def _keyword_signature(init: Any) -> inspect.Signature:
         P("rank_offset", P.KEYWORD_ONLY, default=0, annotation="int"),
     ]
     return base.replace(parameters=params)
-
-
-def _derived_rank_sets(
-    purpose: str, rank_sets: Any, rank: int, layout: ParallelLayout, label: str
-) -> list[tuple[int, ...]]:
-    """Check the rank sets of ``ParallelState.derived_groups``: each holds ``rank``, inside the layout."""
-    wanted: list[tuple[int, ...]] = []
-    for ranks in rank_sets:
-        ranks = tuple(int(r) for r in ranks)
-        if rank not in ranks or len(set(ranks)) != len(ranks):
-            raise ValueError(
-                f"derived_groups({purpose!r}): {ranks} must be distinct ranks holding this rank "
-                f"({rank}); pass only the groups this rank belongs to"
-            )
-        outside = [r for r in ranks if not layout.contains(r)]
-        if outside:
-            raise ValueError(
-                f"derived_groups({purpose!r}): ranks {outside} of {ranks} are not ranks of "
-                f"{label}; derived groups stay inside the state's ranks"
-            )
-        wanted.append(ranks)
-    return wanted
-
-
-# ---------------------------------------------------------------------- the DeviceMesh view
-
-
-def _device_mesh(state: ParallelState, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
-    """:meth:`ParallelState.device_mesh` (see there): no communicator is created."""
-    import torch
-    from torch.distributed.device_mesh import DeviceMesh
-
-    state._require("tp")
-    sizes = state.layout.sizes()
-    tokens = [t for t in state.layout.order.split("-") if t in DENSE_AXES]
-    if dims is None:
-        dims = tuple(t for t in reversed(tokens) if sizes[t] > 1) or ("dp",)
-    dims = tuple(dims)
-    bad = [d for d in dims if d not in tokens]
-    missing = [t for t in tokens if sizes[t] > 1 and t not in dims]
-    if bad or missing or len(set(dims)) != len(dims):
-        raise LayoutError(
-            f"device_mesh(dims={dims!r}): dims must be distinct axes from {tokens} and include "
-            f"every axis of size > 1 ({[t for t in tokens if sizes[t] > 1]}); "
-            f"unknown: {bad}, missing: {missing}"
-        )
-    # Ranks of the state as a grid with one dimension per order token, slowest first.
-    grid = torch.arange(state.layout.world_size, dtype=torch.int).reshape(
-        [sizes[t] for t in reversed(tokens)]
-    ) + state.layout.rank_offset
-    axes = list(reversed(tokens))
-    keep = list(dims) + [t for t in axes if t not in dims]
-    mesh = grid.permute([axes.index(t) for t in keep]).reshape([sizes[t] for t in dims])
-    if device_type is None:
-        device_type = "cuda" if str(dist.get_backend(state.group(dims[0]))) == "nccl" else "cpu"
-    groups = [state.group(d) for d in dims]
-    return DeviceMesh.from_group(
-        groups if len(groups) > 1 else groups[0],
-        device_type,
-        mesh=mesh if len(groups) > 1 else mesh.reshape(-1).tolist(),
-        mesh_dim_names=dims,
-    )
 
 
 ParallelState.__init__.__signature__ = _keyword_signature(ParallelState.__init__)  # type: ignore[attr-defined]

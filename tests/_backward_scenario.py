@@ -11,15 +11,17 @@ import contextlib
 import threading
 from typing import Any, Callable, Iterator
 
+from scoped_parallel.store import StateStore
+
 TIMEOUT = 60.0
 
 
 class Stub:
-    """A stand-in state: a name, a memo for patched getters, and ``activate()``."""
+    """A stand-in state: a name, a store for patched getters' memo, and ``activate()``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._memo: dict[Any, Any] = {}
+        self.store = StateStore(lambda: name)  # what patched getters memoize in
 
     def activate(self) -> Any:
         from scoped_parallel.scope import Activation

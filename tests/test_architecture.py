@@ -170,11 +170,11 @@ CORE = sorted(n for n in SOURCES if not n.startswith(("scoped_parallel.adapters"
 
 @pytest.mark.parametrize("name", CORE)
 def test_the_core_never_imports_an_adapter_or_a_target_library(name):
-    """The core knows nothing of the adapters, DeepSpeed or transformers (megatron-core only lazily in getters.megatron)."""
+    """The core knows nothing of the adapters, DeepSpeed or transformers (megatron-core only lazily, in getters.views)."""
     bad = sorted(
         f"{t} (line {line})" for t, _, line in _imports(name)
         if t.startswith("scoped_parallel.adapters") or t.split(".")[0] in ("deepspeed", "transformers")
-        or (t.split(".")[0] == "megatron" and name != "scoped_parallel.getters.megatron")
+        or (t.split(".")[0] == "megatron" and name != "scoped_parallel.getters.views")
     )
     assert bad == [], f"{name} imports {bad}"
 
@@ -191,3 +191,87 @@ def test_adapters_use_only_public_names_of_the_core(name):
         and (any(part.startswith("_") for part in t.split(".")) or n.startswith("_"))
     )
     assert private == [], f"{name} uses private core names {private}"
+
+
+# ---------------------------------------------------------------- no reach into another module's private names
+#
+# A private name (``_x``, not a dunder) belongs to the module that defines it: a function or
+# class, a module or class attribute, an attribute set on ``self``/``cls``, or a ``__slots__``
+# entry (declarations under ``if TYPE_CHECKING:`` define nothing). Reading ``obj._x`` where
+# ``_x`` is defined by another project module and not by this one is a reach into that
+# module's insides (``self._x`` included: a mixin using its subclass's fields). Private names
+# of the libraries the adapters re-point (DeepSpeed's, megatron-core's, torch's) are not
+# defined here, so the rule leaves them to the adapters.
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _assigned(target: ast.AST) -> list[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for e in target.elts for n in _assigned(e)]
+    if isinstance(target, ast.Starred):
+        return _assigned(target.value)
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in ("self", "cls"):
+        return [target.attr]
+    return []
+
+
+def _outside_type_checking(tree: ast.AST):
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _private_definitions(tree: ast.AST) -> set[str]:
+    found: set[str] = set()
+    for node in _outside_type_checking(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found.update(n for t in targets for n in _assigned(t))
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets):
+                found.update(c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return {n for n in found if _private(n)}
+
+
+def _private_reaches(sources: dict[str, str]) -> dict[str, list[str]]:
+    """Per module (name -> source text), its ``obj._x`` reads of another module's private names."""
+    trees = {name: ast.parse(text) for name, text in sources.items()}
+    defined = {name: _private_definitions(tree) for name, tree in trees.items()}
+    out: dict[str, list[str]] = {}
+    for name, tree in trees.items():
+        others = set().union(*(d for n, d in defined.items() if n != name))
+        reaches = sorted(
+            f"{ast.unparse(node)} (line {node.lineno})" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and _private(node.attr)
+            and node.attr not in defined[name] and node.attr in others
+        )
+        if reaches:
+            out[name] = reaches
+    return out
+
+
+def test_no_module_reads_another_modules_private_names():
+    """No module of the core or the adapters reads a private attribute another project module defines."""
+    reaches = _private_reaches({name: path.read_text() for name, path in SOURCES.items()})
+    assert reaches == {}, f"reads of other modules' private names: {reaches}"
+
+
+def test_the_private_reach_finder_finds_a_reach():
+    """The check above can fail: a mixin using its subclass's field, and a module reading another's, are reported;
+    a module's own private names and a third-party private name are not."""
+    owner = "class State:\n    def __init__(self):\n        self._memo = {}\n        self._groups = None\n"
+    mixin = "class Getters:\n    if TYPE_CHECKING:\n        _groups: dict\n    def size(self):\n        return len(self._groups)\n"
+    reader = "import torch\ndef forget(state):\n    state._memo.clear()\n    return torch._C\n_mine = 1\ndef own(x):\n    return x._mine\n"
+    got = _private_reaches({"state": owner, "getters": mixin, "dispatch": reader})
+    assert got == {"getters": ["self._groups (line 5)"], "dispatch": ["state._memo (line 3)"]}, got

@@ -3,12 +3,12 @@
 Each side is described compactly (:func:`~scoped_parallel.adapters.megatron_reshard.names.describe`),
 broadcast once from one rank per pipeline stage and expert slot
 (:class:`~scoped_parallel.refit.staged.StageCopies` ``leads``), merged and checked on every
-rank alike, and :func:`~scoped_parallel.refit.tiled.plan_tiled_local` plans this rank's part.
+rank alike, and :func:`~scoped_parallel.refit.tiled.plan_tiled_local` plans this rank's part;
+the steps around these are :class:`~scoped_parallel.refit.per_rank.PerRankBackend`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -18,36 +18,34 @@ import torch.distributed as dist
 from scoped_parallel.adapters.megatron_reshard import checks
 from scoped_parallel.adapters.megatron_reshard.names import chunks_of, describe, global_named, is_megatron_model
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, pieces_match, resolve_casts
-from scoped_parallel.refit.execute import (
-    agree, confirm_part, from_each, participants, participants_group, peak_staging, relay_groups, run_plan,
-)
+from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, resolve_casts
+from scoped_parallel.refit.execute import agree, from_each
+from scoped_parallel.refit.per_rank import BUCKET_BYTES, Holdings, PerRankBackend
 from scoped_parallel.refit.staged import StageCopies, TensorRow, merge, own_problems, tiled_tensors
 from scoped_parallel.refit.tiled import plan_tiled_local
 
 __all__ = ["MegatronBackend"]
 
 
-#: the bucket the plan's staging figure assumes (the executor's default)
-_BUCKET = 1 << 26
-
-
-class MegatronBackend:
+class MegatronBackend(PerRankBackend):
     """The ``"megatron"`` reshard backend: each rank plans its own part (see the module docstring)."""
 
     name = "megatron"
-    #: the states may lie on other, overlapping or partial rank sets of the world
-    partial_ranks = True
+    notes = (
+        "planner: scoped_parallel.refit.tiled.plan_tiled_local (each rank plans its own part from both layouts' "
+        "descriptions, broadcast once from one rank per pipeline stage and expert slot); executor: "
+        "scoped_parallel.refit.execute.run_plan; a source split on its first dimension into replicas on the same "
+        "ranks is one all-gather per bucket over its TP group"
+    )
 
     def claims(self, model: Any) -> bool:
         """Whether every chunk of ``model`` (unwrapped) is a megatron-core ``MegatronModule``."""
         return is_megatron_model(model)
 
-    def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
-        """This rank's part of the checked plan (collective over the ranks of both states)."""
-        ranks = participants(src_state, dst_state)
-        group = participants_group(src_state, dst_state, ranks)
-        me = dist.get_rank()
+    def plan_part(self, me: int, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, cast: CastSpec,
+                  ranks: tuple[int, ...], group: Any) -> ReshardPlan:
+        """Describe each side as :class:`~scoped_parallel.refit.staged.TensorRow` s, share them from
+        one lead per pipeline stage and expert slot, check, and plan this rank's part."""
         local: list[str] = []
         sides = []
         for role, model, state in (("source", src_model, src_state), ("destination", dst_model, dst_state)):
@@ -74,26 +72,12 @@ class MegatronBackend:
         casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         everywhere += cast_problems
         agree(local, group, "this pair of Megatron models", everywhere=everywhere)
+        return plan_tiled_local(me, tiled_tensors(src, dst, casts), src_copies, dst_copies, backend="megatron", participants=ranks)
 
-        part = plan_tiled_local(me, tiled_tensors(src, dst, casts), src_copies, dst_copies, backend="megatron", participants=ranks)
-        confirm_part(part, group)
-        notes = (
-            "planner: scoped_parallel.refit.tiled.plan_tiled_local (each rank plans its own part from both layouts' "
-            "descriptions, broadcast once from one rank per pipeline stage and expert slot); executor: "
-            "scoped_parallel.refit.execute.run_plan; a source split on its first dimension into replicas on the same "
-            f"ranks is one all-gather per bucket over its TP group; staging: peak extra bytes with bucket_bytes={_BUCKET}",
-        )
-        return dataclasses.replace(part, staging={me: peak_staging(part, _BUCKET)}, notes=notes)
-
-    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                bucket_bytes: int = _BUCKET, service: Any = None) -> dict[int, int] | None:
-        """Run this rank's part of ``plan``; returns the bytes sent by peer, or None on every
-        rank when the models no longer hold the planned pieces (nothing moved)."""
-        if service is not None:  # the same on every rank: all raise before anything moves
-            raise ReshardError("reshard(..., service=...) runs megatron-core's own executor on megatron-core's own plan: "
-                               "pass backend='megatron-core' as well (nothing was moved)")
+    def hold(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any) -> Holdings:
+        """Both models' tensors under canonical names, after finishing their parameter gathers;
+        the source's TP and expert-TP groups gather a source split into replicas."""
         rank = dist.get_rank()
-        group = participants_group(src_state, dst_state, participants(src_state, dst_state))
         held = []
         for model, state, role in ((src_model, src_state, "source"), (dst_model, dst_state, "destination")):
             if model is not None:  # before any weight is read or written: the last step on every shard
@@ -104,11 +88,16 @@ class MegatronBackend:
         def pieces(tensors: dict[str, torch.Tensor]) -> list[Piece]:
             return [Piece(rank, n, tuple(t.shape), t.element_size()) for n, t in tensors.items()]
 
-        if not pieces_match(plan, pieces(src), pieces(dst), group=group):
-            return None
-        gather_groups = relay_groups(plan, src_state, dst_state)
+        gather_groups = {}
         if src_model is not None:
-            gather_groups.update({src_state.ranks(k): src_state.group(k) for k in ("tp", "etp") if k in src_state.kinds()})
-        return run_plan(plan, src, dst, group=group, bucket_bytes=bucket_bytes, gather_groups=gather_groups)
+            gather_groups = {src_state.ranks(k): src_state.group(k) for k in ("tp", "etp") if k in src_state.kinds()}
+        return Holdings(src, dst, pieces(src), pieces(dst), gather_groups)
 
-
+    def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
+                bucket_bytes: int = BUCKET_BYTES, service: Any = None) -> dict[int, int] | None:
+        """Run this rank's part of ``plan`` (:meth:`~scoped_parallel.refit.per_rank.PerRankBackend.execute`); ``service=`` belongs to
+        the ``"megatron-core"`` backend."""
+        if service is not None:  # the same on every rank: all raise before anything moves
+            raise ReshardError("reshard(..., service=...) runs megatron-core's own executor on megatron-core's own plan: "
+                               "pass backend='megatron-core' as well (nothing was moved)")
+        return super().execute(plan, src_model, src_state, dst_model, dst_state, bucket_bytes=bucket_bytes)

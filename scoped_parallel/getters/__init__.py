@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from scoped_parallel.getters.megatron import COLLECTION_FIELDS, MegatronMethods
+from scoped_parallel.getters.megatron import MegatronMethods
 from scoped_parallel.getters.table import FIRST, GETTERS, GROUP, KIND_TEXT, LAST, RANK, RANKS, SIZE, Getter
 
-__all__ = ["COLLECTION_FIELDS", "GETTERS", "Getter", "Getters"]
+__all__ = ["GETTERS", "Getter", "Getters"]
 
 
 def _simple(name: str, row: Getter) -> Callable[..., Any]:
@@ -33,58 +33,64 @@ def _simple(name: str, row: Getter) -> Callable[..., Any]:
         if megatron:
 
             def method(self: Any, check_initialized: bool = True) -> Any:
-                return self._kind_group(kind)
+                return self.groups.group(kind)
 
         else:
 
             def method(self: Any) -> Any:
-                return self._kind_group(kind)
+                return self.groups.group(kind)
 
     elif answer in (SIZE, RANK) and row.override is not None:
         key = row.override
         what = "Size of this rank's" if answer == SIZE else "This rank's index in its"
         doc = f"{what} {text} group (the value set with Megatron's setter in this state's scope first)."
-        primitive = "_kind_size" if answer == SIZE else "_kind_rank"
+        if answer == SIZE:
 
-        def method(self: Any) -> Any:
-            value = self._overrides.get(key)
-            return getattr(self, primitive)(kind) if value is None else value
+            def method(self: Any) -> Any:
+                value = self.store.overrides.get(key)
+                return self.groups.size(kind) if value is None else value
+
+        else:
+
+            def method(self: Any) -> Any:
+                value = self.store.overrides.get(key)
+                return self.groups.index(kind) if value is None else value
 
     elif answer == SIZE:
         doc = f"Size of this rank's {text} group."
 
         def method(self: Any) -> Any:
-            return self._kind_size(kind)
+            return self.groups.size(kind)
 
     elif answer == RANK:
         doc = f"This rank's index in its {text} group."
 
         def method(self: Any) -> Any:
-            return self._kind_rank(kind)
+            return self.groups.index(kind)
 
     elif answer == RANKS:
         doc = f"Global ranks of this rank's {text} group."
         if megatron:
 
             def method(self: Any, check_initialized: bool = True) -> Any:
-                return self._kind_ranks(kind)
+                return self.groups.ranks(kind)
 
         else:
 
             def method(self: Any) -> Any:
-                return self._kind_ranks(kind)
+                return self.groups.ranks(kind)
 
     elif answer == FIRST:
         doc = f"Global rank of the first member of this rank's {text} group."
 
         def method(self: Any) -> Any:
-            return self._kind_ranks(kind)[0]
+            return self.groups.ranks(kind)[0]
 
     elif answer == LAST:
         doc = f"Global rank of the last member of this rank's {text} group."
 
         def method(self: Any) -> Any:
-            return self._kind_ranks(kind)[-1]
+            return self.groups.ranks(kind)[-1]
 
     else:  # pragma: no cover - the table test keeps answers valid
         raise ValueError(f"getter {name!r}: unknown answer {answer!r}")

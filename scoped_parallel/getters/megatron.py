@@ -4,9 +4,10 @@
 answer the ``METHOD`` rows of :mod:`scoped_parallel.getters.table` (variant keywords
 such as ``with_context_parallel``, the embedding groups, Megatron's optional groups and
 ``process_group_collection()``); :mod:`scoped_parallel.getters` adds a method per simple
-row. Everything is answered from the state's ``~scoped_parallel.groups.table.GroupTable``
-through the state's primitives ``_kind_group``, ``_kind_ranks``, ``_kind_size``,
-``_kind_rank`` (canonical kinds, fast) and ``_require`` (the explanatory errors).
+row. Everything is answered from two public fields of the state: ``groups``, its
+:class:`~scoped_parallel.groups.view.GroupView` (a kind's group in one dict lookup, the
+explanatory errors, Megatron's optional groups by slot), and ``store``, its
+:class:`~scoped_parallel.store.StateStore` (the values Megatron's setters wrote).
 
 Optional groups answer what megatron-core's getter of the same name answers after
 ``initialize_model_parallel`` with the same options (checked against megatron-core by
@@ -15,8 +16,8 @@ Optional groups answer what megatron-core's getter of the same name answers afte
 uses in its place (the dp-cp group as the "partial" group with one
 distributed-optimizer instance); asked for with ``check_initialized=True``, where
 Megatron's assertion fails, it raises :class:`~scoped_parallel.errors.GroupNotAvailableError`
-naming the option to set. ``~MegatronMethods.process_group_collection`` is the one
-place the core imports megatron-core, lazily, inside the method.
+naming the option to set. ``process_group_collection()`` and ``device_mesh()`` are the
+views for other libraries of :mod:`scoped_parallel.getters.views`.
 
 On rank 5 of 8 with ``tensor_model_parallel_size=2, pipeline_model_parallel_size=2``:
 ``get_data_parallel_group()`` spans (5, 7), ``get_data_parallel_src_rank()`` is 5,
@@ -29,42 +30,15 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from scoped_parallel.errors import GroupNotAvailableError, UnsupportedSetupError, describe_state
+from scoped_parallel.errors import GroupNotAvailableError, describe_state
+from scoped_parallel.getters import views
 
-__all__ = ["COLLECTION_FIELDS", "MegatronMethods"]
+if TYPE_CHECKING:
+    from scoped_parallel.groups.view import GroupView
+    from scoped_parallel.layout.optional import OptionalGroups
+    from scoped_parallel.store import StateStore
 
-#: ``ProcessGroupCollection`` field -> (state method, keyword arguments): what
-#: ``ProcessGroupCollection.use_mpu_process_groups()`` asks parallel_state for, in every
-#: supported megatron-core minor (a method of "" is Megatron's constant ``None``).
-COLLECTION_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tp": ("get_tensor_model_parallel_group", {}),
-    "pp": ("get_pipeline_model_parallel_group", {}),
-    "mp": ("get_model_parallel_group", {}),
-    "embd": ("get_embedding_group", {"check_initialized": False}),
-    "pos_embd": ("get_position_embedding_group", {"check_initialized": False}),
-    "cp": ("get_context_parallel_group", {}),
-    "tp_cp": ("get_tensor_and_context_parallel_group", {}),
-    "hcp": ("get_hierarchical_context_parallel_groups", {"check_initialized": False}),
-    "ep": ("get_expert_model_parallel_group", {}),
-    "expt_tp": ("get_expert_tensor_parallel_group", {}),
-    "tp_ep": ("get_expert_tensor_and_model_parallel_group", {}),
-    "tp_ep_pp": ("get_expert_tensor_model_pipeline_parallel_group", {}),
-    "tp_ep_pp_with_egtp_remat": ("get_expert_tensor_model_pipeline_parallel_group", {"with_egtp_remat": True}),
-    "tp_dp_cp": ("get_tensor_and_data_parallel_group", {"with_context_parallel": True}),
-    "dp": ("get_data_parallel_group", {}),
-    "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True}),
-    "dp_cp_gtp_remat": ("get_data_parallel_group", {"with_context_parallel": True}),
-    "dp_cp_ag": ("", {}),  # megatron-core 0.18+: filled by the caller from create_all_gather_groups()
-    "expt_dp": ("get_expert_data_parallel_group", {}),
-    "expt_dp_gtp_remat": ("get_expert_data_parallel_group", {}),
-    "expt_dp_ag": ("", {}),
-    "gtp_remat": ("get_gtp_weight_remat_group", {"check_initialized": False}),
-    "expt_gtp_remat": ("get_expert_gtp_weight_remat_group", {"check_initialized": False}),
-    "intra_dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, "partial_data_parallel": True}),
-    "intra_expt_dp": ("get_expert_data_parallel_group", {"partial_expert_data_parallel": True}),
-    "inter_dist_opt": ("get_inter_distributed_optimizer_instance_group", {"check_initialized": False}),
-    "intra_dist_opt": ("get_intra_distributed_optimizer_instance_group", {"check_initialized": False}),
-}
+__all__ = ["MegatronMethods"]
 
 
 class MegatronMethods:
@@ -72,53 +46,48 @@ class MegatronMethods:
 
     __slots__ = ()
 
-    if TYPE_CHECKING:  # the state's primitives (scoped_parallel.state.ParallelState)
-        _rank: int
-        _optional: Any
-        _destroyed: bool
-        _entries: dict[str, Any]
-        _overrides: dict[str, Any]
-
-        def _kind_group(self, kind: str) -> Any: ...
-        def _kind_ranks(self, kind: str) -> tuple[int, ...]: ...
-        def _kind_size(self, kind: str) -> int: ...
-        def _kind_rank(self, kind: str) -> int: ...
-        def _require(self, kind: str) -> str: ...
-        def gloo_group(self, kind: str) -> Any: ...
-        @property
-        def is_member(self) -> bool: ...
+    if TYPE_CHECKING:  # the public fields of scoped_parallel.state.ParallelState the getters read
+        groups: GroupView
+        store: StateStore
+        optional_groups: OptionalGroups
 
     # ------------------------------------------------------------------ tensor / pipeline
 
     def is_initialized(self) -> bool:
         """Whether the state still holds its groups (false after :meth:`destroy`)."""
-        return not self._destroyed
+        return not self.groups.closed
 
     def model_parallel_is_initialized(self) -> bool:
         """Whether the state holds groups on this rank (a live member)."""
-        return not self._destroyed and self.is_member
+        if self.groups.closed:
+            return False
+        try:
+            self.groups.check_member()
+        except GroupNotAvailableError:
+            return False
+        return True
 
     def get_pipeline_model_parallel_next_rank(self) -> int:
         """Global rank of the next pipeline stage (the last wraps to the first)."""
-        ranks = self._kind_ranks("pp")
-        return ranks[(self._kind_rank("pp") + 1) % len(ranks)]
+        ranks = self.groups.ranks("pp")
+        return ranks[(self.groups.index("pp") + 1) % len(ranks)]
 
     def get_pipeline_model_parallel_prev_rank(self) -> int:
         """Global rank of the previous pipeline stage (the first wraps to the last)."""
-        ranks = self._kind_ranks("pp")
-        return ranks[(self._kind_rank("pp") - 1) % len(ranks)]
+        ranks = self.groups.ranks("pp")
+        return ranks[(self.groups.index("pp") - 1) % len(ranks)]
 
     def get_virtual_pipeline_model_parallel_rank(self) -> int | None:
         """The virtual pipeline rank set with Megatron's setter in this state's scope (``None`` unset)."""
-        return self._overrides.get("vpp_rank")  # type: ignore[no-any-return]
+        return self.store.overrides.get("vpp_rank")  # type: ignore[no-any-return]
 
     def get_virtual_pipeline_model_parallel_world_size(self) -> int | None:
         """The virtual pipeline size set with Megatron's setter in this state's scope (``None`` unset)."""
-        return self._overrides.get("vpp_size")  # type: ignore[no-any-return]
+        return self.store.overrides.get("vpp_size")  # type: ignore[no-any-return]
 
     def _virtual_stage_is(self, ignore_virtual: bool, vp_stage: int | None, wanted: int) -> bool:
         """Megatron's virtual-stage test: true unless virtual stages count and ``vp_stage`` is not ``wanted``."""
-        vpp = self._overrides.get("vpp_size")
+        vpp = self.store.overrides.get("vpp_size")
         if ignore_virtual or vpp is None:
             return True
         assert vp_stage is not None, "vp_stage must be passed if virtual pipeline is enabled"
@@ -159,29 +128,27 @@ class MegatronMethods:
         separate all-gather twin of dp-cp (``create_all_gather_group=True``).
         """
         if not (with_context_parallel or partial_data_parallel):
-            entry = self._entries.get("dp")  # hot: DeepSpeed asks at every step
-            if entry is not None:
-                return entry.group
+            return self.groups.group("dp")  # hot: DeepSpeed asks at every step
         kind = self._dp_kind(with_context_parallel, partial_data_parallel)
         if partial_data_parallel:
             return self._intra_group("dp-cp")
         if with_context_parallel and independent_all_gather:
             return self._all_gather_group()
-        return self._kind_group(kind)
+        return self.groups.group(kind)
 
     def get_data_parallel_group_gloo(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False
     ) -> Any:
         """The gloo twin of this rank's data parallel group, dp x cp with ``with_context_parallel=True`` (``create_gloo_process_groups=True``)."""
         kind = self._dp_kind(with_context_parallel, partial_data_parallel)
-        return self._intra_group(kind, gloo=True) if partial_data_parallel else self.gloo_group(kind)
+        return self._intra_group(kind, gloo=True) if partial_data_parallel else self.groups.gloo(kind)
 
     def get_data_parallel_world_size(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False, with_gtp_remat: bool = True
     ) -> int:
         """Size of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
         kind = self._dp_kind(with_context_parallel, partial_data_parallel)
-        return len(self._intra_ranks(kind)) if partial_data_parallel else self._kind_size(kind)
+        return len(self._intra_ranks(kind)) if partial_data_parallel else self.groups.size(kind)
 
     def get_data_parallel_rank(
         self, with_context_parallel: bool = False, partial_data_parallel: bool = False, with_gtp_remat: bool = True
@@ -190,35 +157,35 @@ class MegatronMethods:
 
         A value set with Megatron's ``set_data_parallel_rank`` in this state's scope answers first.
         """
-        value = self._overrides.get("dp_rank")
+        value = self.store.overrides.get("dp_rank")
         if value is not None:
             return value  # type: ignore[no-any-return]
         kind = self._dp_kind(with_context_parallel, partial_data_parallel)
         if partial_data_parallel:
-            return self._intra_ranks(kind).index(self._rank)
-        return self._kind_rank(kind)
+            return self._intra_ranks(kind).index(self.groups.rank)
+        return self.groups.index(kind)
 
     def get_data_parallel_src_rank(self, with_context_parallel: bool = False) -> int:
         """Global rank of the first member of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_ranks(self._dp_kind(with_context_parallel))[0]
+        return self.groups.ranks(self._dp_kind(with_context_parallel))[0]
 
     def get_data_parallel_global_ranks(self, with_context_parallel: bool = False) -> tuple[int, ...]:
         """Global ranks of this rank's data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_ranks(self._dp_kind(with_context_parallel))
+        return self.groups.ranks(self._dp_kind(with_context_parallel))
 
     def get_tensor_and_data_parallel_group(
         self, check_initialized: bool = True, with_context_parallel: bool = False
     ) -> Any:
         """This rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self.groups.group("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_world_size(self, with_context_parallel: bool = False) -> int:
         """Size of this rank's tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_size("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self.groups.size("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_tensor_and_data_parallel_rank(self, with_context_parallel: bool = False) -> int:
         """This rank's index in its tensor and data parallel group (dp x cp with ``with_context_parallel=True``)."""
-        return self._kind_rank("tp-dp-cp" if with_context_parallel else "tp-dp")
+        return self.groups.index("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_expert_data_parallel_group(
         self, check_initialized: bool = True, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True
@@ -226,30 +193,30 @@ class MegatronMethods:
         """This rank's expert data parallel group (of its distributed-optimizer instance with ``partial_expert_data_parallel=True``)."""
         if partial_expert_data_parallel:
             return self._intra_group("edp")
-        return self._kind_group("edp")
+        return self.groups.group("edp")
 
     def get_expert_data_parallel_group_gloo(self, partial_expert_data_parallel: bool = False) -> Any:
         """The gloo twin of this rank's expert data parallel group (``create_gloo_process_groups=True``)."""
         if partial_expert_data_parallel:
             return self._intra_group("edp", gloo=True)
-        return self.gloo_group("edp")
+        return self.groups.gloo("edp")
 
     def get_expert_data_parallel_world_size(self, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True) -> int:
         """Size of this rank's expert data parallel group."""
-        return len(self._intra_ranks("edp")) if partial_expert_data_parallel else self._kind_size("edp")
+        return len(self._intra_ranks("edp")) if partial_expert_data_parallel else self.groups.size("edp")
 
     def get_expert_data_parallel_rank(self, partial_expert_data_parallel: bool = False, with_gtp_remat: bool = True) -> int:
         """This rank's index in its expert data parallel group."""
         if partial_expert_data_parallel:
-            return self._intra_ranks("edp").index(self._rank)
-        return self._kind_rank("edp")
+            return self._intra_ranks("edp").index(self.groups.rank)
+        return self.groups.index("edp")
 
     def get_expert_tensor_model_pipeline_parallel_group(
         self, check_initialized: bool = True, with_egtp_remat: bool = False
     ) -> Any:
         """This rank's expert tensor x expert model x pipeline parallel group (the same with
         ``with_egtp_remat=True``: every state's expert GTP size is 1)."""
-        return self._kind_group("etp-ep-pp")
+        return self.groups.group("etp-ep-pp")
 
     # megatron-core 0.19's generalized tensor parallelism with weight rematerialisation (GTP):
     # a state has no GTP axis, so its GTP groups are Megatron's for gtp_remat_size=1, a group of
@@ -262,18 +229,18 @@ class MegatronMethods:
 
     def get_gtp_weight_remat_world_size(self) -> int:
         """1: a state has no GTP axis (megatron-core 0.19's gtp_remat_size=1)."""
-        self._require("tp")
+        self.groups.check_member()
         return 1
 
     def get_gtp_weight_remat_rank(self) -> int:
         """0: this rank is its GTP group's only member."""
-        self._require("tp")
+        self.groups.check_member()
         return 0
 
     def get_gtp_weight_remat_global_ranks(self, check_initialized: bool = True) -> tuple[int, ...]:
         """``(this rank,)``: the members of this rank's GTP group."""
-        self._require("tp")
-        return (self._rank,)
+        self.groups.check_member()
+        return (self.groups.rank,)
 
     def get_expert_gtp_weight_remat_group(self, check_initialized: bool = True) -> Any:
         """The expert twin of :meth:`get_gtp_weight_remat_group` (the same group of this rank alone)."""
@@ -297,40 +264,40 @@ class MegatronMethods:
         With virtual stages counted (``ignore_virtual=False``), only for the first virtual
         stage on the first rank of the group and the last one on its last rank, as in Megatron.
         """
-        self._require("tp")
-        entry = self._entries.get("embd")
-        if entry is None:
+        if not self.groups.holds("embd"):
             return False
+        entry = self.groups.entry("embd")
         if ignore_virtual:
             return True
-        if self._rank == entry.ranks[0]:
+        if self.groups.rank == entry.ranks[0]:
             return self.is_pipeline_first_stage(False, vp_stage)
-        if self._rank == entry.ranks[-1]:
+        if self.groups.rank == entry.ranks[-1]:
             return self.is_pipeline_last_stage(False, vp_stage)
         return True
 
     def is_rank_in_position_embedding_group(self) -> bool:
         """Whether this rank holds a position-embedding group (first pipeline stage)."""
-        self._require("tp")
-        return "pos-embd" in self._entries
+        return self.groups.holds("pos-embd")
 
     def get_embedding_group(self, check_initialized: bool = True) -> Any:
         """This rank's word-embedding group (``None`` off the embedding stages with ``check_initialized=False``, as in Megatron)."""
-        if not check_initialized and self._require("tp") and "embd" not in self._entries:
+        if not check_initialized and not self.groups.holds("embd"):
             return None
-        return self._kind_group("embd")
+        return self.groups.group("embd")
 
     def get_position_embedding_group(self, check_initialized: bool = True) -> Any:
         """This rank's position-embedding group (``None`` off the first stage with ``check_initialized=False``, as in Megatron)."""
-        if not check_initialized and self._require("tp") and "pos-embd" not in self._entries:
+        if not check_initialized and not self.groups.holds("pos-embd"):
             return None
-        return self._kind_group("pos-embd")
+        return self.groups.group("pos-embd")
 
     # ------------------------------------------------------------------ optional groups
 
     def _opt_group(self, slot: str) -> Any:
-        self._require("tp")  # destroyed / not a member: the explanatory error
-        return self._entries["opt:" + slot].group
+        entry = self.groups.optional(slot)  # destroyed / not a member: the explanatory error
+        if entry is None:
+            raise GroupNotAvailableError(f"{describe_state(self)} holds no optional group {slot!r}")
+        return entry.group
 
     def _missing(self, what: str, option: str) -> GroupNotAvailableError:
         return GroupNotAvailableError(
@@ -341,17 +308,16 @@ class MegatronMethods:
 
     def _intra_ranks(self, kind: str) -> tuple[int, ...]:
         """Ranks of the partial (one optimizer instance) ``kind`` group: ``dp-cp`` or ``edp``."""
-        self._require("tp")
-        entry = self._entries.get("opt:intra-" + kind)
-        return entry.ranks if entry is not None else self._kind_ranks(kind)
+        entry = self.groups.optional("intra-" + kind)
+        return entry.ranks if entry is not None else self.groups.ranks(kind)
 
     def _intra_group(self, kind: str, gloo: bool = False) -> Any:
         """The partial ``kind`` group; with one instance Megatron's answer is the full group."""
         slot = "intra-" + kind
-        if "opt:" + slot not in self._entries:
-            return self.gloo_group(kind) if gloo else self._kind_group(kind)
+        if self.groups.optional(slot) is None:
+            return self.groups.gloo(kind) if gloo else self.groups.group(kind)
         if gloo:
-            return self.gloo_group(slot)
+            return self.groups.gloo(slot)
         return self._opt_group(slot)
 
     def get_intra_distributed_optimizer_instance_group(self, check_initialized: bool = True) -> Any:
@@ -361,19 +327,19 @@ class MegatronMethods:
     def get_inter_distributed_optimizer_instance_group(self, check_initialized: bool = True) -> Any:
         """The group across distributed-optimizer instances (expert data parallel ranks that
         hold the same shard); ``None`` with one instance, as in Megatron."""
-        if "opt:inter-edp" in self._entries:
-            return self._opt_group("inter-edp")
-        self._require("tp")
+        entry = self.groups.optional("inter-edp")
+        if entry is not None:
+            return entry.group
         if check_initialized:
             raise self._missing("inter distributed-optimizer instance group", "num_distributed_optimizer_instances=2")
         return None
 
     def get_hierarchical_context_parallel_groups(self, check_initialized: bool = True) -> Any:
         """The context parallel sub-groups of each level (``hierarchical_context_parallel_sizes``)."""
-        levels = len(self._optional.hierarchical_context_parallel_sizes)
+        levels = len(self.optional_groups.hierarchical_context_parallel_sizes)
         if levels:
             return [self._opt_group(f"hcp/{level}") for level in range(levels)]
-        self._require("tp")
+        self.groups.check_member()
         if check_initialized:
             raise self._missing("hierarchical context parallel groups", "hierarchical_context_parallel_sizes=[...]")
         return None
@@ -381,34 +347,33 @@ class MegatronMethods:
     def get_hybrid_data_context_parallel_groups(self, check_initialized: bool = True, group_size: int | None = None) -> Any:
         """The hybrid data x context parallel group of ``group_size`` ranks holding this rank
         (the dp-cp group itself when ``group_size`` is its size)."""
-        if len(self._kind_ranks("dp-cp")) == group_size:
-            return self._kind_group("dp-cp")
-        slot = f"hybrid/{group_size}"
-        if "opt:" + slot in self._entries:
-            return self._opt_group(slot)
-        if not self._optional.hybrid_context_parallel:
+        if len(self.groups.ranks("dp-cp")) == group_size:
+            return self.groups.group("dp-cp")
+        entry = self.groups.optional(f"hybrid/{group_size}")
+        if entry is not None:
+            return entry.group
+        if not self.optional_groups.hybrid_context_parallel:
             raise self._missing(f"hybrid data x context parallel group of size {group_size!r}", "hybrid_context_parallel=True")
-        sizes = sorted(int(k.split("/")[1]) for k in self._entries if k.startswith("opt:hybrid/"))
+        sizes = sorted(int(slot.split("/")[1]) for slot in self.groups.optional_slots("hybrid/"))
         raise GroupNotAvailableError(
             f"{describe_state(self)} has no hybrid data x context parallel group of size {group_size!r}; "
-            f"Megatron builds sizes {sizes} and {len(self._kind_ranks('dp-cp'))} (the dp-cp group)"
+            f"Megatron builds sizes {sizes} and {len(self.groups.ranks('dp-cp'))} (the dp-cp group)"
         )
 
     def has_separate_all_gather_group(self) -> bool:
         """Whether the state has a separate all-gather twin of dp-cp (``create_all_gather_group=True``)."""
-        self._require("tp")
-        return "opt:dp-cp/ag" in self._entries
+        return self.groups.optional("dp-cp/ag") is not None
 
     def _all_gather_group(self) -> Any:
-        if "opt:dp-cp/ag" in self._entries:
+        if self.groups.optional("dp-cp/ag") is not None:
             return self._opt_group("dp-cp/ag")
         raise self._missing("separate all-gather dp-cp group", "create_all_gather_group=True")
 
     def get_amax_reduction_group(self, with_context_parallel: bool = False, tp_only_amax_red: bool = False) -> Any:
         """FP8 amax reduction group: Megatron's choice among tp-dp(-cp), tp-cp and tp."""
         if tp_only_amax_red:
-            return self._kind_group("tp-cp" if with_context_parallel else "tp")
-        return self._kind_group("tp-dp-cp" if with_context_parallel else "tp-dp")
+            return self.groups.group("tp-cp" if with_context_parallel else "tp")
+        return self.groups.group("tp-dp-cp" if with_context_parallel else "tp-dp")
 
     def get_data_modulo_expert_parallel_group(self, partial_expert_data_parallel: bool = False) -> Any:
         """Deprecated alias of ``get_expert_data_parallel_group`` (warns, as Megatron does)."""
@@ -426,7 +391,7 @@ class MegatronMethods:
         With a megatron-core that has GTP (0.19) loaded, its format: the GTP index (always 0
         here) follows the tp index, e.g. ``"1_0_0_0_1_0"``.
         """
-        ranks = [self._kind_rank(k) for k in ("tp", "dp", "cp", "pp", "ep")]
+        ranks = [self.groups.index(k) for k in ("tp", "dp", "cp", "pp", "ep")]
         megatron = sys.modules.get("megatron.core.parallel_state")
         if megatron is not None and hasattr(megatron, "get_gtp_weight_remat_rank"):
             ranks.insert(1, 0)
@@ -445,40 +410,18 @@ class MegatronMethods:
         megatron-core 0.13/0.14 have no ``ProcessGroupCollection``: the default there is
         ``ModelCommProcessGroups`` (what their models take as ``model_comm_pgs=``); pass
         ``collection_class=GradCommProcessGroups`` (or any dataclass with Megatron's field
-        names) for the others. Imports megatron-core lazily, the one place the core does.
+        names) for the others. See :mod:`scoped_parallel.getters.views`.
         """
-        import dataclasses
+        return views.process_group_collection(self, required_pgs, collection_class)
 
-        cls = collection_class
-        if cls is None:
-            try:
-                from megatron.core import process_groups_config as pgc
-            except ImportError as err:
-                raise ImportError(
-                    "state.process_group_collection() needs megatron-core (pip install "
-                    "'scoped-parallel[megatron]')"
-                ) from err
-            cls = getattr(pgc, "ProcessGroupCollection", None) or getattr(pgc, "ModelCommProcessGroups", None)
-            if cls is None:
-                raise UnsupportedSetupError(
-                    "this megatron-core has neither ProcessGroupCollection nor ModelCommProcessGroups; "
-                    "pass collection_class= explicitly"
-                )
-        if not dataclasses.is_dataclass(cls):
-            raise TypeError(f"collection_class must be a dataclass of process groups, got {cls!r}")
-        defined = [f.name for f in dataclasses.fields(cls)]
-        names = defined if required_pgs is None else list(required_pgs)
-        unknown = [n for n in names if n not in defined]
-        if unknown:
-            raise ValueError(f"unknown process group fields {unknown}; {cls.__name__} defines {defined}")
-        strange = [n for n in names if n not in COLLECTION_FIELDS]
-        if strange:
-            raise UnsupportedSetupError(
-                f"{cls.__name__} fields {strange} are not known to scoped_parallel (known: "
-                f"{sorted(COLLECTION_FIELDS)}); pass required_pgs without them"
-            )
-        collection = cls()
-        for name in names:
-            method, kwargs = COLLECTION_FIELDS[name]
-            setattr(collection, name, getattr(self, method)(**kwargs) if method else None)
-        return collection
+    def device_mesh(self, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
+        """A ``torch.distributed.device_mesh.DeviceMesh`` over this state's own groups.
+
+        No communicator is created: each mesh dimension is the state's group of that axis.
+        ``dims`` names the dimensions, outermost first, from ``tp``, ``cp``, ``sp``, ``dp``,
+        ``pp``; by default every axis of size > 1 in the layout's order, slowest first
+        (e.g. ``("pp", "dp", "tp")`` for the default order), or ``("dp",)`` when all are 1.
+        Every axis of size > 1 must be named, so the mesh covers exactly the state's ranks.
+        See :mod:`scoped_parallel.getters.views`.
+        """
+        return views.device_mesh(self, dims, device_type)

@@ -37,6 +37,7 @@ from scoped_parallel.errors import UnsupportedSetupError
 from scoped_parallel.groups import create, split
 from scoped_parallel.groups import torch_compat as compat
 from scoped_parallel.groups.plan import StateSpec, agree_with_peers, construction_tag, plan_requests
+from scoped_parallel.layout.grid import ParallelLayout
 from scoped_parallel.layout.optional import UNSHARED_SLOTS, OptionalGroups, optional_ranks
 
 __all__ = ["GroupEntry", "GroupTable", "build", "derive"]
@@ -60,6 +61,7 @@ class GroupTable:
     __slots__ = ("entries", "_held")
 
     def __init__(self) -> None:
+        #: key -> entry (see the module doc)
         self.entries: dict[str, GroupEntry] = {}
         self._held: list[Any] = []  # one item per acquisition: what release() gives back
 
@@ -196,14 +198,24 @@ def build(
 
 
 def derive(
-    table: GroupTable, spec: StateSpec, tag: str, purpose: str, wanted: list[tuple[int, ...]]
+    table: GroupTable, spec: StateSpec, tag: str, purpose: str, rank_sets: Any, label: str
 ) -> tuple[Any, ...]:
-    """Groups over ``wanted`` rank sets for ``purpose``, built once each and kept in ``table``.
+    """Groups over ``rank_sets`` for ``purpose``, built once each and kept in ``table``.
 
-    Member-only, shared with an identical group, in the one global order (as the
-    state's own groups); returns them in the order of ``wanted``.
+    ``ParallelState.derived_groups``: groups an adapter derives from the layout that are no
+    layout kind (ZeRO++'s hpZ and all-to-all groups). Each set must hold this rank and lie
+    inside the state's ranks (checked before any communication; ``label`` names the state in
+    the messages). Member-only, shared with an identical group, in the one global order (as
+    the state's own groups); returns them in the order of ``rank_sets``.
     """
     rank = dist.get_rank()
+    if compat.bound_device() is not None:
+        raise UnsupportedSetupError(
+            f"derived_groups({purpose!r}) on {label}: the default group is bound to a "
+            "device, so groups can only be split collectively from it, and derived groups are created "
+            "on their members only. Initialize the default group without device_id to use them."
+        )
+    wanted = _derived_rank_sets(purpose, rank_sets, rank, spec.layout, label)
     keys = [f"{DERIVED}{purpose}:{','.join(map(str, r))}" for r in wanted]
     missing = sorted({r for r, k in zip(wanted, keys) if k not in table}, key=lambda r: (len(r), r))
     for ranks in missing:  # one global order, as for the state's own groups
@@ -217,3 +229,25 @@ def derive(
         group = table.hold(create.acquire(request, share=spec.share))
         table.add(f"{DERIVED}{purpose}:{','.join(map(str, ranks))}", ranks, group, rank)
     return tuple(table[k].group for k in keys)
+
+
+def _derived_rank_sets(
+    purpose: str, rank_sets: Any, rank: int, layout: ParallelLayout, label: str
+) -> list[tuple[int, ...]]:
+    """The rank sets of :func:`derive`, checked: each holds ``rank``, inside the layout."""
+    wanted: list[tuple[int, ...]] = []
+    for ranks in rank_sets:
+        ranks = tuple(int(r) for r in ranks)
+        if rank not in ranks or len(set(ranks)) != len(ranks):
+            raise ValueError(
+                f"derived_groups({purpose!r}): {ranks} must be distinct ranks holding this rank "
+                f"({rank}); pass only the groups this rank belongs to"
+            )
+        outside = [r for r in ranks if not layout.contains(r)]
+        if outside:
+            raise ValueError(
+                f"derived_groups({purpose!r}): ranks {outside} of {ranks} are not ranks of "
+                f"{label}; derived groups stay inside the state's ranks"
+            )
+        wanted.append(ranks)
+    return wanted

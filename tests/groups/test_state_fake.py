@@ -27,6 +27,11 @@ MEGATRON_BIG = dict(
 )
 
 
+def _optional(state):
+    """Megatron's optional groups the state holds on this rank, by slot."""
+    return {slot: state.groups.optional(slot) for slot in state.groups.optional_slots("")}
+
+
 def _cases():
     yield 8, 5, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     yield 64, 17, dict(tensor_model_parallel_size=4, context_parallel_size=2, expert_model_parallel_size=2)
@@ -47,7 +52,7 @@ def test_rank_creates_only_its_own_distinct_groups(world_size, rank, sizes):
             mine = ParallelLayout(world_size, **sizes).groups_of(rank)
             # plus Megatron's optional groups a state always has (the distributed-optimizer
             # instance group: every rank of the state, a new group only when no kind spans it)
-            distinct = set(mine.values()) | {e.ranks for e in state._table.with_prefix("opt:").values()}
+            distinct = set(mine.values()) | {e.ranks for e in _optional(state).values()}
             # a rank set of the whole world is the default group itself: never created again
             world = tuple(range(world_size))
             expected = len(distinct - {world})
@@ -69,8 +74,8 @@ def test_share_groups_false_creates_one_group_per_kind():
         state = ParallelState(share_groups=False, **MEGATRON_BIG)
         try:
             held = state.kinds()
-            kind_groups = {id(state._table[k].group) for k in held}
-            own = {id(e.group) for e in state._table.with_prefix("opt:").values()} - kind_groups
+            kind_groups = {id(state.group(k)) for k in held}
+            own = {id(e.group) for e in _optional(state).values()} - kind_groups
             expected = len(held) + len(own)  # kinds + Megatron's optional groups of their own
             assert _groups.creation_count() - before == expected, (expected, _groups.creation_count() - before)
             assert set(DENSE_KINDS + EXPERT_KINDS) <= set(held)
@@ -130,8 +135,8 @@ def test_megatron_creates_every_group_on_every_rank():
         state = ParallelState(share_groups=False, **sizes)
         ours = _groups.creation_count() - before
         kinds = state.kinds()
-        optional = state._table.with_prefix("opt:")
-        kind_groups = {id(state._table[k].group) for k in kinds}
+        optional = _optional(state)
+        kind_groups = {id(state.group(k)) for k in kinds}
         own_optional = len({id(e.group) for e in optional.values()} - kind_groups)  # not equal to a kind
         state.destroy()
     assert ours == len(kinds) + own_optional, (ours, kinds, sorted(optional))

@@ -18,6 +18,7 @@ from _dispatch_originals import no_return, positional, reader  # noqa: E402
 
 from scoped_parallel.dispatch import dispatching, set_strict  # noqa: E402
 from scoped_parallel.scope import Activation  # noqa: E402
+from scoped_parallel.store import StateStore  # noqa: E402
 from scoped_parallel.errors import NoActiveStateError  # noqa: E402
 
 
@@ -25,7 +26,7 @@ from scoped_parallel.errors import NoActiveStateError  # noqa: E402
 class Stub:
     def __init__(self, name):
         self.name = name
-        self._memo = {}
+        self.store = StateStore(lambda: name)  # where dispatching memoizes
 
 
 def inside(state, *args, **kwargs):
@@ -70,7 +71,7 @@ def test_inside_a_scope_memoizes_only_the_all_default_call():
         assert patched() is first and patched(True) is first and inside.calls == 1
         assert patched(False) == ("actor", (False,), {"scale": 1}) and inside.calls == 2
         assert patched(scale=3) == ("actor", (True,), {"scale": 3})
-    assert state._memo  # memoized per state
+    assert state.store.memo  # memoized per state
 
 
 def test_strict_mode_raises_outside_any_scope():

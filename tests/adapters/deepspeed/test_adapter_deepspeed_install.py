@@ -187,6 +187,6 @@ def test_the_record_lives_in_the_state_and_goes_with_destroy(fake_states):
     from scoped_parallel.adapters.deepspeed._records import record_of
 
     record = record_of(tp2)
-    assert tp2._adapter_records.get("deepspeed") is record, f"record in the state's storage: {tp2._adapter_records!r}"
+    assert tp2.store.records.get("deepspeed") is record, f"record in the state's storage: {tp2.store.records!r}"
     tp2.destroy()
-    assert "deepspeed" not in tp2._adapter_records, "destroy() must drop the adapter's record"
+    assert "deepspeed" not in tp2.store.records, "destroy() must drop the adapter's record"
