@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import _megatron_ddp as md
+import _megatron_gpt as gpt
 from _world import new_groups_destroyed
 from _matrix import PROVEN, VANILLA_FAILS, Cell, cell, compare_runs
 
@@ -72,62 +73,30 @@ def _state_keywords(layout: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in layout.items() if k != "virtual_pipeline_model_parallel_size"}
 
 
-def _ps() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-        import megatron.core.models.gpt  # noqa: F401
-    return parallel_state
-
-
 # ------------------------------------------------------------------------------ the model
 
 def _build(sizes: dict[str, int], seed: int, settings: dict[str, Any]) -> list[Any]:
     """This rank's chunks of a tiny GPTModel; groups from the active scope (or Megatron's globals)."""
-    ps = _ps()
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     experts = settings.get("experts", 0)
     moe: dict[str, Any] = {}
     if experts:
-        from megatron.core.transformer.moe import moe_utils
-
-        # megatron-core 0.16 names te_general_gemm only when Transformer Engine imports; its
-        # router reads it either way (None: the torch matmul path). As in tests/_refit_megatron.py.
-        if not hasattr(moe_utils, "te_general_gemm"):
-            moe_utils.te_general_gemm = None
+        gpt.moe_shim()
         moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="allgather",
                    moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, expert_model_parallel_size=sizes["ep"])
     vpp = sizes["vpp"]
-    config = TransformerConfig(
-        num_layers=max(2, sizes["pp"] * vpp), hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-        tensor_model_parallel_size=sizes["tp"], pipeline_model_parallel_size=sizes["pp"],
-        context_parallel_size=sizes["cp"], sequence_parallel=bool(settings.get("sequence_parallel")),
-        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        pipeline_dtype=torch.float32, batch_p2p_sync=False, use_cpu_initialization=True,
-        attention_dropout=0.0, hidden_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        **moe,
+    config = gpt.cpu_config(
+        num_layers=max(2, sizes["pp"] * vpp), tensor_model_parallel_size=sizes["tp"],
+        pipeline_model_parallel_size=sizes["pp"], context_parallel_size=sizes["cp"],
+        sequence_parallel=bool(settings.get("sequence_parallel")),
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None, **moe,
     )
     spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False)
     if settings.get("sequence_parallel") and not settings.get("torch norm"):
         assert sizes["pp"] == 1, "the sequence-parallel block spec below is for one stage"
         spec = _sequence_parallel_block(spec, config.num_layers)
-    torch.manual_seed(seed)
-    chunks = []
-    for chunk in range(vpp):
-        vp_stage = chunk if vpp > 1 else None
-        kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
-        chunks.append(GPTModel(
-            config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            **kwargs,
-        ))
-    return chunks
+    return gpt.gpt_chunks(config, spec, VOCAB, SEQ, seed)
 
 
 class SequenceParallelNorm:
@@ -208,7 +177,7 @@ def _forward(data: Any, model: Any) -> Any:
 
 def _step(chunks: list[Any], opt: Any, seed: int, step: int) -> tuple[float, float | None]:
     """One training step in the active scope (or Megatron's globals): (loss, grad norm)."""
-    ps = _ps()
+    ps = gpt.parallel_state()
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     torch.manual_seed(10_000 + step)  # one process-wide generator: seeded alike in every run
@@ -239,7 +208,7 @@ def _params(chunks: list[Any]) -> list[torch.Tensor]:
 
 def _groups() -> dict[str, tuple[int, ...]]:
     """What parallel_state's getters answer (Megatron's globals, or the active state)."""
-    ps = _ps()
+    ps = gpt.parallel_state()
 
     def ranks(group: Any) -> tuple[int, ...]:
         return tuple(dist.get_process_group_ranks(group))
@@ -286,7 +255,7 @@ def _vanilla(c: Cell) -> dict[str, Any]:
 
 
 def _vanilla_run(c: Cell) -> dict[str, Any]:
-    ps = _ps()
+    ps = gpt.parallel_state()
     sizes = _sizes(dict(c.layout))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=sizes["tp"], pipeline_model_parallel_size=sizes["pp"],
@@ -318,7 +287,7 @@ def _vanilla_error(c: Cell) -> dict[str, Any]:
 def _scoped(c: Cell, sabotage: str) -> dict[str, Any]:
     from scoped_parallel import ParallelState, adapters
 
-    ps = _ps()
+    ps = gpt.parallel_state()
     mine = ParallelState(name="cell", create_gloo_process_groups=True, **_state_keywords(dict(c.layout)))
     states = [mine]
     try:

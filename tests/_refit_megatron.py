@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+import _megatron_gpt as gpt
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "megatron_two_models.py"
 VOCAB, SEQ, BATCH = 64, 8, 2
@@ -38,46 +39,24 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
     """This rank's chunks of a tiny GPTModel laid out by the active scope's state; ``bf16``:
     each chunk wrapped in megatron-core's ``Float16Module`` (bf16 weights, as mixed-precision
     training holds them), which the refit unwraps."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state as ps
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.transformer.transformer_config import TransformerConfig
+    gpt.parallel_state()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if experts:
-        from megatron.core.transformer.moe import moe_utils
-
-        # megatron-core 0.16 names te_general_gemm only when Transformer Engine imports; its
-        # router reads it either way (None: the torch matmul path). A CPU shim, as the others.
-        if not hasattr(moe_utils, "te_general_gemm"):
-            moe_utils.te_general_gemm = None
+        gpt.moe_shim()
     vpp = layout.get("vpp", 1)
     moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="allgather",
                moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, add_bias_linear=expert_bias,
                expert_model_parallel_size=layout.get("ep", 1), expert_tensor_parallel_size=layout.get("etp")) if experts else {}
-    config = TransformerConfig(
-        num_layers=layers, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-        tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
+    config = gpt.cpu_config(
+        num_layers=layers, tensor_model_parallel_size=layout.get("tp", 1), pipeline_model_parallel_size=layout.get("pp", 1),
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, batch_p2p_sync=False, use_cpu_initialization=True,
-        attention_dropout=0.0, hidden_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         gated_linear_unit=swiglu, activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
         **moe,
     )
-    torch.manual_seed(seed)
     spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False) if experts else get_gpt_layer_local_spec()
-    chunks = []
-    for chunk in range(vpp):
-        vp_stage = chunk if vpp > 1 else None
-        kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
-        chunks.append(GPTModel(
-            config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=tied, **kwargs,
-        ))
+    chunks = gpt.gpt_chunks(config, spec, VOCAB, SEQ, seed, share_embeddings_and_output_weights=tied)
     if expert_bias:  # megatron-core zeroes biases: give each expert its own, the same on every holder
         from scoped_parallel.adapters.megatron_reshard import canonical_tensors
 
