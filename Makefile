@@ -29,10 +29,10 @@ test: setup
 test-quick: setup
 	$(BIN)/pytest -q -m "not world and not slow"
 
-# The numerical claims on another machine's kernels: the refit and matrix tests again with
+# The numerical claims on another machine's kernels: the reshard and matrix tests again with
 # two intra-op threads per rank, and with ATen's portable kernels (no AVX2/AVX-512 paths).
 # A bitwise claim that held only on one CPU's BLAS fails here. Not in CI (time).
-ANY_CPU_TESTS := tests/refit/test_refit_megatron.py tests/refit/test_refit_zero.py tests/refit/test_refit_stale.py \
+ANY_CPU_TESTS := tests/resharding/test_reshard_megatron.py tests/resharding/test_reshard_zero.py tests/resharding/test_reshard_stale.py \
 	tests/matrix/test_matrix_deepspeed.py tests/matrix/test_matrix_megatron.py
 test-any-cpu: setup
 	SCOPED_PARALLEL_TEST_THREADS=2 $(BIN)/pytest -q $(ANY_CPU_TESTS)

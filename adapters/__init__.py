@@ -136,6 +136,6 @@ def installed(strict: bool | None = None, targets: tuple[str, ...] | None = None
             set_strict(previous_strict)
 
 
-# The refit backends of scoped_parallel.reshard, asked in this order (Megatron models
+# The reshard backends of scoped_parallel.reshard, asked in this order (Megatron models
 # first, any other torch module second); importing them patches nothing.
 from scoped_parallel.adapters import megatron_reshard, zero_reshard  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Refit torch modules (Hugging Face models, DeepSpeed engines, ZeRO-3 partitions) between two states.
+"""Reshard torch modules (Hugging Face models, DeepSpeed engines, ZeRO-3 partitions) between two states.
 
 The ``"flat"`` reshard backend: each parameter is a flat run of elements; a rank holds all
 of it (a replica: no ZeRO, ZeRO-1/2 model weights, Ulysses SP which splits activations,
@@ -10,7 +10,7 @@ metadata AutoTP's layers leave on each parameter; even splits only, not the fuse
 sub-parameter layers: refused, naming the parameter). Each rank describes its models
 compactly (per parameter: shape, dtype, itemsize, the kind of the state's groups it is
 cut over or ``"replica"``, the cut, :class:`FlatPiece`); the description of each side is broadcast from its state's first rank
-and compared by every rank, and :func:`scoped_parallel.refit.flat.plan_flat_local` makes
+and compared by every rank, and :func:`scoped_parallel.resharding.flat.plan_flat_local` makes
 this rank's part of the plan from the descriptions and the states' layouts alone (see
 there: one source copy per destination rank, the rank's own elements copied locally, a
 ZeRO-3 source into replicas on its own ranks gathered with one all-gather per bucket, a
@@ -32,16 +32,16 @@ at that moment (the ones DeepSpeed keeps whole between forwards, ``ds_persist``,
 ``stage3_param_persistence_threshold``, and any other ``AVAILABLE`` one: inside
 ``GatheredParameters``, left gathered by the prefetcher) is then gathered again from them,
 and ZeRO++'s secondary partitions (hpZ, ``ds_secondary_tensor``) are dropped, as DeepSpeed
-drops them after a step, to be rebuilt from the refitted weights.
+drops them after a step, to be rebuilt from the resharded weights.
 
 No stale reads: before anything is read or written, every ZeRO-3 parameter of either model
 whose all-gather is in flight (``ds_status`` ``INFLIGHT``: a prefetch, registered with its
 handle in the module's ``ds_inflight_param_registry``) is waited for (:func:`settle`); a
-parameter in flight whose handle the refit cannot reach is refused (ReshardError on every
+parameter in flight whose handle the reshard cannot reach is refused (ReshardError on every
 rank, nothing moved). A source is read from its partitions (``ds_tensor``), which the
 optimizer step writes, never from a gathered copy.
 A destination engine with an optimizer that keeps its own master copy (ZeRO >= 1, or
-fp16/bf16) is refused: its next step would overwrite the refitted weights.
+fp16/bf16) is refused: its next step would overwrite the resharded weights.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, register_backend, resolve_casts, unmatched_names
-from scoped_parallel.refit.execute import agree, comm_device, from_each
-from scoped_parallel.refit.flat import FlatTensor, plan_flat_local
-from scoped_parallel.refit.per_rank import Holdings, PerRankBackend
+from scoped_parallel.resharding import CastSpec, Piece, ReshardPlan, register_backend, resolve_casts, unmatched_names
+from scoped_parallel.resharding.execute import agree, comm_device, from_each
+from scoped_parallel.resharding.flat import FlatTensor, plan_flat_local
+from scoped_parallel.resharding.per_rank import Holdings, PerRankBackend
 
 __all__ = ["FlatBackend", "FlatPiece", "FlatRow", "flat_pieces", "settle"]
 
@@ -87,7 +87,7 @@ class FlatPiece:
     cut among the members of ``group`` (None: whole on every rank): in tiles of ``part``
     elements of the flattened tensor, ``stride`` tiles per member (a ZeRO-3 partition: one
     tile; an AutoTP row-parallel weight ``[out, in]`` split on ``in``: ``out`` tiles of
-    ``in / tp``; see :mod:`scoped_parallel.refit.tiled`). ``problem``: why the refit
+    ``in / tp``; see :mod:`scoped_parallel.resharding.tiled`). ``problem``: why the reshard
     cannot describe it (an AutoTP split it does not know), or empty."""
 
     name: str
@@ -127,9 +127,9 @@ def _autotp_piece(name: str, param: Any, group: Any) -> FlatPiece:
     if not shape or dim is None or not sizes:
         problem = "its AutoTP layer left no split metadata"
     elif meta.get("sub_param_shard_widths") or meta.get("unsupported_reason"):
-        problem = "AutoTP splits it by sub-parameters (a fused QKV or gate/up layer), which the flat refit does not know"
+        problem = "AutoTP splits it by sub-parameters (a fused QKV or gate/up layer), which the flat reshard does not know"
     elif len(set(sizes)) != 1:
-        problem = f"AutoTP splits it unevenly ({list(sizes)} on dim {dim}), which the flat refit does not know"
+        problem = f"AutoTP splits it unevenly ({list(sizes)} on dim {dim}), which the flat reshard does not know"
     if problem:
         return FlatPiece(name, tuple(param.shape), str(param.dtype), param.element_size(), flat, group, flat.numel(), problem=problem)
     part = sizes[0] * math.prod(shape[dim + 1:])
@@ -194,7 +194,7 @@ def settle(model: Any) -> list[str]:
     where they are, not taken out of the registry: the coordinator's own ``wait()`` on
     them later is a no-op, and its bookkeeping (what it counts as available) stays its own.
     A parameter in flight under a handle that is not registered (a caller's own
-    ``all_gather_coalesced``) cannot be waited for here: it is returned, and the refit refused.
+    ``all_gather_coalesced``) cannot be waited for here: it is returned, and the reshard refused.
     No communication of its own (the gathers already run on every rank of their group)."""
     handles, unreachable = _in_flight(model)
     for handle in handles:
@@ -208,7 +208,7 @@ def _in_flight_problems(model: Any, role: str) -> list[str]:
     if not stuck:
         return []
     return [f"{role} ZeRO-3 parameters {stuck[:3]} are being gathered (INFLIGHT) under a handle that is not in "
-            "the module's ds_inflight_param_registry: wait for that handle before the refit"]
+            "the module's ds_inflight_param_registry: wait for that handle before the reshard"]
 
 
 def _refresh_gathered(model: Any) -> None:
@@ -217,7 +217,7 @@ def _refresh_gathered(model: Any) -> None:
     prefetcher) or persistent is gathered again from its partitions over its partition group,
     and its hpZ secondary partition (``ds_secondary_tensor``, a copy of part of the old
     weights) is dropped, as DeepSpeed's ``invalidate_secondary_tensor`` does after a step:
-    the next partition rebuilds it from the refitted whole parameter.
+    the next partition rebuilds it from the resharded whole parameter.
 
     Which parameters to gather is agreed over each partition group (one small all-reduce
     per group, the groups in one order on every rank), so a rank on which a parameter is
@@ -311,7 +311,7 @@ def _keeps_master(model: Any) -> list[str]:
     )
     if keeps_master:
         return ["the destination engine has an optimizer with its own master weights (ZeRO >= 1 or fp16/bf16); "
-                "its next step would overwrite the refitted weights: refit into an engine built without an optimizer"]
+                "its next step would overwrite the resharded weights: reshard into an engine built without an optimizer"]
     return []
 
 
@@ -338,8 +338,8 @@ class FlatBackend(PerRankBackend):
 
     name = "flat"
     notes = (
-        "planner: scoped_parallel.refit.flat.plan_flat_local (each rank plans its own part from both layouts' "
-        "descriptions); executor: scoped_parallel.refit.execute.run_plan; receives land in the destination's own "
+        "planner: scoped_parallel.resharding.flat.plan_flat_local (each rank plans its own part from both layouts' "
+        "descriptions); executor: scoped_parallel.resharding.execute.run_plan; receives land in the destination's own "
         "storage; a ZeRO-3 source into replicas on its own ranks is one all-gather per bucket over its partition "
         "group; the staging figure counts gather buffers and converted send copies"
     )
@@ -380,12 +380,12 @@ class FlatBackend(PerRankBackend):
         for name, row in dst.items():
             if name in src and src[name].shape != row.shape:
                 problems.append(f"{name!r}: source {src[name].shape} {src[name].dtype} but destination {row.shape} "
-                                f"{row.dtype}; refit copies, it does not reshape or cast")
+                                f"{row.dtype}; reshard copies, it does not reshape or cast")
         casts, cast_problems = resolve_casts(cast, {name: (src[name].dtype, row.dtype) for name, row in dst.items()
                                                     if name in src and src[name].shape == row.shape})
         problems += cast_problems
         if problems:  # the same on every rank: made from the agreed descriptions alone
-            raise ReshardError("cannot refit this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
+            raise ReshardError("cannot reshard this pair of models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 
         tensors = [
             FlatTensor(row.name, math.prod(row.shape), row.itemsize, row.dtype, src[row.name].key, src[row.name].part,

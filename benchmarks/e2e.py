@@ -83,7 +83,7 @@ def bench(states: dict[str, ParallelState], batches: list[rl_ppo.Batch], stats: 
             _, stats, _ = rl_ppo.interleaved_run(states, len(batches), len(batches[0].tokens), show=False)
         adapters.uninstall()
         for name, (seconds, identical) in plain_run(batches, stats).items():
-            # alone, the actor samples itself; interleaved, its rollout copy does (refit + sampling)
+            # alone, the actor samples itself; interleaved, its rollout copy does (reshard + sampling)
             scoped[name] += rl_ppo.steady([s.model_seconds[name] + (s.model_seconds["rollout"] if name == "actor" else 0.0) for s in stats])
             plain[name] += rl_ppo.steady(seconds)
             same[name] = same[name] and rl_ppo.world_all(identical)

@@ -22,7 +22,7 @@ actor      Ulysses SP=2 x DP=2       ZeRO-2, AdamW, ``mpu`` = its state (returne
                                      ``register_with_transformers``)
 critic     DP=4                      ZeRO-1, AdamW; Llama backbone + scalar value head
 reference  Ulysses SP=4              ZeRO-0, frozen, eval; the actor's initial weights
-rollout    DP=4 (no SP)              ZeRO-0, frozen, eval; refitted from the actor before
+rollout    DP=4 (no SP)              ZeRO-0, frozen, eval; resharded from the actor before
                                      every rollout with ``scoped_parallel.reshard``
 =========  ========================  =====================================================
 
@@ -51,7 +51,7 @@ the process, which is what ``benchmarks/e2e.py`` times it against.
 ``--verify``: after the interleaved run, re-run the actor and the critic alone (fresh
 engines, same seeds) on exactly the inputs each received, and check that rollouts, losses
 and final parameters are bit-identical; exits non-zero if not. Alone, the actor samples
-its rollouts itself: identical rollouts mean every refit gave the copy the actor's weights
+its rollouts itself: identical rollouts mean every reshard gave the copy the actor's weights
 bit for bit.
 """
 
@@ -121,9 +121,9 @@ SPECS = {
     "critic": Spec("critic", sp=1, zero_stage=1, lr=1e-2, seed=2),
     "reference": Spec("reference", sp=4, zero_stage=0, lr=None, seed=1),  # the actor's initial weights
 }
-# The rollout copy: the actor's weights in another layout (DP=4, no SP, ZeRO-0, eval), refitted
+# The rollout copy: the actor's weights in another layout (DP=4, no SP, ZeRO-0, eval), resharded
 # from the actor with scoped_parallel.reshard before every rollout and used to generate. Its own
-# initial weights (seed 3) are never used: a refit that missed an element would change the rollouts.
+# initial weights (seed 3) are never used: a reshard that missed an element would change the rollouts.
 ROLLOUT = Spec("rollout", sp=1, zero_stage=0, lr=None, seed=3)
 ALL_SPECS = {**SPECS, "rollout": ROLLOUT}
 
@@ -381,7 +381,7 @@ def rollout(engine: Any, step: int, batch: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, sequence_logprobs(engine, tokens)
 
 
-def refit(engine: Any, actor: Model, state: ParallelState) -> None:
+def reshard(engine: Any, actor: Model, state: ParallelState) -> None:
     """The rollout copy takes the actor's current weights (one call; the plan is cached)."""
     reshard(actor.engine, actor.state, engine, state)
 
@@ -471,7 +471,7 @@ def ppo_step(models: dict[str, Model], step: int, batch: int) -> tuple[Batch, St
     actor, critic, reference, copy = models["actor"], models["critic"], models["reference"], models["rollout"]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    timed(copy, seconds, refit, actor, copy.state)
+    timed(copy, seconds, reshard, actor, copy.state)
     tokens = timed(copy, seconds, generate, step, batch)
     old = timed(actor, seconds, sequence_logprobs, tokens)
     ref = timed(reference, seconds, sequence_logprobs, tokens)
@@ -493,7 +493,7 @@ def interleaved_run(
     models = {name: build_model(spec, states[name]) for name, spec in ALL_SPECS.items()}
     plan = plan_reshard(models["actor"].engine, states["actor"], models["rollout"].engine, states["rollout"])
     if show:
-        print("actor -> rollout copy, refitted before every rollout; the plan (computed once, cached):\n"
+        print("actor -> rollout copy, resharded before every rollout; the plan (computed once, cached):\n"
               + "\n".join("  " + line for line in plan.report().splitlines()), flush=True)
     batches, stats = [], []
     for step in range(steps):

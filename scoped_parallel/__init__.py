@@ -36,7 +36,7 @@ from scoped_parallel.errors import (
     UnsupportedSetupError,
 )
 from scoped_parallel.layout import ParallelLayout
-from scoped_parallel.refit import ReshardPlan, plan_reshard, reshard
+from scoped_parallel.resharding import ReshardPlan, plan_reshard, reshard
 
 if TYPE_CHECKING:  # pragma: no cover
     from scoped_parallel.state import ParallelState

@@ -14,7 +14,7 @@ describes its nature, so callers may catch either::
     ├── AdapterError (RuntimeError)        an adapter could not patch or restore its target
     ├── DistributedNotInitializedError (RuntimeError)  torch.distributed is not initialized
     ├── UnsupportedSetupError (RuntimeError)  e.g. a device-bound NCCL default group
-    └── ReshardError (ValueError)          a refit that cannot be done as asked (names the tensor);
+    └── ReshardError (ValueError)          a reshard that cannot be done as asked (names the tensor);
                                            raised on every rank before anything moves
 """
 
@@ -82,7 +82,7 @@ class UnsupportedSetupError(ScopedParallelError, RuntimeError):
 
 
 class ReshardError(ScopedParallelError, ValueError):
-    """A refit between two layouts cannot be done as asked, or its plan failed its checks.
+    """A reshard between two layouts cannot be done as asked, or its plan failed its checks.
 
     Raised on every rank alike (the decision is taken on data all ranks gathered), before
     any weight moves, so the destination is left untouched and no rank waits for another.

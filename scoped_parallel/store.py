@@ -2,7 +2,7 @@
 
 Three kinds of per-state data, each with one owner and one way in:
 
-* **records** of the adapters (and compat, and refit), by owner name:
+* **records** of the adapters (and compat, and reshard), by owner name:
   ``store.record(owner, factory, state)`` makes ``factory(state)`` once and returns the
   same object after (``ParallelState.adapter_record`` is its public spelling);
 * **overrides**, the values Megatron's setters write (``set_tensor_model_parallel_world_size``
@@ -78,7 +78,7 @@ class StateStore:
     def close(self, state: Any) -> None:
         """Call every record's ``state_destroyed(state)`` hook, then forget everything."""
         self.closed = True
-        for record in list(self.records.values()):  # e.g. a refit plan cache shared with another state
+        for record in list(self.records.values()):  # e.g. a reshard plan cache shared with another state
             # looked up on the type: a record may answer attribute reads itself (compat's
             # handle raises its own error for any name once its state is destroyed)
             hook = getattr(type(record), "state_destroyed", None)

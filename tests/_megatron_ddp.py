@@ -56,7 +56,7 @@ class _CudaTypeNames(TorchFunctionMode):
 @contextlib.contextmanager
 def ddp_cpu_shims() -> Iterator[None]:
     """The example's CPU shims for the block (see the module docstring)."""
-    from _refit_megatron import example
+    from _reshard_megatron import example
 
     with example().cpu_shims():
         yield
@@ -106,7 +106,7 @@ def train_step(chunks: list[Any], opt: Any, batch: tuple[torch.Tensor, ...]) -> 
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from _refit_megatron import BATCH, SEQ
+    from _reshard_megatron import BATCH, SEQ
 
     for chunk in chunks:
         chunk.train()

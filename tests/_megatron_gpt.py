@@ -1,5 +1,5 @@
 """A tiny megatron-core GPTModel on CPU, as this rank's model chunks: what the Megatron
-matrix (``tests/_matrix_megatron.py``) and the Megatron refit tests (``tests/_refit_megatron.py``)
+matrix (``tests/_matrix_megatron.py``) and the Megatron reshard tests (``tests/_reshard_megatron.py``)
 both build, each with its own sizes and options.
 
 * :func:`cpu_config` is a ``TransformerConfig`` with every fusion off, CPU initialisation and

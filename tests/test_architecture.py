@@ -118,8 +118,8 @@ def _project_imports(name: str) -> set[str]:
 
 
 LAYOUT = sorted(n for n in SOURCES if n.startswith("scoped_parallel.layout"))
-REFIT_PURE = ["scoped_parallel.refit.plan", "scoped_parallel.refit.tiled", "scoped_parallel.refit.flat", "scoped_parallel.refit.staged",
-              "scoped_parallel.refit.api"]
+RESHARD_PURE = ["scoped_parallel.resharding.plan", "scoped_parallel.resharding.tiled", "scoped_parallel.resharding.flat", "scoped_parallel.resharding.staged",
+              "scoped_parallel.resharding.api"]
 STDLIB_ONLY = ["scoped_parallel.scope", "scoped_parallel.dispatch", "scoped_parallel.errors", "scoped_parallel.getters.table"]
 
 
@@ -131,9 +131,9 @@ def test_layout_imports_no_torch_and_nothing_above_it(name):
     assert (foreign, above) == ([], []), f"{name}: third-party {foreign}, rooms above the layout {above}"
 
 
-@pytest.mark.parametrize("name", REFIT_PURE)
-def test_refit_plan_and_api_import_no_torch_at_module_level(name):
-    """The refit plan (data, checks, report) and the one call import no third-party package
+@pytest.mark.parametrize("name", RESHARD_PURE)
+def test_reshard_plan_and_api_import_no_torch_at_module_level(name):
+    """The reshard plan (data, checks, report) and the one call import no third-party package
     at module level (the backends, in the adapters, bring torch and their target)."""
     path = SOURCES[name]
     tree = ast.parse(path.read_text(), str(path))
@@ -143,8 +143,8 @@ def test_refit_plan_and_api_import_no_torch_at_module_level(name):
         if ((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in ("scoped_parallel", "__future__"))
         and (a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in _stdlib()
     )
-    ours = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.refit", "scoped_parallel.errors")))
-    assert (third, ours) == ([], []), f"{name}: third-party {third}, rooms outside refit/errors {ours}"
+    ours = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.resharding", "scoped_parallel.errors")))
+    assert (third, ours) == ([], []), f"{name}: third-party {third}, rooms outside reshard/errors {ours}"
 
 
 @pytest.mark.parametrize("name", STDLIB_ONLY)

@@ -12,7 +12,7 @@ PURE_MODULES = (
     "scoped_parallel.layout.kinds",
     "scoped_parallel.layout.checks",
     "scoped_parallel.layout.report",
-    "scoped_parallel.refit.plan",
+    "scoped_parallel.resharding.plan",
 )
 
 

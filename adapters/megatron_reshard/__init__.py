@@ -1,14 +1,14 @@
-"""Refit megatron-core models between two states: each rank plans its own part.
+"""Reshard megatron-core models between two states: each rank plans its own part.
 
 ``scoped_parallel.reshard(actor, actor_state, rollout, rollout_state)`` with megatron-core
 models (``GPTModel`` and friends, one module or a list of virtual-pipeline chunks, bare or
 wrapped in DDP / ``Float16Module``) lands here, on one of two backends:
 
 * ``"megatron"`` (the default, every megatron-core version): **each rank plans its own
-  part** (:func:`scoped_parallel.refit.tiled.plan_tiled_local`). Each side is described
-  compactly, per tensor a :class:`~scoped_parallel.refit.staged.TensorRow` (canonical name, global shape, dtype, TP or
+  part** (:func:`scoped_parallel.resharding.tiled.plan_tiled_local`). Each side is described
+  compactly, per tensor a :class:`~scoped_parallel.resharding.staged.TensorRow` (canonical name, global shape, dtype, TP or
   expert-TP split with its partition stride, or whole; the expert slot), broadcast once from
-  one rank per pipeline stage and expert slot (:mod:`scoped_parallel.refit.staged`); every rank
+  one rank per pipeline stage and expert slot (:mod:`scoped_parallel.resharding.staged`); every rank
   compares its own tensors with that description, and derives each tensor's holders (the
   TP groups, expert-TP groups or ranks of the stages holding it) from the state's layout
   alone. Planning time and memory grow with the rank's own pieces and the number of
@@ -52,7 +52,7 @@ What both add around the plan:
   buffer; the other shards arrive with the all-gathers the next forward's pre-hooks finish.
   Before reading (or writing) any weight, :func:`finish_param_gathers` finishes those
   gathers on the source, and waits for any in flight on the destination (see there).
-* **execution** is :func:`scoped_parallel.refit.execute.run_plan` (batched point-to-point,
+* **execution** is :func:`scoped_parallel.resharding.execute.run_plan` (batched point-to-point,
   receives straight into contiguous destination slices, buckets of ``bucket_bytes``),
   because megatron-core 0.17+'s executor synchronises CUDA and 0.16's gloo service
   allocates a CUDA stream.
@@ -70,7 +70,7 @@ from scoped_parallel.adapters.megatron_reshard.checks import finish_param_gather
 from scoped_parallel.adapters.megatron_reshard.core import MegatronCoreBackend
 from scoped_parallel.adapters.megatron_reshard.local import MegatronBackend
 from scoped_parallel.adapters.megatron_reshard.names import canonical_tensors, is_expert
-from scoped_parallel.refit import register_backend
+from scoped_parallel.resharding import register_backend
 
 __all__ = ["MegatronBackend", "MegatronCoreBackend", "canonical_tensors", "finish_param_gathers", "is_expert"]
 

@@ -1,4 +1,4 @@
-"""Before anything moves (the Megatron refit backends' second job): that a model was built in
+"""Before anything moves (the Megatron reshard backends' second job): that a model was built in
 the state it is passed with, that both sides describe the same tensors with tiles that fit,
 and that no weight is read stale after ``optimizer.step()`` (megatron-core's DDP with
 ``overlap_param_gather``: :func:`finish_param_gathers`)."""
@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from scoped_parallel.adapters.megatron_reshard.names import Local, version_text
 from scoped_parallel.errors import ReshardError, describe_state
-from scoped_parallel.refit import unmatched_names
-from scoped_parallel.refit.staged import WHOLE, Held
+from scoped_parallel.resharding import unmatched_names
+from scoped_parallel.resharding.staged import WHOLE, Held
 
 __all__ = ["built_in", "by_name", "finish_param_gathers", "match", "param_sync_steps"]
 
@@ -52,7 +52,7 @@ def by_name(described: list[tuple[int, Local]], role: str, problems: list[str]) 
 
 def match(src: Mapping[str, Held], dst: Mapping[str, Held]) -> list[str]:
     """The reasons the destination cannot be filled from the source, per tensor (names,
-    global shapes, TP tiling; dtypes are :func:`~scoped_parallel.refit.plan.resolve_casts`'s)."""
+    global shapes, TP tiling; dtypes are :func:`~scoped_parallel.resharding.plan.resolve_casts`'s)."""
     problems = unmatched_names(src, {name: held.first for name, held in dst.items()})
     for name, held in dst.items():
         if name not in src:
@@ -122,12 +122,12 @@ def param_sync_steps(model: Any, role: str) -> tuple[list[Any], list[str]]:
       (``param_gather_dispatched`` is False: ``finish_grad_sync`` clears it, the step then
       updates this rank's shard only) or dispatched and still in flight
       (``param_gather_handle``: ``overlap_param_gather_with_optimizer_step``,
-      ``align_param_gather``, a refit between micro-batches) is finished on a source with the
+      ``align_param_gather``, a reshard between micro-batches) is finished on a source with the
       group's own ``finish_param_sync(skip_next_bucket_dispatch=True)``: dispatched if need be,
       waited for, its post-processing (FP8 / MXFP8 copies) done, and marked done, so the next
       forward's hooks find nothing left to do;
-    * on a destination only a gather in flight is waited for (it would land on the refitted
-      values); one never dispatched gathers, at the next forward, shards that the refit has
+    * on a destination only a gather in flight is waited for (it would land on the resharded
+      values); one never dispatched gathers, at the next forward, shards that the reshard has
       already written on every data-parallel peer alike, so it needs nothing now.
 
     A wrapper that gathers in its hooks but lacks these names (a megatron-core version after
@@ -162,7 +162,7 @@ def param_sync_steps(model: Any, role: str) -> tuple[list[Any], list[str]]:
             "(overlap_param_gather=True) but has none of bucket_groups / expert_parallel_bucket_groups with "
             f"{', '.join(_BUCKET_GROUP_ATTRS)}, nor start_param_sync(force_sync=True): its weights may be a step old "
             "and cannot be made current here; run one forward of the model (or build its DDP with "
-            "overlap_param_gather=False) before the refit"
+            "overlap_param_gather=False) before the reshard"
         )
     return steps, problems
 
@@ -176,7 +176,7 @@ def finish_param_gathers(model: Any, role: str = "source") -> int:
     the wrapper's names are unknown. Returns the number of bucket groups (or wrappers) finished."""
     steps, problems = param_sync_steps(model, role)
     if problems:
-        raise ReshardError("cannot refit (nothing was moved): " + "; ".join(problems))
+        raise ReshardError("cannot reshard (nothing was moved): " + "; ".join(problems))
     with torch.no_grad():
         for step in steps:
             step()

@@ -1,9 +1,9 @@
-"""The ``"megatron-core"`` refit backend: megatron-core's own planner, and with ``service=`` its executor.
+"""The ``"megatron-core"`` reshard backend: megatron-core's own planner, and with ``service=`` its executor.
 
 Chosen by name (``backend="megatron-core"``). megatron-core plans
 (``build_local_reshard_plan`` on 0.19+, ``build_centralized_reshard_plan`` on 0.16-0.18)
 over flat views of the models under canonical names; its ops are gathered from every rank
-and paired into one global :class:`~scoped_parallel.refit.plan.ReshardPlan` (both states on
+and paired into one global :class:`~scoped_parallel.resharding.plan.ReshardPlan` (both states on
 the whole world), checked, with two repairs: whole-tensor reads of expert tensors from ranks
 that lack them are rerouted to a holder (:func:`reroute_replicated`), and a transfer between
 tensors of different global names is refused (:func:`misnamed_transfers`).
@@ -24,8 +24,8 @@ from scoped_parallel.adapters.megatron_reshard.names import (
     canonical_tensors, chunks_of, describe, gated_fc1, is_expert, is_megatron_model, stand_in,
 )
 from scoped_parallel.errors import ReshardError, UnsupportedSetupError
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, pieces_match, resolve_casts
-from scoped_parallel.refit.execute import run_plan
+from scoped_parallel.resharding import CastSpec, Piece, ReshardPlan, Transfer, box_is_contiguous, box_slices, pieces_match, resolve_casts
+from scoped_parallel.resharding.execute import run_plan
 
 __all__ = ["MegatronCoreBackend", "misnamed_transfers", "reroute_replicated", "resharding_api"]
 
@@ -54,7 +54,7 @@ def resharding_api() -> tuple[Any, Any]:
             version = "(not installed)"
         raise UnsupportedSetupError(
             f"megatron-core {version} has no megatron.core.resharding (added in 0.16); "
-            "a Megatron refit needs megatron-core >= 0.16"
+            "a Megatron reshard needs megatron-core >= 0.16"
         ) from err
     build = getattr(planner, "build_local_reshard_plan", None) or resharding.build_centralized_reshard_plan
     return resharding, build
@@ -170,7 +170,7 @@ class MegatronCoreBackend:
         casts, cast_problems = resolve_casts(cast, {n: (src[n].row.dtype, h.row.dtype) for n, h in dst.items() if n in src})
         problems += cast_problems
         if problems:
-            raise ReshardError("cannot refit this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
+            raise ReshardError("cannot reshard this pair of Megatron models (nothing was moved):\n  " + "\n  ".join(problems[:20]))
 
         src_view = View([(n, stand_in(n, t, id(t) in src_gated)) for n, t in src_named], src_groups, src_chunks[0].config)
         dst_view = View([(n, stand_in(n, t, id(t) in dst_gated)) for n, t in dst_named], dst_groups, dst_chunks[0].config)
@@ -227,7 +227,7 @@ class MegatronCoreBackend:
             if not box_is_contiguous(t.dst_box, dst_at[(t.dst_rank, t.dst_name)].shape):
                 staging[t.dst_rank] += t.nbytes
         notes = (
-            f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.refit.execute.run_plan "
+            f"planner: megatron-core {build.__module__}.{build.__name__}; executor: scoped_parallel.resharding.execute.run_plan "
             "(staging = receive buffers of non-contiguous destination boxes + copies of non-contiguous or converted source boxes)",
         ) + ((f"{len(rerouted)} whole-tensor reads of expert tensors rerouted to a rank that holds them (megatron-core's "
                "replicated fallback picks from the dense DP group; expert tensors not sharded by TP live on their EP ranks "

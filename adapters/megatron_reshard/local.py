@@ -1,10 +1,10 @@
-"""The ``"megatron"`` refit backend: each rank plans its own part (the default for megatron-core models).
+"""The ``"megatron"`` reshard backend: each rank plans its own part (the default for megatron-core models).
 
 Each side is described compactly (:func:`~scoped_parallel.adapters.megatron_reshard.names.describe`),
 broadcast once from one rank per pipeline stage and expert slot
-(:class:`~scoped_parallel.refit.staged.StageCopies` ``leads``), merged and checked on every
-rank alike, and :func:`~scoped_parallel.refit.tiled.plan_tiled_local` plans this rank's part;
-the steps around these are :class:`~scoped_parallel.refit.per_rank.PerRankBackend`'s.
+(:class:`~scoped_parallel.resharding.staged.StageCopies` ``leads``), merged and checked on every
+rank alike, and :func:`~scoped_parallel.resharding.tiled.plan_tiled_local` plans this rank's part;
+the steps around these are :class:`~scoped_parallel.resharding.per_rank.PerRankBackend`'s.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch.distributed as dist
 from scoped_parallel.adapters.megatron_reshard import checks
 from scoped_parallel.adapters.megatron_reshard.names import chunks_of, describe, global_named, is_megatron_model
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit import CastSpec, Piece, ReshardPlan, resolve_casts
-from scoped_parallel.refit.execute import agree, from_each
-from scoped_parallel.refit.per_rank import BUCKET_BYTES, Holdings, PerRankBackend
-from scoped_parallel.refit.staged import StageCopies, TensorRow, merge, own_problems, tiled_tensors
-from scoped_parallel.refit.tiled import plan_tiled_local
+from scoped_parallel.resharding import CastSpec, Piece, ReshardPlan, resolve_casts
+from scoped_parallel.resharding.execute import agree, from_each
+from scoped_parallel.resharding.per_rank import BUCKET_BYTES, Holdings, PerRankBackend
+from scoped_parallel.resharding.staged import StageCopies, TensorRow, merge, own_problems, tiled_tensors
+from scoped_parallel.resharding.tiled import plan_tiled_local
 
 __all__ = ["MegatronBackend"]
 
@@ -32,9 +32,9 @@ class MegatronBackend(PerRankBackend):
 
     name = "megatron"
     notes = (
-        "planner: scoped_parallel.refit.tiled.plan_tiled_local (each rank plans its own part from both layouts' "
+        "planner: scoped_parallel.resharding.tiled.plan_tiled_local (each rank plans its own part from both layouts' "
         "descriptions, broadcast once from one rank per pipeline stage and expert slot); executor: "
-        "scoped_parallel.refit.execute.run_plan; a source split on its first dimension into replicas on the same "
+        "scoped_parallel.resharding.execute.run_plan; a source split on its first dimension into replicas on the same "
         "ranks is one all-gather per bucket over its TP group"
     )
 
@@ -44,7 +44,7 @@ class MegatronBackend(PerRankBackend):
 
     def plan_part(self, me: int, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, cast: CastSpec,
                   ranks: tuple[int, ...], group: Any) -> ReshardPlan:
-        """Describe each side as :class:`~scoped_parallel.refit.staged.TensorRow` s, share them from
+        """Describe each side as :class:`~scoped_parallel.resharding.staged.TensorRow` s, share them from
         one lead per pipeline stage and expert slot, check, and plan this rank's part."""
         local: list[str] = []
         sides = []
@@ -95,7 +95,7 @@ class MegatronBackend(PerRankBackend):
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
                 bucket_bytes: int = BUCKET_BYTES, service: Any = None) -> dict[int, int] | None:
-        """Run this rank's part of ``plan`` (:meth:`~scoped_parallel.refit.per_rank.PerRankBackend.execute`); ``service=`` belongs to
+        """Run this rank's part of ``plan`` (:meth:`~scoped_parallel.resharding.per_rank.PerRankBackend.execute`); ``service=`` belongs to
         the ``"megatron-core"`` backend."""
         if service is not None:  # the same on every rank: all raise before anything moves
             raise ReshardError("reshard(..., service=...) runs megatron-core's own executor on megatron-core's own plan: "

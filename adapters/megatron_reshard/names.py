@@ -1,10 +1,10 @@
-"""What a megatron-core model holds, by canonical name (the Megatron refit backends' first job).
+"""What a megatron-core model holds, by canonical name (the Megatron reshard backends' first job).
 
 Every parameter and persistent buffer of a rank's model chunks gets one *canonical* name,
 the same in any layout: global layer number from ``layer_number``, global expert number
 from the MoE layer's ``local_expert_indices``, a tied output weight under the word
 embedding's name. :func:`describe` turns this rank's tensors into
-:class:`~scoped_parallel.refit.staged.TensorRow` s as megatron-core's planner reads them
+:class:`~scoped_parallel.resharding.staged.TensorRow` s as megatron-core's planner reads them
 (:func:`stand_in`: stride 2 for a gated fc1 before 0.19, ``allreduce=False`` on every expert
 tensor, :func:`is_expert` by name as well as by marker).
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scoped_parallel.refit.staged import WHOLE, TensorRow
+from scoped_parallel.resharding.staged import WHOLE, TensorRow
 
 __all__ = ["Local", "canonical_tensors", "chunks_of", "describe", "gated_fc1", "global_expert_name", "global_named", "is_expert",
            "is_megatron_model", "megatron_version", "stand_in", "version_text"]
@@ -157,7 +157,7 @@ def global_expert_name(name: str, state: Any, experts: int | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Local:
-    """One tensor of this rank's chunks: its :class:`~scoped_parallel.refit.staged.TensorRow`
+    """One tensor of this rank's chunks: its :class:`~scoped_parallel.resharding.staged.TensorRow`
     (global shape, split, expert slot), its ``shape`` here and its name in the planner's
     view (grouped-GEMM expert tensors keep rank-local numbers there)."""
 

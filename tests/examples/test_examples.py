@@ -1,9 +1,9 @@
 """Tier 4 (torchrun, 4 local processes), slow: the examples run.
 
 Proves: the README's main job, the PPO example interleaving actor, critic and
-reference (with a rollout copy refitted from the actor every step), trains and --verify
+reference (with a rollout copy resharded from the actor every step), trains and --verify
 finds every model bit-identical to training it alone; the layouts example prints each
-rank's groups for its three states; the refit benchmark's three methods agree.
+rank's groups for its three states; the reshard benchmark's three methods agree.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def test_rl_ppo_example_trains_and_verifies_bit_identical():
         line = f"{model} losses identical; final parameters identical"
         assert line in out, f"--verify did not report {line!r}; output ends:\n{out[-3000:]}"
     assert "DIFFERENT" not in out, f"--verify found a difference; output ends:\n{out[-3000:]}"
-    assert "refit plan (flat)" in out and "every destination element written exactly once" in out, (
-        f"the rollout copy's refit plan was not reported; output ends:\n{out[-3000:]}"
+    assert "reshard plan (flat)" in out and "every destination element written exactly once" in out, (
+        f"the rollout copy's reshard plan was not reported; output ends:\n{out[-3000:]}"
     )
 
 
@@ -72,12 +72,12 @@ def test_megatron_two_models_example_trains_and_verifies_bit_identical():
 
 
 @pytest.mark.slow
-def test_refit_benchmark_runs_and_its_three_methods_agree(tmp_path):
-    """The refit benchmark (one round): ours, all-gather + re-split and megatron-core's
+def test_reshard_benchmark_runs_and_its_three_methods_agree(tmp_path):
+    """The reshard benchmark (one round): ours, all-gather + re-split and megatron-core's
     swap_model_weights give bit-identical rollout weights, and the bytes sent equal the
     plan's prediction (the script exits non-zero otherwise). Times are not asserted."""
     pytest.importorskip("megatron.core.resharding")
-    out = tmp_path / "refit.json"
-    done = _torchrun("refit.py", "--rounds", "1", "--json", str(out), folder="benchmarks", timeout=300)
+    out = tmp_path / "reshard.json"
+    done = _torchrun("reshard.py", "--rounds", "1", "--json", str(out), folder="benchmarks", timeout=300)
     assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     assert "results bit-identical: True" in done.stdout and "bytes sent = plan's prediction: True" in done.stdout, done.stdout[-3000:]

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("megatron.core.parallel_state")
 
-from _refit_megatron import example as _example  # noqa: E402  (loads examples/megatron_two_models.py once)
+from _reshard_megatron import example as _example  # noqa: E402  (loads examples/megatron_two_models.py once)
 
 
 def rank_gpt_runs(rank, steps):

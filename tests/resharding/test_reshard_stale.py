@@ -1,21 +1,21 @@
-"""A refit right after ``optimizer.step()`` carries that step's weights (no stale reads).
+"""A reshard right after ``optimizer.step()`` carries that step's weights (no stale reads).
 
 megatron-core's ``DistributedDataParallel`` with the distributed optimizer and
 ``overlap_param_gather=True``: ``optimizer.step()`` updates only this rank's shard of the
 parameter buffer; the other data-parallel shards arrive with the all-gathers that the next
-forward's pre-hooks finish. A refit that read the parameters then would copy weights whose
+forward's pre-hooks finish. A reshard that read the parameters then would copy weights whose
 other shards are one step old, with no error (NeMo-RL shipped that bug). The megatron
 backend finishes those gathers first (``adapters/megatron_reshard/checks.finish_param_gathers``).
 
 World case (4 gloo ranks, CPU shims of ``tests/_megatron_ddp.py``): a GPTModel in DDP
-TP=2 x DP=2 (distributed Adam, small buckets: several bucket groups), two steps, refit into
+TP=2 x DP=2 (distributed Adam, small buckets: several bucket groups), two steps, reshard into
 a bare TP=4 GPTModel right after ``optimizer.step()``. The truth is the source's weights
 after megatron-core's own forced gather (``start_param_sync(force_sync=True)``), whole
-(TP shards concatenated): the destination's whole weights equal them **bitwise** (a refit
+(TP shards concatenated): the destination's whole weights equal them **bitwise** (a reshard
 copies; TP 2 -> 4 only re-cuts), and its logits within 1e-6 (TP changes the order of the
 row-parallel sums). The same run with the finish disabled (sabotage) leaves the
 destination off by ~1e-2 (Adam's step, lr 1e-2). A third step whose gathers are dispatched
-and still in flight when the refit starts (what ``align_param_gather`` schedules do) is
+and still in flight when the reshard starts (what ``align_param_gather`` schedules do) is
 waited for, and leaves no handle behind.
 
 Pure-data cases: the detection on stand-in wrappers (pending, in flight, done; source and
@@ -74,11 +74,11 @@ def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[bool,
 
 
 def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
-    """Train the DDP source two steps, refit right after ``optimizer.step()``, compare with the
-    truth; then a third step with its gathers dispatched (in flight) and a second refit.
-    ``sabotage``: the finish is a no-op (the refit reads what the step left)."""
+    """Train the DDP source two steps, reshard right after ``optimizer.step()``, compare with the
+    truth; then a third step with its gathers dispatched (in flight) and a second reshard.
+    ``sabotage``: the finish is a no-op (the reshard reads what the step left)."""
     import _megatron_ddp as md
-    import _refit_megatron as rm
+    import _reshard_megatron as rm
 
     import scoped_parallel as sp
     from scoped_parallel import adapters
@@ -103,8 +103,8 @@ def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
                 checks.finish_param_gathers = lambda model, role="source": 0
             sp.reshard(src, src_state, dst, dst_state)
             checks.finish_param_gathers = kept
-            out["pending after refit"] = _pending(src)
-            refitted = _whole(dst, dst_state)
+            out["pending after reshard"] = _pending(src)
+            resharded = _whole(dst, dst_state)
             with src_state.activate():
                 for ddp in src:  # megatron-core's own forced gather: the truth
                     ddp.start_param_sync(force_sync=True)
@@ -113,23 +113,23 @@ def rank_stale(rank: int, sabotage: bool) -> dict[str, Any]:
             with dst_state.activate():
                 dst_logits = rm.logits(dst)
             out["trained away from init"] = _diff(truth, initial)[1]
-            out["weights bitwise"], out["weights max diff"] = _diff(refitted, truth)
+            out["weights bitwise"], out["weights max diff"] = _diff(resharded, truth)
             out["logits max diff"] = float((dst_logits - src_logits).abs().max())
             if not sabotage:
-                # a step whose gathers were dispatched and are in flight when the refit starts
+                # a step whose gathers were dispatched and are in flight when the reshard starts
                 with src_state.activate():
                     md.train_step(src, opt, rm.tokens(102))
                     for ddp in src:
                         ddp.start_param_sync()  # asynchronous under overlap_param_gather
-                out["dispatched before second refit"] = _pending(src)
+                out["dispatched before second reshard"] = _pending(src)
                 sp.reshard(src, src_state, dst, dst_state)
-                out["pending after second refit"] = _pending(src)
-                refitted = _whole(dst, dst_state)
+                out["pending after second reshard"] = _pending(src)
+                resharded = _whole(dst, dst_state)
                 with src_state.activate():
                     for ddp in src:
                         ddp.start_param_sync(force_sync=True)
                     truth = _whole(src, src_state)
-                out["second weights bitwise"], out["second weights max diff"] = _diff(refitted, truth)
+                out["second weights bitwise"], out["second weights max diff"] = _diff(resharded, truth)
     finally:
         checks.finish_param_gathers = kept
         for state in states:
@@ -155,42 +155,42 @@ def stale(world):
 
 @pytest.mark.world
 @pytest.mark.slow
-def test_refit_right_after_step_carries_the_steps_weights(stale):
+def test_reshard_right_after_step_carries_the_steps_weights(stale):
     """Right after optimizer.step() (every bucket group's gather not yet dispatched), the
-    refitted TP=4 destination holds the trained weights bit for bit, and its logits match
-    the source's within 1e-6; the refit leaves the source's gathers done."""
+    resharded TP=4 destination holds the trained weights bit for bit, and its logits match
+    the source's within 1e-6; the reshard leaves the source's gathers done."""
     for rank, out in enumerate(stale):
         got = out["fixed"]
         pending = got["pending after step"]
         assert pending["bucket groups"] > 1 and pending["not dispatched"] == pending["bucket groups"], f"rank {rank}: {pending}"
         assert got["trained away from init"] > 1e-3, f"rank {rank}: training moved the weights by {got['trained away from init']}"
-        assert got["weights bitwise"], f"rank {rank}: refitted weights differ from the trained ones by {got['weights max diff']}"
+        assert got["weights bitwise"], f"rank {rank}: resharded weights differ from the trained ones by {got['weights max diff']}"
         assert got["logits max diff"] <= TOLERANCE, f"rank {rank}: logits differ by {got['logits max diff']}"
-        assert got["pending after refit"]["not dispatched"] == 0 and got["pending after refit"]["in flight"] == 0, got["pending after refit"]
+        assert got["pending after reshard"]["not dispatched"] == 0 and got["pending after reshard"]["in flight"] == 0, got["pending after reshard"]
 
 
 @pytest.mark.world
 @pytest.mark.slow
-def test_without_the_finish_the_refit_reads_the_previous_step(stale):
-    """The comparison can fail: with finish_param_gathers disabled the same refit copies
+def test_without_the_finish_the_reshard_reads_the_previous_step(stale):
+    """The comparison can fail: with finish_param_gathers disabled the same reshard copies
     shards one step old (other DP ranks' part of the step never arrived), with no error."""
     for rank, out in enumerate(stale):
         got = out["sabotage"]
         assert got["pending after step"]["not dispatched"] > 0, f"rank {rank}: {got['pending after step']}"
-        assert not got["weights bitwise"] and got["weights max diff"] > 1e-3, f"rank {rank}: sabotaged refit max diff {got['weights max diff']}"
+        assert not got["weights bitwise"] and got["weights max diff"] > 1e-3, f"rank {rank}: sabotaged reshard max diff {got['weights max diff']}"
         assert got["logits max diff"] > 1e-4, f"rank {rank}: sabotaged logits diff {got['logits max diff']}"
 
 
 @pytest.mark.world
 @pytest.mark.slow
 def test_gathers_in_flight_are_waited_for(stale):
-    """Gathers dispatched (asynchronously) before the refit are waited for: the refit carries
+    """Gathers dispatched (asynchronously) before the reshard are waited for: the reshard carries
     the third step's weights and no handle is left."""
     for rank, out in enumerate(stale):
         got = out["fixed"]
-        dispatched = got["dispatched before second refit"]
+        dispatched = got["dispatched before second reshard"]
         assert dispatched["not dispatched"] == 0, f"rank {rank}: {dispatched}"
-        assert got["pending after second refit"]["in flight"] == 0, f"rank {rank}: {got['pending after second refit']}"
+        assert got["pending after second reshard"]["in flight"] == 0, f"rank {rank}: {got['pending after second reshard']}"
         assert got["second weights bitwise"], f"rank {rank}: differ by {got['second weights max diff']}"
 
 

@@ -13,8 +13,8 @@ the ranks of its expert-parallel slot, and each tensor whole or split over the r
 * :func:`merge` joins the leads' rows into one :class:`Held` per tensor (the row and the
   stages holding it), :func:`own_problems` says where a rank's own tensors differ from it,
   and :func:`tiled_tensors` turns two sides into the
-  :class:`~scoped_parallel.refit.tiled.TiledTensor` s that
-  :func:`~scoped_parallel.refit.tiled.plan_tiled_local` plans.
+  :class:`~scoped_parallel.resharding.tiled.TiledTensor` s that
+  :func:`~scoped_parallel.resharding.tiled.plan_tiled_local` plans.
 
 Worked example: TP=2 x PP=2 on 4 ranks; the first stage's lead (rank 0) describes a
 column-parallel weight, the second stage's (rank 2) a LayerNorm weight::
@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from scoped_parallel.refit.tiled import Split, TiledTensor
+from scoped_parallel.resharding.tiled import Split, TiledTensor
 
 __all__ = ["WHOLE", "Held", "StageCopies", "TensorRow", "merge", "own_problems", "tiled_tensors"]
 

@@ -1,4 +1,4 @@
-"""One rank's part of a refit between tiled layouts, planned without any other rank's transfers (no torch).
+"""One rank's part of a reshard between tiled layouts, planned without any other rank's transfers (no torch).
 
 A tiled layout holds each tensor in *copies*: disjoint groups of ranks, each group holding
 one whole copy. Along one dimension (:class:`Split`) the tensor is cut into tiles of
@@ -6,7 +6,7 @@ one whole copy. Along one dimension (:class:`Split`) the tensor is cut into tile
 copy of ``n`` ranks holds tiles ``i, i + n, ..., i + (stride - 1) * n`` side by side. That
 is Megatron's tensor-parallel split (``partition_dim``; ``partition_stride`` 2 for SwiGLU's
 ``[gate, up]``: member ``i`` holds gate tile ``i`` and up tile ``i``), and with one flat
-dimension and stride 1 it is a ZeRO-3 partition (:mod:`scoped_parallel.refit.flat`). A
+dimension and stride 1 it is a ZeRO-3 partition (:mod:`scoped_parallel.resharding.flat`). A
 side that does not split a tensor holds it whole on each member (``Split()``, copies of one
 rank each, as a TP group's ranks each hold a LayerNorm weight).
 
@@ -24,9 +24,9 @@ rank derives what it receives, what it sends and the gathers it takes part in
   of keys), each the intersection of its tiles with theirs, found by division: the cost is
   its own sends, not every rank's;
 * where the destination is a whole replica on exactly the ranks of the source copies and
-  the source splits the first dimension with stride 1 (ZeRO-3 trained, replicas refitted
+  the source splits the first dimension with stride 1 (ZeRO-3 trained, replicas resharded
   on the same ranks; a column-parallel weight into TP=1 on the TP ranks), every member of a
-  copy needs the same thing: one :class:`~scoped_parallel.refit.plan.Gather` per tensor (an
+  copy needs the same thing: one :class:`~scoped_parallel.resharding.plan.Gather` per tensor (an
   all-gather over the copy's group, batched into buckets) instead of ``n * (n - 1)``
   point-to-point messages;
 * where the destination is whole replicas on ranks outside the source, in groups of as many
@@ -69,7 +69,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from scoped_parallel.refit.plan import Box, Gather, Piece, ReshardPlan, Transfer
+from scoped_parallel.resharding.plan import Box, Gather, Piece, ReshardPlan, Transfer
 
 __all__ = ["Copies", "Split", "TiledTensor", "pairing_holds", "plan_tiled_local"]
 
@@ -225,8 +225,8 @@ def plan_tiled_local(
     backend: str = "tiled",
     participants: tuple[int, ...] = (),
 ) -> ReshardPlan:
-    """``rank``'s part of the refit of ``tensors`` (see the module docstring): a
-    :class:`~scoped_parallel.refit.plan.ReshardPlan` with ``rank`` set, holding the transfers
+    """``rank``'s part of the reshard of ``tensors`` (see the module docstring): a
+    :class:`~scoped_parallel.resharding.plan.ReshardPlan` with ``rank`` set, holding the transfers
     ``rank`` sends or receives (local copies included), the gathers it takes part in and its
     own pieces. ``tensors`` must be in the same order on every rank (it orders the buckets).
     A key missing from the copies raises KeyError (a backend bug, not input)."""

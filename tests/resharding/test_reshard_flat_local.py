@@ -1,4 +1,4 @@
-"""Per-rank planning of flat refits (``scoped_parallel.refit.flat``), pure: every rank's part,
+"""Per-rank planning of flat reshards (``scoped_parallel.resharding.flat``), pure: every rank's part,
 planned alone, fills every destination element from the right source element exactly once,
 sends pair with receives, and the plan a rank holds grows with its own transfers."""
 
@@ -11,7 +11,7 @@ import tracemalloc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoped_parallel.refit.flat import FlatTensor, pairing_holds, plan_flat_local
+from scoped_parallel.resharding.flat import FlatTensor, pairing_holds, plan_flat_local
 
 
 def _copies(first: int, count: int, group: int) -> tuple[tuple[int, ...], ...]:
@@ -125,7 +125,7 @@ def _seventy_b_like(ranks: int) -> list[FlatTensor]:
 
 def test_planning_a_70b_model_at_1024_ranks_takes_one_rank_little_time_and_memory():
     """ZeRO-3 over 1,024 ranks into replicas on them: one rank's part, planned alone, in
-    well under a second and 50 MB (the goal the refit issue set); bounds are generous
+    well under a second and 50 MB (the goal the reshard issue set); bounds are generous
     (a slow CI machine), the benchmark prints the measured curve."""
     tensors = _seventy_b_like(1024)
     copies = {"dp": (tuple(range(1024)),)}, {"replica": tuple((r,) for r in range(1024))}

@@ -1,8 +1,8 @@
-"""Refit between two states' layouts, Hugging Face models under DeepSpeed (4 gloo ranks).
+"""Reshard between two states' layouts, Hugging Face models under DeepSpeed (4 gloo ranks).
 
 The actor is a tiny ``LlamaForCausalLM`` (from a config, nothing downloaded) under ZeRO-3
 in state A (Ulysses SP=2 x DP=2: ZeRO-3 partitions every parameter over SP x DP, the 4
-ranks), trained one step. It is refitted with one ``scoped_parallel.reshard`` call into:
+ranks), trained one step. It is resharded with one ``scoped_parallel.reshard`` call into:
 
 * a rollout copy under ZeRO-0 in state B (SP=4): a whole replica per rank;
 * a reference copy under ZeRO-3 in state C (TP=2 as DeepSpeed's mpu, so DP=2: ZeRO-3
@@ -10,7 +10,7 @@ ranks), trained one step. It is refitted with one ``scoped_parallel.reshard`` ca
 * the same under ZeRO-3 with ``offload_param`` (device cpu): DeepSpeed's offload code path
   (on the CPU accelerator the host is the device, so nothing crosses a bus).
 
-Both destinations start from other weights (another seed). After the refit every
+Both destinations start from other weights (another seed). After the reshard every
 destination parameter equals the actor's (gathered with DeepSpeed's own
 ``GatheredParameters``) bit for bit, and so do the logits on the same tokens (the same
 module code on the same weights: the same reduction order).
@@ -136,7 +136,7 @@ def _cast_cases(rank: int, actor: Any, a: Any, b: Any, fp32_sent: dict[int, int]
     return got
 
 
-def _rank_refits(rank: int) -> dict[str, Any]:
+def _rank_reshards(rank: int) -> dict[str, Any]:
     import scoped_parallel as sp
 
     out: dict[str, Any] = {}
@@ -185,7 +185,7 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                         "partition groups": sorted({support.ranks(p.ds_process_group) for p in dst.module.parameters()
                                                     if hasattr(p, "ds_process_group")}),
                     }
-                    # the rollout's own forward, one more actor step, the next refit: the engine's
+                    # the rollout's own forward, one more actor step, the next reshard: the engine's
                     # forward (whole ZeRO-3 parameters kept between forwards) sees the new weights
                     with state.activate(), torch.no_grad():
                         dst(input_ids=_tokens())
@@ -193,10 +193,10 @@ def _rank_refits(rank: int) -> dict[str, Any]:
                     src_params, src_logits = _full(actor)
                     sp.reshard(actor, a, dst, state)
                     with state.activate(), torch.no_grad():
-                        out[name]["second refit, engine forward equal"] = torch.equal(dst(input_ids=_tokens()).logits, src_logits)
+                        out[name]["second reshard, engine forward equal"] = torch.equal(dst(input_ids=_tokens()).logits, src_logits)
                     if stage == 0:
                         # a destination tensor changes dtype after planning: the cached plan is not used,
-                        # and the new plan is refused on every rank (a dtype change is not a refit)
+                        # and the new plan is refused on every rank (a dtype change is not a reshard)
                         norm = dst.module.model.norm.weight
                         kept = norm.data
                         norm.data = kept.double()
@@ -241,8 +241,8 @@ def _rank_refits(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def refits(world):
-    return world.run(_rank_refits, timeout=WORLD_TIMEOUT)
+def reshards(world):
+    return world.run(_rank_reshards, timeout=WORLD_TIMEOUT)
 
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
@@ -250,9 +250,9 @@ CASES = ("ZeRO-3 SP=2xDP=2 -> ZeRO-0 SP=4", "ZeRO-3 SP=2xDP=2 -> ZeRO-3 DP=2", "
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_refitted_destination_equals_the_actor_bit_for_bit(refits, case):
+def test_resharded_destination_equals_the_actor_bit_for_bit(reshards, case):
     """Every destination parameter and the logits equal the trained actor's, bit for bit."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[case]
         assert got["backend"] == "flat", got["backend"]
         assert got["started different"], f"rank {rank} {case}: the destination started equal to the actor"
@@ -261,15 +261,15 @@ def test_refitted_destination_equals_the_actor_bit_for_bit(refits, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_plan_predicts_the_bytes_sent_and_covers_every_element(refits, case):
-    for rank, out in enumerate(refits):
+def test_plan_predicts_the_bytes_sent_and_covers_every_element(reshards, case):
+    for rank, out in enumerate(reshards):
         got = out[case]
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert got["sent"] == got["predicted"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted']}"
         assert got["cached"], f"rank {rank} {case}: reshard planned again after plan_reshard"
 
 
-def test_a_bf16_destination_of_an_fp32_zero3_actor_gets_the_cast_weights_and_half_the_bytes(refits):
+def test_a_bf16_destination_of_an_fp32_zero3_actor_gets_the_cast_weights_and_half_the_bytes(reshards):
     """``dtype=torch.bfloat16``: the plain bf16 module's parameters equal the actor's
     ``.to(torch.bfloat16)`` bit for bit (a cast is deterministic, wherever it runs); the
     senders convert, so each rank sends what the plan predicts, exactly half the bytes of the
@@ -277,7 +277,7 @@ def test_a_bf16_destination_of_an_fp32_zero3_actor_gets_the_cast_weights_and_hal
     a mapping naming every parameter is another cache entry with the same transfers. The
     same into an fp16 module, the cast asked by a function of the name: fp16 values, the
     same bytes as bf16."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["bf16"]
         assert got["problems"] == [], f"rank {rank}: {got['problems']}"
         assert got["started different"], f"rank {rank}: the destination started equal to the cast actor"
@@ -290,23 +290,23 @@ def test_a_bf16_destination_of_an_fp32_zero3_actor_gets_the_cast_weights_and_hal
         assert got["fp16 params"] and got["fp16 sent"] == got["sent"], f"rank {rank}: fp16 by a function: {got['fp16 sent']}, {got['fp16 params']}"
 
 
-def test_a_dtype_change_without_dtype_or_to_another_dtype_is_refused_and_moves_nothing(refits):
+def test_a_dtype_change_without_dtype_or_to_another_dtype_is_refused_and_moves_nothing(reshards):
     """fp32 into bf16 without ``dtype=``: refused on every rank, naming a tensor, both dtypes
     and the fix; ``dtype=torch.float16`` into a bf16 destination: refused (the cast target
     must be the destination's dtype). The destination is untouched by both."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["bf16"]
         error = got["no dtype error"]
         assert error is not None and "'lm_head.weight'" in error and "torch.float32" in error and "torch.bfloat16" in error \
             and "dtype=torch.bfloat16" in error, f"rank {rank}: {error}"
         wrong = got["wrong target error"]
         assert wrong is not None and "casts to torch.float16" in wrong and "must be the destination's dtype" in wrong, f"rank {rank}: {wrong}"
-        assert got["refused untouched"], f"rank {rank}: the destination changed although the refit was refused"
+        assert got["refused untouched"], f"rank {rank}: the destination changed although the reshard was refused"
 
 
-def test_layouts_are_the_ones_described(refits):
+def test_layouts_are_the_ones_described(reshards):
     """The actor is partitioned over the 4 ranks, the ZeRO-3 destination over rank pairs."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         assert out["actor partition groups"] == [(0, 1, 2, 3)], out["actor partition groups"]
         pair = (0, 2) if rank % 2 == 0 else (1, 3)
         assert out[CASES[1]]["partition groups"] == [pair], f"rank {rank}: {out[CASES[1]]['partition groups']}, expected [{pair}]"
@@ -315,10 +315,10 @@ def test_layouts_are_the_ones_described(refits):
         assert "device='cpu'" in offloaded["offload config"], f"rank {rank}: offload_param not in effect: {offloaded['offload config']}"
 
 
-def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_partition(refits):
+def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_partition(reshards):
     """Each rank sends from its quarter of the actor and receives at most its half of the
     ZeRO-3 destination (less what it holds already); no staging buffer."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[CASES[1]]
         model = got["model bytes"]
         assert got["source bytes held"] <= model // 4 + 4096, f"rank {rank}: holds {got['source bytes held']} of {model} source bytes"
@@ -329,23 +329,23 @@ def test_zero3_source_is_never_gathered_and_zero3_destination_gets_only_its_part
         assert full["received"] == model - full["source bytes held"], f"rank {rank}: a whole replica receives all it does not hold"
 
 
-def test_a_swapped_shard_gives_other_weights(refits):
+def test_a_swapped_shard_gives_other_weights(reshards):
     """The equality check can fail: rank 0's part of the plan with two of its receives
     swapped runs and the weights differ (on the ranks of the replica rank 0 belongs to: the
     reference is two ZeRO-3 replicas, over ranks {0, 2} and {1, 3})."""
-    seen = [out["swapped shard params equal"] for out in refits]
+    seen = [out["swapped shard params equal"] for out in reshards]
     assert seen.count(False) == 2, f"per rank, destination equal to the actor after the swap: {seen} (expected one replica's two ranks False)"
 
 
-def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(refits):
-    for rank, out in enumerate(refits):
+def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(reshards):
+    for rank, out in enumerate(reshards):
         error = out["wrong state error"]
         assert error is not None and "no group of ParallelState 'rollout'" in error, f"rank {rank}: {error}"
-        assert out["wrong state untouched"], f"rank {rank}: the destination changed although the refit was refused"
+        assert out["wrong state untouched"], f"rank {rank}: the destination changed although the reshard was refused"
 
 
-def test_the_plan_cache_leaves_both_states_when_one_is_destroyed(refits):
-    for rank, out in enumerate(refits):
+def test_the_plan_cache_leaves_both_states_when_one_is_destroyed(reshards):
+    for rank, out in enumerate(reshards):
         assert (out["cache entries before destroy"], out["cache entries after destroy"]) == (2, 1), (
             f"rank {rank}: actor cache entries before/after destroying the reference state: "
             f"{out['cache entries before destroy']}, {out['cache entries after destroy']} (expected 2, 1)"
@@ -353,18 +353,18 @@ def test_the_plan_cache_leaves_both_states_when_one_is_destroyed(refits):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_second_refit_after_a_destination_forward_reaches_the_engines_forward(refits, case):
+def test_a_second_reshard_after_a_destination_forward_reaches_the_engines_forward(reshards, case):
     """With DeepSpeed's default persistence threshold the ZeRO-3 destination keeps its
-    (small) parameters whole after its first forward; the next refit updates those whole
+    (small) parameters whole after its first forward; the next reshard updates those whole
     copies too: the engine's own forward equals the actor's logits bit for bit."""
-    for rank, out in enumerate(refits):
-        assert out[case]["second refit, engine forward equal"], f"rank {rank} {case}: the engine's forward after the second refit differs"
+    for rank, out in enumerate(reshards):
+        assert out[case]["second reshard, engine forward equal"], f"rank {rank} {case}: the engine's forward after the second reshard differs"
 
 
-def test_a_tensor_that_changed_after_planning_is_not_refitted_with_the_stale_plan(refits):
+def test_a_tensor_that_changed_after_planning_is_not_resharded_with_the_stale_plan(reshards):
     """A destination tensor upcast after the plan was made: every rank sees the cached plan
     no longer matches, plans again, and the new plan is refused (dtype) on every rank."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         error = out["changed dtype error"]
         assert error is not None and "'model.norm.weight'" in error and "does not reshape or cast" in error, f"rank {rank}: {error}"
         stale = out["stale given plan error"]
@@ -374,14 +374,14 @@ def test_a_tensor_that_changed_after_planning_is_not_refitted_with_the_stale_pla
 # ---------------------------------------------------------------- no stale reads (ZeRO-3 in flight / whole)
 
 def _rank_stale_zero3(rank: int) -> dict[str, Any]:
-    """The trained actor refitted into a ZeRO-3 destination (DP=2, nothing persistent) whose
-    parameters are not simply partitioned when the refit starts:
+    """The trained actor resharded into a ZeRO-3 destination (DP=2, nothing persistent) whose
+    parameters are not simply partitioned when the reshard starts:
 
     * "in flight": an all-gather of every destination parameter dispatched and registered in
       the module's ``ds_inflight_param_registry``, as the prefetcher leaves it (status INFLIGHT);
     * "whole": inside ``deepspeed.zero.GatheredParameters`` (status AVAILABLE, no ``ds_persist``).
 
-    Each case runs with the refit as it is and with ``zero_reshard._status`` answering
+    Each case runs with the reshard as it is and with ``zero_reshard._status`` answering
     NOT_AVAILABLE (sabotage: nothing counts as in flight or whole, as before the fix)."""
     import deepspeed
 
@@ -427,7 +427,7 @@ def _rank_stale_zero3(rank: int) -> dict[str, Any]:
                         "status before": before, "status after": after,
                         "whole params equal": all(map(torch.equal, whole, src_params)),
                         "engine forward equal": torch.equal(logits, src_logits),
-                        "refitted partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
+                        "resharded partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
                     }
                     support.drop(dst)
                     engines.remove(dst)
@@ -445,7 +445,7 @@ def _rank_stale_zero3(rank: int) -> dict[str, Any]:
                     out["whole" + key] = {
                         "status before": before,
                         "whole params equal": all(map(torch.equal, inside, src_params)),
-                        "refitted partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
+                        "resharded partitions equal": all(map(torch.equal, _full(dst)[0], src_params)),
                     }
                     support.drop(dst)
                     engines.remove(dst)
@@ -457,38 +457,38 @@ def _rank_stale_zero3(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stale_refits(world):
+def stale_reshards(world):
     return world.run(_rank_stale_zero3, timeout=WORLD_TIMEOUT)
 
 
-def test_a_destination_gather_in_flight_is_waited_for_and_lands_the_refitted_weights(stale_refits):
-    """A prefetch in flight when the refit starts would land the old weights afterwards (the
-    gather read the partitions before the refit wrote them): the refit waits for it, then
-    gathers the refitted partitions into the whole parameters; nothing is left in flight."""
-    for rank, out in enumerate(stale_refits):
+def test_a_destination_gather_in_flight_is_waited_for_and_lands_the_resharded_weights(stale_reshards):
+    """A prefetch in flight when the reshard starts would land the old weights afterwards (the
+    gather read the partitions before the reshard wrote them): the reshard waits for it, then
+    gathers the resharded partitions into the whole parameters; nothing is left in flight."""
+    for rank, out in enumerate(stale_reshards):
         got = out["in flight"]
         assert got["status before"] == ["INFLIGHT"], f"rank {rank}: {got['status before']}"
         assert got["status after"] == ["AVAILABLE"], f"rank {rank}: {got['status after']}"
-        assert got["whole params equal"] and got["refitted partitions equal"], f"rank {rank}: {got}"
-        assert got["engine forward equal"], f"rank {rank}: the engine's forward after the refit differs"
+        assert got["whole params equal"] and got["resharded partitions equal"], f"rank {rank}: {got}"
+        assert got["engine forward equal"], f"rank {rank}: the engine's forward after the reshard differs"
 
 
-def test_a_whole_destination_parameter_ends_with_the_refitted_weights(stale_refits):
+def test_a_whole_destination_parameter_ends_with_the_resharded_weights(stale_reshards):
     """Inside GatheredParameters (AVAILABLE, not persistent) the whole parameters are
-    refreshed from the refitted partitions, not left at the old weights."""
-    for rank, out in enumerate(stale_refits):
+    refreshed from the resharded partitions, not left at the old weights."""
+    for rank, out in enumerate(stale_reshards):
         got = out["whole"]
         assert got["status before"] == ["AVAILABLE"], f"rank {rank}: {got['status before']}"
-        assert got["whole params equal"] and got["refitted partitions equal"], f"rank {rank}: {got}"
+        assert got["whole params equal"] and got["resharded partitions equal"], f"rank {rank}: {got}"
 
 
-def test_without_waiting_and_refreshing_the_whole_parameters_are_stale(stale_refits):
+def test_without_waiting_and_refreshing_the_whole_parameters_are_stale(stale_reshards):
     """The checks can fail: with nothing counted as in flight or whole (sabotage) the
-    partitions are refitted but the whole parameters hold the old weights in both cases.
+    partitions are resharded but the whole parameters hold the old weights in both cases.
     (The engine's own next forward is right even then: its start drains the registry and
     gathers again; what reads the whole parameters before it gets the old weights.)"""
-    for rank, out in enumerate(stale_refits):
+    for rank, out in enumerate(stale_reshards):
         for case in ("in flight (sabotage)", "whole (sabotage)"):
             got = out[case]
-            assert got["refitted partitions equal"], f"rank {rank} {case}: {got}"
+            assert got["resharded partitions equal"], f"rank {rank} {case}: {got}"
             assert not got["whole params equal"], f"rank {rank} {case}: the whole parameters were refreshed anyway"

@@ -1,4 +1,4 @@
-"""The template of a refit backend whose ranks each plan their own part.
+"""The template of a reshard backend whose ranks each plan their own part.
 
 ``"flat"`` (torch modules, DeepSpeed engines) and ``"megatron"`` (megatron-core models)
 take the same steps; :class:`PerRankBackend` owns them and a backend supplies only what
@@ -18,7 +18,7 @@ after the run                        :meth:`PerRankBackend.after` (optional)
 ===================================  =====================================================
 
 Every step with a collective runs over the ranks of the two states only
-(:func:`~scoped_parallel.refit.execute.participants_group`), and every check that can fail
+(:func:`~scoped_parallel.resharding.execute.participants_group`), and every check that can fail
 does so on every rank alike, before anything moves.
 """
 
@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit.api import pieces_match
-from scoped_parallel.refit.execute import confirm_part, participants, participants_group, peak_staging, relay_groups, run_plan
-from scoped_parallel.refit.plan import CastSpec, Piece, ReshardPlan
+from scoped_parallel.resharding.api import pieces_match
+from scoped_parallel.resharding.execute import confirm_part, participants, participants_group, peak_staging, relay_groups, run_plan
+from scoped_parallel.resharding.plan import CastSpec, Piece, ReshardPlan
 
 __all__ = ["BUCKET_BYTES", "Holdings", "PerRankBackend"]
 
@@ -56,7 +56,7 @@ class Holdings:
 
 
 class PerRankBackend:
-    """A refit backend whose ranks each plan their own part (see the module doc)."""
+    """A reshard backend whose ranks each plan their own part (see the module doc)."""
 
     name: str = ""
     #: the states may lie on other, overlapping or partial rank sets of the world
@@ -98,7 +98,7 @@ class PerRankBackend:
         rank when the models no longer hold the planned pieces (nothing moved)."""
         if options:  # the same on every rank: all raise before anything moves
             raise ReshardError(
-                f"the {self.name!r} refit backend takes bucket_bytes= only, not {sorted(options)} (nothing was moved)"
+                f"the {self.name!r} reshard backend takes bucket_bytes= only, not {sorted(options)} (nothing was moved)"
             )
         group = participants_group(src_state, dst_state, participants(src_state, dst_state))
         held = self.hold(src_model, src_state, dst_model, dst_state)

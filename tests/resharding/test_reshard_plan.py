@@ -1,4 +1,4 @@
-"""The refit plan as plain data (``scoped_parallel.refit.plan``): the flat planner, the
+"""The reshard plan as plain data (``scoped_parallel.resharding.plan``): the flat planner, the
 checks every plan passes before anything moves, and the report. No torch.distributed."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scoped_parallel import ReshardError
-from scoped_parallel.refit import Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
+from scoped_parallel.resharding import Piece, ReshardPlan, Transfer, box_is_contiguous, plan_flat
 
 
 def _zero3(ranks: int, numel: int, name: str = "w") -> list[tuple[int, str, int, int, int]]:
@@ -165,7 +165,7 @@ class _Model:
 def test_plan_cache_is_keyed_on_rank_lists_and_leaves_both_states_on_destroy(monkeypatch):
     """Same models and states: planned once. A state with the same sizes but other rank
     lists: planned again. Destroying either state drops the entry from both."""
-    from scoped_parallel.refit import api
+    from scoped_parallel.resharding import api
 
     backend = _CountingBackend()
     monkeypatch.setattr(api, "_BACKENDS", [backend])
@@ -254,7 +254,7 @@ _PAIRS = {
          "'same': dtype= casts to torch.bfloat16, but the destination tensor is torch.float32"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
         ({"w": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16"},
-         "'b': source dtype torch.float32 but destination torch.bfloat16; a refit copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16"),
+         "'b': source dtype torch.float32 but destination torch.bfloat16; a reshard copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16", "steps": "torch.bfloat16"}, _PAIRS, None, "'steps': dtype= asks for torch.bfloat16, but a torch.int64 -> torch.int64 tensor is never cast"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16", "typo": "torch.bfloat16"}, _PAIRS, None, "dtype= names tensors that the models do not both hold: ['typo']"),
         (lambda name: "torch.bfloat16" if name in ("w", "b") else None, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
@@ -266,7 +266,7 @@ _PAIRS = {
 def test_resolve_casts(spec, pairs, casts, problem):
     """What ``dtype=`` does per tensor: floating tensors only, the target must be the
     destination's dtype, a dtype change nobody asked for names the fix (pure)."""
-    from scoped_parallel.refit import resolve_casts
+    from scoped_parallel.resharding import resolve_casts
 
     got, problems = resolve_casts(spec, pairs)
     if casts is not None:
@@ -282,7 +282,7 @@ def test_plans_with_other_casts_are_cached_apart(monkeypatch):
     function object) reuses the plan; another cast plans again; a bad dtype is refused first."""
     import torch
 
-    from scoped_parallel.refit import api
+    from scoped_parallel.resharding import api
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""Per-rank planning of tiled refits (``scoped_parallel.refit.tiled``), pure: every rank's part,
+"""Per-rank planning of tiled reshards (``scoped_parallel.resharding.tiled``), pure: every rank's part,
 planned alone, fills every destination element of an N-d tensor split with Megatron's strided
 tiles from the same source element exactly once, sends pair with receives, and the plan a
 rank holds grows with its own transfers."""
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoped_parallel.refit.plan import box_slices
-from scoped_parallel.refit.tiled import Split, TiledTensor, pairing_holds, plan_tiled_local
+from scoped_parallel.resharding.plan import box_slices
+from scoped_parallel.resharding.tiled import Split, TiledTensor, pairing_holds, plan_tiled_local
 
 
 def _copies(first: int, count: int, group: int) -> tuple[tuple[int, ...], ...]:

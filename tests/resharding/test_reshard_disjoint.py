@@ -1,4 +1,4 @@
-"""Refit between states on other, partial and overlapping rank sets of one world (4 gloo ranks).
+"""Reshard between states on other, partial and overlapping rank sets of one world (4 gloo ranks).
 
 The actor is a tiny ``LlamaForCausalLM`` under DeepSpeed ZeRO-2 on ranks 0-1 only (a state
 of 2 ranks; every rank holds whole weights), trained one step; ranks 2-3 never build it.
@@ -30,10 +30,10 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import _adapter_deepspeed_support as support  # noqa: E402
-from _refit_deepspeed import actor_weights, llama, trained_actor  # noqa: E402
+from _reshard_deepspeed import actor_weights, llama, trained_actor  # noqa: E402
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
-def rank_disjoint_refits(rank: int) -> dict[str, Any]:
+def rank_disjoint_reshards(rank: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     import scoped_parallel as sp
@@ -68,7 +68,7 @@ def rank_disjoint_refits(rank: int) -> dict[str, Any]:
                         cast = [w.to(dtype) if dtype is not None else w for w in want]
                         got = list(rollout.parameters())
                         out[name]["equal"] = len(got) == len(cast) and all(map(torch.equal, got, cast))
-                    dist.barrier()  # the next case starts together (the test's own sync, not the refit's)
+                    dist.barrier()  # the next case starts together (the test's own sync, not the reshard's)
 
                 check("apart", apart)
                 check("alone", alone)
@@ -98,8 +98,8 @@ def rank_disjoint_refits(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def refits(world):
-    return world.run(rank_disjoint_refits, timeout=600.0)
+def reshards(world):
+    return world.run(rank_disjoint_reshards, timeout=600.0)
 
 
 CASES = [("apart", (0, 1), (2, 3)), ("alone", (0, 1), (2,)), ("overlap bf16", (0, 1), (1, 2)),
@@ -107,8 +107,8 @@ CASES = [("apart", (0, 1), (2, 3)), ("alone", (0, 1), (2,)), ("overlap bf16", (0
 
 
 @pytest.mark.parametrize("case, actor, members", CASES)
-def test_a_rollout_on_other_ranks_gets_the_actor_bit_for_bit(refits, case, actor, members):
-    for rank, out in enumerate(refits):
+def test_a_rollout_on_other_ranks_gets_the_actor_bit_for_bit(reshards, case, actor, members):
+    for rank, out in enumerate(reshards):
         got = out[case]
         participants = tuple(sorted({*actor, *members}))
         assert got["called"] == (rank in participants), f"rank {rank} {case}: called={got['called']}"
@@ -121,19 +121,19 @@ def test_a_rollout_on_other_ranks_gets_the_actor_bit_for_bit(refits, case, actor
             assert got["equal"], f"rank {rank} {case}: the rollout's parameters differ from the actor's"
 
 
-def test_a_rank_in_neither_state_sends_nothing(refits):
+def test_a_rank_in_neither_state_sends_nothing(reshards):
     """Rank 3 is in no state of the "alone" case; no rank sends to it there."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         if out["alone"]["called"]:
             assert 3 not in out["alone"]["sent"], f"rank {rank} sent to rank 3: {out['alone']['sent']}"
 
 
-def test_another_architecture_is_refused_on_every_participant(refits):
-    for rank, out in enumerate(refits):
+def test_another_architecture_is_refused_on_every_participant(reshards):
+    for rank, out in enumerate(reshards):
         error = out["other architecture"]
         assert error is not None and "nothing was moved" in error and "model.embed_tokens.weight" in error, f"rank {rank}: {error}"
 
 
-def test_a_rank_in_neither_state_is_refused_alone(refits):
-    error = refits[3]["outsider"]
+def test_a_rank_in_neither_state_is_refused_alone(reshards):
+    error = reshards[3]["outsider"]
     assert error is not None and "neither state" in error, error

@@ -1,4 +1,4 @@
-"""Rank-side helpers of the DeepSpeed refit tests: a tiny Hugging Face Llama, an actor engine
+"""Rank-side helpers of the DeepSpeed reshard tests: a tiny Hugging Face Llama, an actor engine
 trained one step in a state, and the actor's whole weights on every rank."""
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Refit planning cost per rank: the per-rank planner against the global one, and its curve to 8,192 ranks.
+"""Reshard planning cost per rank: the per-rank planner against the global one, and its curve to 8,192 ranks.
 
-    python benchmarks/refit_planning.py [--json benchmarks/refit_planning.json]
+    python benchmarks/reshard_planning.py [--json benchmarks/reshard_planning.json]
 
 Pure functions, one process: each row plans what ONE rank of a world of N ranks does (the
 rank in the middle of the world), for a 70B-like model: the shapes of an 80-layer Llama
 with hidden 8,192, FFN 28,672, 8 KV heads of 128 and a 128,256-token vocabulary (723
 tensors, bf16), in three flat layout pairs:
 
-* **ZeRO-3 -> replicas**: partitioned over all N ranks, refitted into a whole replica on
+* **ZeRO-3 -> replicas**: partitioned over all N ranks, resharded into a whole replica on
   each of them (the RL actor -> rollout copy on the same GPUs): one all-gather per tensor;
-* **ZeRO-3 -> ZeRO-3 x8**: partitioned over all N ranks, refitted into 8 copies each
+* **ZeRO-3 -> ZeRO-3 x8**: partitioned over all N ranks, resharded into 8 copies each
   partitioned over N/8 ranks (another DP split: point-to-point, each rank receives from
   the few ranks whose range overlaps its own);
 * **ZeRO-3 -> replicas, disjoint**: an actor on ranks 0..N/2-1, replicas on N/2..N-1 (rollout
@@ -17,19 +17,19 @@ tensors, bf16), in three flat layout pairs:
   N/2, which then all-gathers); planned for a source rank and for a replica.
 
 and in two Megatron layout pairs, planned from the compact per-stage descriptions the
-``"megatron"`` backend exchanges (``scoped_parallel.refit.staged``: each side's holders
+``"megatron"`` backend exchanges (``scoped_parallel.resharding.staged``: each side's holders
 derived from its ``ParallelLayout``, counted in the time):
 
 * **Megatron TP=8 x PP=4 -> TP=4**: the same 70B-like model in megatron-core's naming (fused
   QKV, fused gate/up with partition stride 2: 483 tensors), trained under TP=8 x PP=4 and
-  refitted into TP=4 replicas of the whole model on the same ranks;
+  resharded into TP=4 replicas of the whole model on the same ranks;
 * **Megatron EP=8 -> EP=4**: a Qwen3-30B-A3B-like MoE (48 layers, hidden 2,048, 128 experts of
   FFN 768 each: 12,531 tensors, the experts in megatron-core's ``SequentialMLP`` naming),
   EP=8 into EP=4 on the same ranks.
 
 Time is the fastest of ``--rounds`` runs; memory is tracemalloc's peak during one run
 (Python objects of the plan and everything built to make it). The global planner
-(``plan_flat``: every rank's transfers on every rank, what the refit did before) is timed
+(``plan_flat``: every rank's transfers on every rank, what the reshard did before) is timed
 side by side at 16/32/64 ranks on 100 tensors (it grows with ranks squared: 128 ranks take
 half a minute and 770 MB), and the
 ratio printed. Numbers are machine-dependent; the ratios and the growth are the result.
@@ -49,10 +49,10 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scoped_parallel.layout import ParallelLayout  # noqa: E402
-from scoped_parallel.refit.flat import FlatTensor, plan_flat_local  # noqa: E402
-from scoped_parallel.refit.plan import plan_flat  # noqa: E402
-from scoped_parallel.refit.staged import WHOLE, Held, StageCopies, TensorRow, tiled_tensors  # noqa: E402
-from scoped_parallel.refit.tiled import plan_tiled_local  # noqa: E402
+from scoped_parallel.resharding.flat import FlatTensor, plan_flat_local  # noqa: E402
+from scoped_parallel.resharding.plan import plan_flat  # noqa: E402
+from scoped_parallel.resharding.staged import WHOLE, Held, StageCopies, TensorRow, tiled_tensors  # noqa: E402
+from scoped_parallel.resharding.tiled import plan_tiled_local  # noqa: E402
 
 
 def llama_70b_shapes() -> list[tuple[int, ...]]:

@@ -1,10 +1,10 @@
-"""What a refit moves, as plain data: the tensors each rank holds and must fill, the
+"""What a reshard moves, as plain data: the tensors each rank holds and must fill, the
 transfers between them, the checks a plan must pass and the report (no torch).
 
-A refit copies a model laid out by one state (the *source*) into the same architecture
+A reshard copies a model laid out by one state (the *source*) into the same architecture
 laid out by another (the *destination*). Every rank lists the pieces it holds
 (:class:`Piece`: a tensor of the source, or one it must fill in the destination); a
-backend (:func:`~scoped_parallel.refit.tiled.plan_tiled_local` on each rank, or
+backend (:func:`~scoped_parallel.resharding.tiled.plan_tiled_local` on each rank, or
 megatron-core's planner, or the global :func:`plan_flat` for flat ZeRO-style partitions) turns the pieces into :class:`Transfer` s, each a box of a source
 piece copied into an equal box of a destination piece, on the same rank or between two.
 Boxes are in the pieces' *local* coordinates: per dimension, ``(start, stop)``.
@@ -58,7 +58,7 @@ CastSpec = Union[None, str, Mapping[str, str], Callable[[str], Union[str, None]]
 
 def is_floating(dtype: str) -> bool:
     """Whether ``dtype`` (a torch dtype's ``str``) is a floating-point type, the only kind a
-    refit casts (integer, bool and complex tensors are copied as they are).
+    reshard casts (integer, bool and complex tensors are copied as they are).
 
     >>> is_floating("torch.bfloat16"), is_floating("torch.float8_e4m3fn"), is_floating("torch.int64")
     (True, True, False)
@@ -80,7 +80,7 @@ def resolve_casts(spec: CastSpec, pairs: Mapping[str, tuple[str, str]]) -> tuple
     >>> resolve_casts("torch.bfloat16", {"w": ("torch.float32", "torch.bfloat16"), "step": ("torch.int64", "torch.int64")})
     ({'w': 'torch.bfloat16'}, [])
     >>> resolve_casts(None, {"w": ("torch.float32", "torch.bfloat16")})[1]
-    ["'w': source dtype torch.float32 but destination torch.bfloat16; a refit copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16 (or a mapping / function naming these tensors) to convert on the sending side"]
+    ["'w': source dtype torch.float32 but destination torch.bfloat16; a reshard copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16 (or a mapping / function naming these tensors) to convert on the sending side"]
     """
     casts: dict[str, str] = {}
     problems: list[str] = []
@@ -113,7 +113,7 @@ def resolve_casts(spec: CastSpec, pairs: Mapping[str, tuple[str, str]]) -> tuple
             casts[name] = wanted
     for (src, dst), names in uncast.items():
         problems.append(
-            f"{_names(names)}: source dtype {src} but destination {dst}; a refit copies, it does not reshape or cast "
+            f"{_names(names)}: source dtype {src} but destination {dst}; a reshard copies, it does not reshape or cast "
             f"unless asked: pass dtype={dst} (or a mapping / function naming these tensors) to convert on the sending side"
         )
     for (wanted, dst), names in mistargeted.items():
@@ -164,7 +164,7 @@ def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
 
 def unmatched_names(source: Iterable[str], destination: Mapping[str, int]) -> list[str]:
     """The tensors one model has and the other lacks (``destination``: name -> a rank that
-    fills it), as a backend's plan check reports them: a refit needs the same architecture.
+    fills it), as a backend's plan check reports them: a reshard needs the same architecture.
 
     >>> unmatched_names(["a", "b"], {"a": 0, "c": 2})
     ["source tensors ['b'] (of 1) have no counterpart in the destination model (another architecture?)", "destination 'c' (rank 2) has no counterpart in the source model (another architecture?)"]
@@ -281,7 +281,7 @@ class Gather:
 
 @dataclass(frozen=True)
 class ReshardPlan:
-    """Every transfer of one refit, on every rank, with the checks and the report.
+    """Every transfer of one reshard, on every rank, with the checks and the report.
 
     ``staging`` is the executor's predicted peak of extra memory per rank (receive
     buffers and copies of non-contiguous send boxes), filled in by the backend that
@@ -290,7 +290,7 @@ class ReshardPlan:
     A plan is either *global* (``rank`` None: every rank's transfers and pieces, as
     megatron-core's planner hands them over) or *this rank's part* (``rank`` set: the
     transfers it sends or receives, the gathers it takes part in and its own pieces, made
-    by :func:`scoped_parallel.refit.flat.plan_flat_local` without any other rank's
+    by :func:`scoped_parallel.resharding.flat.plan_flat_local` without any other rank's
     transfers). A rank's part checks what the rank can see (its destination pieces written
     exactly once, its reads inside its source pieces); ``pairing`` (a digest of its sends
     and of its receives, summed over the participants by the backend) shows that every
@@ -458,7 +458,7 @@ class ReshardPlan:
         problems = self.problems()
         if problems:
             raise ReshardError(
-                f"the {self.backend} refit plan failed its checks ({len(problems)} shown):\n  "
+                f"the {self.backend} reshard plan failed its checks ({len(problems)} shown):\n  "
                 + "\n  ".join(problems)
                 + "\nNothing was moved. A wrong state for a model (src_state/dst_state must be the "
                 "states the models were built in) is the usual cause."
@@ -476,7 +476,7 @@ class ReshardPlan:
         scope = "" if self.rank is None else f" rank {self.rank}'s part of {len(self.participants)} ranks"
         gathers = f", {len(self.gathers)} all-gathers" if self.gathers else ""
         lines = [
-            f"refit plan ({self.backend}){scope}: {len(self.transfers)} transfers{gathers}, "
+            f"reshard plan ({self.backend}){scope}: {len(self.transfers)} transfers{gathers}, "
             f"{total_remote} bytes between ranks, {local} bytes copied locally, "
             f"{filled} destination bytes on {len({p.rank for p in self.targets})} ranks",
             "coverage: " + ("every destination element written exactly once" if not self.problems() else "FAILED: " + "; ".join(self.problems(3))),

@@ -1,6 +1,6 @@
-"""Refit time and peak memory: scoped_parallel.reshard against the two ways the field does it.
+"""Reshard time and peak memory: scoped_parallel.reshard against the two ways the field does it.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/refit.py [--rounds 11] [--json benchmarks/refit.json]
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/reshard.py [--rounds 11] [--json benchmarks/reshard.json]
 
 One megatron-core GPTModel (local spec, hidden 256, FFN 1024, 4 layers, vocab 2048: about
 4.2 M parameters, 16 MiB in fp32) trained in state "actor" (TP=2 x DP=2), copied into the same
@@ -8,7 +8,7 @@ architecture in state "rollout" (TP=4), on 4 CPU ranks over gloo, three ways, in
 (ours, (a), (b), ours, ...) for ``--rounds`` rounds (11) after one warm-up round each:
 
 * **ours**: ``scoped_parallel.reshard(actor, actor_state, rollout, rollout_state)``
-  (each rank plans its own part, ``scoped_parallel.refit.tiled``; plan cached, ``run_plan``
+  (each rank plans its own part, ``scoped_parallel.resharding.tiled``; plan cached, ``run_plan``
   executing);
 * **(a) all-gather then re-split**, what slime and ROLL do: every TP-sharded tensor
   all-gathered to full size over the actor's TP group, then each rank cuts its rollout
@@ -143,7 +143,7 @@ def _megatron_example() -> Any:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "refit.json"))
+    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "reshard.json"))
     args = parser.parse_args()
     dist.init_process_group("gloo")
     if dist.get_world_size() % 4:
@@ -226,7 +226,7 @@ def main() -> int:
         dist.all_reduce(staging, op=dist.ReduceOp.MAX)
         fastest = {m: min(t) for m, t in times.items()}
         results = {
-            "what": "one refit of a megatron-core GPTModel (about 4.2 M fp32 parameters) from TP=2 x DP=2 to TP=4 on 4 CPU ranks "
+            "what": "one reshard of a megatron-core GPTModel (about 4.2 M fp32 parameters) from TP=2 x DP=2 to TP=4 on 4 CPU ranks "
                     "(gloo): slowest rank's seconds and largest rank's peak resident bytes above the start of the call",
             "rounds": args.rounds,
             "model_bytes": sum(p.numel() * p.element_size() for p in actor[0].parameters()) * 2,
@@ -252,7 +252,7 @@ def main() -> int:
     rollout_state.destroy()
     if rank == 0:
         world = dist.get_world_size()
-        print(f"refit TP=2 x DP={world // 2} -> TP=4 x DP={world // 4} on {world} ranks, {results['model_bytes'] / 2**20:.1f} MiB per model copy, {args.rounds} rounds "
+        print(f"reshard TP=2 x DP={world // 2} -> TP=4 x DP={world // 4} on {world} ranks, {results['model_bytes'] / 2**20:.1f} MiB per model copy, {args.rounds} rounds "
               f"(plan, first call: {plan_seconds * 1e3:.0f} ms, then cached)")
         print(f"  {'method':<32} {'ms fastest (median)':>20} {'peak MiB median (min)':>24}")
         for m in methods:

@@ -1,18 +1,18 @@
-"""Refit into and out of DeepSpeed AutoTP (4 gloo ranks): the Hybrid Engine's job, a ZeRO-3
+"""Reshard into and out of DeepSpeed AutoTP (4 gloo ranks): the Hybrid Engine's job, a ZeRO-3
 actor into a tensor-parallel rollout copy, with one ``reshard`` call.
 
 The actor is a tiny ``LlamaForCausalLM`` under DeepSpeed ZeRO-3 on all 4 ranks, trained one
 step. The rollout is the same architecture (other initial weights) in a DeepSpeed engine
 with ``tensor_parallel.autotp_size=2`` (TP=2 x DP=2, ZeRO-0): AutoTP splits the attention
 and MLP projections by column (q/k/v/gate/up: dim 0) and by row (o/down: dim 1). After the
-refit:
+reshard:
 
 * every rollout weight, gathered by DeepSpeed's own AutoTP layers (``gather_params``), equals
   the actor's (gathered by ``GatheredParameters``) bit for bit;
 * the rollout's logits equal those of the same Llama loaded whole with the actor's weights,
   within 1e-5 (TP=2 sums the row-parallel products in another order; the rollout before the
-  refit is off by ~0.1);
-* the AutoTP rollout, now a source, refits a plain Hugging Face replica on ranks 2-3 bit for bit.
+  reshard is off by ~0.1);
+* the AutoTP rollout, now a source, reshards a plain Hugging Face replica on ranks 2-3 bit for bit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import _adapter_deepspeed_support as support  # noqa: E402
-from _refit_deepspeed import SEQ, VOCAB, actor_weights, llama, trained_actor  # noqa: E402
+from _reshard_deepspeed import SEQ, VOCAB, actor_weights, llama, trained_actor  # noqa: E402
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
 TOLERANCE = 1e-5
@@ -59,7 +59,7 @@ def _logits(module: Any) -> torch.Tensor:
         return module(input_ids=tokens).logits.float()
 
 
-def rank_autotp_refits(rank: int) -> dict[str, Any]:
+def rank_autotp_reshards(rank: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     import scoped_parallel as sp
@@ -108,12 +108,12 @@ def rank_autotp_refits(rank: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def refits(world):
-    return world.run(rank_autotp_refits, timeout=600.0)
+def reshards(world):
+    return world.run(rank_autotp_reshards, timeout=600.0)
 
 
-def test_a_zero3_actor_refits_an_autotp_rollout_bit_for_bit(refits):
-    for rank, out in enumerate(refits):
+def test_a_zero3_actor_reshards_an_autotp_rollout_bit_for_bit(reshards):
+    for rank, out in enumerate(reshards):
         # AutoTP did split: q_proj by column (32 -> 16 rows), o_proj by row (32 -> 16 columns)
         assert out["local shapes"] == {"q_proj": (16, 32), "o_proj": (32, 16)}, f"rank {rank}: {out['local shapes']}"
         got = out["into"]
@@ -122,15 +122,15 @@ def test_a_zero3_actor_refits_an_autotp_rollout_bit_for_bit(refits):
         assert got["equal"], f"rank {rank}: the AutoTP rollout's gathered weights differ from the actor's"
 
 
-def test_the_autotp_rollout_computes_the_whole_models_logits(refits):
-    for rank, out in enumerate(refits):
+def test_the_autotp_rollout_computes_the_whole_models_logits(reshards):
+    for rank, out in enumerate(reshards):
         assert out["before"] > 1e-2, f"rank {rank}: the rollout started too close to the actor ({out['before']})"
         diff = out["into"]["logit diff"]
         assert diff <= TOLERANCE, f"rank {rank}: max |logit diff| {diff}, expected <= {TOLERANCE}"
 
 
-def test_an_autotp_source_refits_a_replica_on_other_ranks_bit_for_bit(refits):
-    for rank, out in enumerate(refits):
+def test_an_autotp_source_reshards_a_replica_on_other_ranks_bit_for_bit(reshards):
+    for rank, out in enumerate(reshards):
         got = out["from"]
         assert got["problems"] == [], f"rank {rank}: {got['problems']}"
         assert got["sent"] == got["predicted"], f"rank {rank}: sent {got['sent']}, plan said {got['predicted']}"

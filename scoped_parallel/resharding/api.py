@@ -2,7 +2,7 @@
 ``plan_reshard``, the backends that know a kind of model, and the plan cache.
 
 A backend turns two models and their states into a checked
-:class:`~scoped_parallel.refit.plan.ReshardPlan` (collective: every rank of the
+:class:`~scoped_parallel.resharding.plan.ReshardPlan` (collective: every rank of the
 world calls it, or with ``partial_ranks = True`` on the backend every rank of either
 state) and then runs it. The adapters register theirs when
 ``scoped_parallel.adapters`` is imported: ``"megatron"`` (megatron-core models, each rank
@@ -14,7 +14,7 @@ Plans are cached per pair of models and pair of states, keyed on the states' act
 lists (every group kind this rank holds, and the layout), and dropped from both states
 when either is destroyed (the cache lives in each state's ``adapter_record``).
 
-8-rank example (actor TP=2 x PP=2 x DP=2 trained, rollout TP=4 x DP=2 refitted)::
+8-rank example (actor TP=2 x PP=2 x DP=2 trained, rollout TP=4 x DP=2 resharded)::
 
     actor_state = ParallelState(name="actor", tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     rollout_state = ParallelState(name="rollout", tensor_model_parallel_size=4)
@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
 from scoped_parallel.errors import GroupNotAvailableError, ReshardError, describe_state
-from scoped_parallel.refit.plan import CastSpec, Piece, ReshardPlan
+from scoped_parallel.resharding.plan import CastSpec, Piece, ReshardPlan
 
-__all__ = ["Backend", "Refit", "backends", "cast_spec", "pieces_match", "plan_reshard", "register_backend", "reshard", "whole_plan"]
+__all__ = ["Backend", "ReshardResult", "backends", "cast_spec", "pieces_match", "plan_reshard", "register_backend", "reshard", "whole_plan"]
 
 
 @dataclass(frozen=True)
-class Refit:
+class ReshardResult:
     """What one :func:`reshard` call did on this rank: the plan it ran and the bytes this
     rank sent, by peer (equal to ``plan.bytes_between()`` for this rank's row)."""
 
@@ -62,12 +62,12 @@ class Backend(Protocol):
     def plan(self, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, *, cast: CastSpec = None) -> ReshardPlan:
         """The checked plan; collective over the world; raises ReshardError on every rank alike.
         ``cast``: ``dtype=`` of :func:`reshard` with dtypes as strings (resolve it per tensor
-        with :func:`~scoped_parallel.refit.plan.resolve_casts` on the gathered dtypes and mark
+        with :func:`~scoped_parallel.resharding.plan.resolve_casts` on the gathered dtypes and mark
         the transfers' ``cast``); only passed when not None."""
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any, **options: Any) -> dict[int, int] | None:
         """Move this rank's part of ``plan``; returns the bytes sent by peer. First, with
-        :func:`~scoped_parallel.refit.api.pieces_match`, every rank confirms that the models still hold the pieces the
+        :func:`~scoped_parallel.resharding.api.pieces_match`, every rank confirms that the models still hold the pieces the
         plan lists; if not, returns None on every rank and moves nothing."""
 
 
@@ -113,12 +113,12 @@ def _chunks(model: Any) -> tuple[Any, ...]:
 
 def _state_key(state: Any) -> tuple[Any, ...]:
     if state.destroyed:
-        raise GroupNotAvailableError(f"{describe_state(state)} was destroyed; a refit needs the states the models were built in")
+        raise GroupNotAvailableError(f"{describe_state(state)} was destroyed; a reshard needs the states the models were built in")
     return (state.layout, tuple((kind, state.ranks(kind)) for kind in state.kinds()))
 
 
 class _PlanCache:
-    """One state's refit plans (its ``adapter_record("reshard")``); an entry lives in the
+    """One state's reshard plans (its ``adapter_record("reshard")``); an entry lives in the
     caches of both its states and leaves both when either state is destroyed."""
 
     def __init__(self, state: Any) -> None:
@@ -154,8 +154,8 @@ def _check_ranks(backend: Backend, src_state: Any, dst_state: Any, src_model: An
             if tuple(state.layout.ranks) != tuple(range(world)):
                 raise ReshardError(
                     f"{describe_state(state)} spans ranks {list(state.layout.ranks)[:8]}..., not the whole world of "
-                    f"{world}; the {backend.name!r} refit backend needs both states on every rank of the world "
-                    "(the 'flat' and 'megatron' backends refit between states on other or partial rank sets)"
+                    f"{world}; the {backend.name!r} reshard backend needs both states on every rank of the world "
+                    "(the 'flat' and 'megatron' backends reshard between states on other or partial rank sets)"
                 )
         return
     inside = [state.layout.contains(rank) for state in (src_state, dst_state)]
@@ -179,7 +179,7 @@ def _dtype_name(dtype: Any, where: str) -> str:
     if not isinstance(dtype, torch.dtype):
         raise ReshardError(f"dtype= {where}: expected a torch.dtype, got {dtype!r}")
     if not dtype.is_floating_point:
-        raise ReshardError(f"dtype= {where}: {dtype} is not a floating dtype; a refit casts floating tensors only")
+        raise ReshardError(f"dtype= {where}: {dtype} is not a floating dtype; a reshard casts floating tensors only")
     return str(dtype)
 
 
@@ -243,7 +243,7 @@ def plan_reshard(src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
         plan = chosen.plan(src_model, src_state, dst_model, dst_state)
     else:
         if "cast" not in inspect.signature(chosen.plan).parameters:
-            raise ReshardError(f"the {chosen.name!r} reshard backend does not convert dtypes (its plan() takes no cast=); refit without dtype=")
+            raise ReshardError(f"the {chosen.name!r} reshard backend does not convert dtypes (its plan() takes no cast=); reshard without dtype=")
         plan = chosen.plan(src_model, src_state, dst_model, dst_state, cast=spec)
     plan = plan.check()
     refs = tuple(weakref.ref(m) for m in models)
@@ -261,7 +261,7 @@ def _everyone_hit(backend: Backend, src_state: Any, dst_state: Any, hit: bool) -
     everywhere. (A backend whose models live on every rank sees every change locally.)"""
     if not getattr(backend, "partial_ranks", False):
         return hit
-    from scoped_parallel.refit.execute import participants, participants_group
+    from scoped_parallel.resharding.execute import participants, participants_group
 
     _check_ranks(backend, src_state, dst_state, None, None, models_checked=False)
     return _everyone(hit, participants_group(src_state, dst_state, participants(src_state, dst_state)))
@@ -272,14 +272,14 @@ def _everyone(mine: bool, group: Any) -> bool:
     import torch
     import torch.distributed as dist
 
-    from scoped_parallel.refit.execute import comm_device
+    from scoped_parallel.resharding.execute import comm_device
 
     flag = torch.tensor([int(mine)], device=comm_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
-def _reshard_each(src_model: Any, src_state: Any, dst_models: Any, dst_states: Any, **kwargs: Any) -> tuple[Refit | None, ...]:
+def _reshard_each(src_model: Any, src_state: Any, dst_models: Any, dst_states: Any, **kwargs: Any) -> tuple[ReshardResult | None, ...]:
     """:func:`reshard` into each of several destination copies (see there), in list order."""
     import torch.distributed as dist
 
@@ -292,7 +292,7 @@ def _reshard_each(src_model: Any, src_state: Any, dst_models: Any, dst_states: A
     if kwargs.get("plan") is not None:
         raise ReshardError("reshard(plan=...) takes one destination; plan each copy with plan_reshard and call reshard per copy")
     rank = dist.get_rank()
-    out: list[Refit | None] = []
+    out: list[ReshardResult | None] = []
     for model, state in zip(dst_models, dst_states):
         if src_state.layout.contains(rank) or state.layout.contains(rank):
             out.append(reshard(src_model, src_state, model, state, **kwargs))
@@ -313,7 +313,7 @@ def whole_plan(plan: ReshardPlan, src_state: Any, dst_state: Any) -> ReshardPlan
         return plan
     import torch.distributed as dist
 
-    from scoped_parallel.refit.execute import participants, participants_group
+    from scoped_parallel.resharding.execute import participants, participants_group
 
     group = participants_group(src_state, dst_state, participants(src_state, dst_state))
     parts: list[Any] = [None] * dist.get_world_size(group)
@@ -329,7 +329,7 @@ def whole_plan(plan: ReshardPlan, src_state: Any, dst_state: Any) -> ReshardPlan
 def pieces_match(plan: ReshardPlan, sources: Iterable[Piece], targets: Iterable[Piece], group: Any = None) -> bool:
     """Whether, on every rank, ``sources``/``targets`` (this rank's pieces as the models hold
     them now) are the pieces ``plan`` lists for this rank. Collective over ``group`` (the
-    refit's ranks; the default group unless given): one small all-reduce, so every rank
+    reshard's ranks; the default group unless given): one small all-reduce, so every rank
     gets the same answer (for backends: call it before moving anything)."""
     import torch.distributed as dist
 
@@ -365,21 +365,21 @@ def reshard(
     cast) only those named. The target must be the destination tensor's dtype (checked on
     every rank before anything moves); integer and bool tensors are never cast. The
     *sender* converts each box before it leaves (local copies too), so an fp32 source into
-    a bf16 destination sends bf16: ``Refit.sent`` and ``plan.bytes_between()`` count those
+    a bf16 destination sends bf16: ``ReshardResult.sent`` and ``plan.bytes_between()`` count those
     bytes. Every rank must pass the same ``dtype`` (a function: the same answers).
 
     The plan comes from :func:`plan_reshard` (cached after the first call) unless given;
     a given plan is checked again. Either way every rank first confirms that the models
-    still hold the pieces the plan lists (:func:`~scoped_parallel.refit.api.pieces_match`, one small all-reduce); a
+    still hold the pieces the plan lists (:func:`~scoped_parallel.resharding.api.pieces_match`, one small all-reduce); a
     cached plan that no longer matches is made again, a given one raises. ``options`` go to the backend's executor
     (``bucket_bytes=`` for "flat" and "megatron"; "megatron-core": ``service=``, a megatron-core ``CopyService`` or backend name).
-    Returns a :class:`~scoped_parallel.refit.api.Refit`: the plan that ran and the bytes this rank sent by peer.
+    Returns a :class:`~scoped_parallel.resharding.api.ReshardResult`: the plan that ran and the bytes this rank sent by peer.
 
     **Several destination copies in one call**: ``dst_state`` a list of states (rollout
     replicas, each on its own ranks) and ``dst_model`` the list of this rank's model in
-    each (None where it is not a member). The copies are refitted one after another, in
+    each (None where it is not a member). The copies are resharded one after another, in
     list order, each over the ranks of the source and that copy (a rank in neither skips
-    it), and a tuple with one :class:`~scoped_parallel.refit.api.Refit` per copy is returned (None for those this rank
+    it), and a tuple with one :class:`~scoped_parallel.resharding.api.ReshardResult` per copy is returned (None for those this rank
     skipped). Every rank must pass the same list of states.
     """
     if isinstance(dst_state, (list, tuple)):
@@ -403,4 +403,4 @@ def reshard(
             "the plan does not match the models as they are now (a tensor changed shape, dtype or ZeRO-3 "
             "partition since it was planned); plan again with plan_reshard(..., replan=True). Nothing was moved."
         )
-    return Refit(plan, dict(sorted(sent.items())))
+    return ReshardResult(plan, dict(sorted(sent.items())))

@@ -1,4 +1,4 @@
-"""One rank's part of a refit between flat layouts, planned without any other rank's transfers (no torch).
+"""One rank's part of a reshard between flat layouts, planned without any other rank's transfers (no torch).
 
 A flat layout holds each tensor as a flat run of elements in *copies*: disjoint groups of
 ranks, each group holding one whole copy, member ``i`` of a group elements ``[i * part,
@@ -19,12 +19,12 @@ takes part in (:func:`plan_flat_local`):
   part of that range; it finds them per destination copy by division, so the cost is its
   own sends, not every rank's;
 * where the destination is a whole replica on exactly the ranks of the source copies
-  (ZeRO-3 trained, replicas refitted on the same ranks), every member of a copy needs the
-  same thing: one :class:`~scoped_parallel.refit.plan.Gather` per tensor (an all-gather over
+  (ZeRO-3 trained, replicas resharded on the same ranks), every member of a copy needs the
+  same thing: one :class:`~scoped_parallel.resharding.plan.Gather` per tensor (an all-gather over
   the copy's group, which the executor batches into buckets) instead of ``k * (k - 1)``
   point-to-point messages.
 
-A flat layout is the one-dimensional case of a tiled one (:mod:`scoped_parallel.refit.tiled`,
+A flat layout is the one-dimensional case of a tiled one (:mod:`scoped_parallel.resharding.tiled`,
 which plans both): planning takes time and memory in the rank's own transfers plus, once
 per pair of keys, the ranks of the two layouts (never ranks squared); the checks are local
 plus one digest summed over the participants (:func:`pairing_holds`).
@@ -55,8 +55,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from scoped_parallel.refit.plan import ReshardPlan
-from scoped_parallel.refit.tiled import Copies, Split, TiledTensor, pairing_holds, plan_tiled_local
+from scoped_parallel.resharding.plan import ReshardPlan
+from scoped_parallel.resharding.tiled import Copies, Split, TiledTensor, pairing_holds, plan_tiled_local
 
 __all__ = ["Copies", "FlatTensor", "pairing_holds", "plan_flat_local"]
 
@@ -70,7 +70,7 @@ class FlatTensor:
     the copies of each side; ``src_part``/``dst_part``: elements per tile, each member of a
     copy holding ``src_stride``/``dst_stride`` tiles (one tile of ``numel`` for a whole copy
     per rank; a dimension other than the first split evenly, as AutoTP's row-parallel
-    weights are, is ``stride`` tiles: one per row, see :mod:`scoped_parallel.refit.tiled`)."""
+    weights are, is ``stride`` tiles: one per row, see :mod:`scoped_parallel.resharding.tiled`)."""
 
     name: str
     numel: int
@@ -105,8 +105,8 @@ def plan_flat_local(
     backend: str = "flat",
     participants: tuple[int, ...] = (),
 ) -> ReshardPlan:
-    """``rank``'s part of the refit of ``tensors`` (see the module docstring): a
-    :class:`~scoped_parallel.refit.plan.ReshardPlan` with ``rank`` set, holding the transfers
+    """``rank``'s part of the reshard of ``tensors`` (see the module docstring): a
+    :class:`~scoped_parallel.resharding.plan.ReshardPlan` with ``rank`` set, holding the transfers
     ``rank`` sends or receives (local copies included), the gathers it takes part in and its
     own pieces. ``tensors`` must be in the same order on every rank (it orders the buckets).
     A ``src``/``dst`` key missing from the copies raises KeyError (a backend bug, not input)."""

@@ -1,15 +1,15 @@
-"""Refit between two states' layouts, megatron-core models (4 gloo ranks).
+"""Reshard between two states' layouts, megatron-core models (4 gloo ranks).
 
 Each case builds megatron-core's own GPTModel twice in one process world, in the scopes of
 two states with different layouts and different initial weights (no group passed
-anywhere), refits the second from the first with one ``scoped_parallel.reshard`` call,
+anywhere), reshards the second from the first with one ``scoped_parallel.reshard`` call,
 and compares the destination's full logits (Megatron's forward-only schedule, vocab
 shards gathered) with the source's on the same tokens.
 
 Bitwise only where both sides do the same arithmetic on the same shapes: TP and EP
 unchanged (PP, VPP, tied embeddings and DP move whole layers or replicas; every matrix
 multiply keeps its shape). Within 1e-6 absolute (logits of magnitude ~1; the destination
-before the refit is off by ~0.5) where the layout changes a shape: a TP change makes the
+before the reshard is off by ~0.5) where the layout changes a shape: a TP change makes the
 row-parallel layers sum partial products in another order, and an EP change changes how
 many tokens each expert's matrix multiply sees, whose last bit then depends on the CPU's
 BLAS kernels (seen: 2.98e-8 on an AVX-512 EPYC for EP=4 -> EP=2, 0 on another machine).
@@ -19,7 +19,7 @@ is judged on the weights: every destination tensor equals the gathered source's
 ``.to(torch.bfloat16)`` bit for bit (a cast is deterministic, wherever it runs). Its logits
 are within 2e-2 of the fp32 source's (seen: 2.3e-3), because the destination computes in
 bf16 (8 significant bits: one rounding is ~4e-3 relative at logits of magnitude ~1, and
-a layer rounds many times); the destination before the refit is off by ~0.6.
+a layer rounds many times); the destination before the reshard is off by ~0.6.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 
 pytest.importorskip("megatron.core.resharding")
 
-from _refit_megatron import megatron_executor_runs, rank_refits  # noqa: E402
+from _reshard_megatron import megatron_executor_runs, rank_reshards  # noqa: E402
 
 from scoped_parallel.adapters.megatron_reshard.names import megatron_version  # noqa: E402
 
@@ -66,7 +66,7 @@ CAST = "fp32 TP=2 x PP=2 -> bf16 TP=4 (dtype=torch.bfloat16)"
 BF16_TOLERANCE = 2e-2
 SERVICE = "megatron-core's planner and executor (service=): TP=2 x PP=2 -> TP=4"
 RUN = {name: case for name, case in CASES.items() if name != SERVICE or megatron_executor_runs()}
-REFITS = [
+RESHARDS = [
     pytest.param(name, marks=pytest.mark.skipif(
         name not in RUN, reason=f"megatron-core {'.'.join(map(str, megatron_version()))}'s executor needs CUDA (torch.cuda.synchronize)"))
     for name in CASES if not name.startswith("sabotage")
@@ -74,18 +74,18 @@ REFITS = [
 
 
 @pytest.fixture(scope="module")
-def refits(world):
-    return world.run(rank_refits, RUN, timeout=900)
+def reshards(world):
+    return world.run(rank_reshards, RUN, timeout=900)
 
 
 pytestmark = [pytest.mark.world, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("case", REFITS)
-def test_refitted_destination_computes_the_source_logits(refits, case):
+@pytest.mark.parametrize("case", RESHARDS)
+def test_resharded_destination_computes_the_source_logits(reshards, case):
     """After one reshard call the destination's logits equal the source's: bitwise where TP and
     EP are unchanged, within 1e-6 where either changes a matrix multiply's shape (module doc)."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[case]
         assert got["before diff"] > 0.1, f"rank {rank} {case}: the destination started too close to the source ({got['before diff']})"
         if case in SAME_SHAPES:
@@ -96,46 +96,46 @@ def test_refitted_destination_computes_the_source_logits(refits, case):
             assert got["max diff"] <= TOLERANCE, f"rank {rank} {case}: max |logit diff| {got['max diff']}, expected <= {TOLERANCE}"
 
 
-@pytest.mark.parametrize("case", REFITS)
-def test_plan_predicts_the_bytes_each_rank_sends(refits, case):
+@pytest.mark.parametrize("case", RESHARDS)
+def test_plan_predicts_the_bytes_each_rank_sends(reshards, case):
     """The report's bytes per rank pair are the bytes the executor sent, rank by rank."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[case]
         assert got["sent"] == got["predicted sent"], f"rank {rank} {case}: sent {got['sent']}, plan said {got['predicted sent']}"
-        assert got.get("refit sent", {}) == {}, f"rank {rank} {case}: with service=, Refit.sent should be {{}}, got {got['refit sent']}"
+        assert got.get("reshard sent", {}) == {}, f"rank {rank} {case}: with service=, ReshardResult.sent should be {{}}, got {got['reshard sent']}"
 
 
-@pytest.mark.parametrize("case", REFITS)
-def test_plan_covers_every_destination_element_once_and_is_cached(refits, case):
+@pytest.mark.parametrize("case", RESHARDS)
+def test_plan_covers_every_destination_element_once_and_is_cached(reshards, case):
     """The plan passes its coverage check, says so in its report (naming the planner: each
     rank's own part unless the case asks for megatron-core's), and the second plan_reshard is
     the cached plan."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[case]
         assert got["problems"] == [], f"rank {rank} {case}: {got['problems']}"
         assert "every destination element written exactly once" in got["report"], got["report"]
         planner = "planner: megatron-core megatron.core.resharding" if CASES[case][2].get("backend") == "megatron-core" \
-            else "planner: scoped_parallel.refit.tiled.plan_tiled_local"
+            else "planner: scoped_parallel.resharding.tiled.plan_tiled_local"
         assert planner in got["report"], f"rank {rank} {case}: expected {planner!r} in the report:\n{got['report']}"
         assert got["cached"], f"rank {rank} {case}: plan_reshard planned again for the same pair"
 
 
-def test_megatron_cores_planner_reads_expert_biases_from_ranks_that_hold_them(refits):
+def test_megatron_cores_planner_reads_expert_biases_from_ranks_that_hold_them(reshards):
     """On the ``"megatron-core"`` backend: megatron-core's replicated fallback reads an expert's linear_fc2.bias (not TP-sharded)
     from its dense DP group, i.e. from ranks without that expert when EP changes; the plan
     reroutes those reads to holders and says so. Each expert's bias is its own random vector
     (``build``), so the case's logits test fails if a bias is missed or taken from another expert."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["megatron-core's planner: MoE with biases EP=4 -> EP=2"]
         assert "whole-tensor reads of expert tensors rerouted" in got["report"] and "linear_fc2.bias" in got["report"], f"rank {rank}: no rerouted reads in the report:\n{got['report']}"
 
 
-def test_a_cast_refit_writes_the_sources_bf16_values_and_sends_half_the_bytes(refits):
+def test_a_cast_reshard_writes_the_sources_bf16_values_and_sends_half_the_bytes(reshards):
     """``dtype=torch.bfloat16`` into a bf16 TP=4 destination: every destination tensor is the
     gathered fp32 source's ``.to(torch.bfloat16)``, bit for bit; the senders convert, so each
-    rank sends what the plan predicts (the test above) and exactly half of what the fp32 refit
+    rank sends what the plan predicts (the test above) and exactly half of what the fp32 reshard
     of the same layouts sends (case "TP=2 x PP=2 -> TP=4"); the report names the casts."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out[CAST]
         assert got["weights are the source's .to(bfloat16)"], f"rank {rank}: destination weights are not the source's bf16 values"
         fp32 = out["TP=2 x PP=2 -> TP=4"]["sent"]
@@ -143,41 +143,41 @@ def test_a_cast_refit_writes_the_sources_bf16_values_and_sends_half_the_bytes(re
         assert "casts on the sending side" in got["report"] and "to torch.bfloat16" in got["report"], got["report"]
 
 
-def test_a_dtype_change_without_dtype_is_refused_on_every_rank_and_moves_nothing(refits):
+def test_a_dtype_change_without_dtype_is_refused_on_every_rank_and_moves_nothing(reshards):
     """fp32 source into a bf16 destination without ``dtype=``: ReshardError on every rank,
     naming the tensors, both dtypes and the fix; the destination is untouched."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["sabotage: fp32 into bf16 without dtype="]
         error = got["error"]
         assert error is not None and "'decoder.final_layernorm.bias'" in error and "source dtype torch.float32 but destination torch.bfloat16" in error \
             and "pass dtype=torch.bfloat16" in error, f"rank {rank}: {error}"
-        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the reshard was refused"
 
 
-def test_a_swapped_shard_changes_the_logits(refits):
+def test_a_swapped_shard_changes_the_logits(reshards):
     """The comparison can fail: a plan whose two sources into one tensor are swapped passes
     the plan checks and runs, and the destination's logits then differ from the source's."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["sabotage: swapped shard"]
         assert got["problems"] == [], f"rank {rank}: {got['problems']}"
         assert got["max diff"] > 1e-3, f"rank {rank}: swapped shards gave logits within {got['max diff']} of the source"
 
 
-def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(refits):
+def test_a_wrong_destination_state_raises_on_every_rank_and_moves_nothing(reshards):
     """Passing a state the destination was not built in raises ReshardError on every rank
     (naming the group and the tensors), before any transfer: the destination is untouched."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["sabotage: wrong destination state"]
         assert got["error"] is not None, f"rank {rank}: no error for a wrong destination state"
         assert "pass the state the model was built in" in got["error"] and "word_embeddings" in got["error"], got["error"]
-        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the reshard was refused"
 
 
-def test_swiglu_needs_partition_stride_two(refits):
+def test_swiglu_needs_partition_stride_two(reshards):
     """The gated fc1 holds [gate, up] per TP rank: planned with partition stride 1 (what
-    megatron-core < 0.19 leaves on the parameter) the refitted logits are wrong; the view's
+    megatron-core < 0.19 leaves on the parameter) the resharded logits are wrong; the view's
     stride 2 makes them right (case "SwiGLU TP=2 -> TP=4"). From 0.19 on, megatron-core sets 2 itself."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["sabotage: SwiGLU planned with the model's own stride"]
         if got["model's own fc1 stride"] == 2:
             assert got["max diff"] <= TOLERANCE, f"rank {rank}: megatron-core's own stride 2 gave max |diff| {got['max diff']}"
@@ -185,20 +185,20 @@ def test_swiglu_needs_partition_stride_two(refits):
             assert got["max diff"] > 1e-3, f"rank {rank}: stride 1 should scramble gate and up, max |diff| {got['max diff']}"
 
 
-def test_another_architecture_raises_naming_the_tensors_and_moves_nothing(refits):
+def test_another_architecture_raises_naming_the_tensors_and_moves_nothing(reshards):
     """A 2-layer destination of a 4-layer source (every destination tensor has a source, but
     not the other way round) is refused on every rank, naming the unmatched layers."""
-    for rank, out in enumerate(refits):
+    for rank, out in enumerate(reshards):
         got = out["sabotage: 2-layer destination of a 4-layer source"]
         assert got["error"] is not None and "decoder.layers.2" in got["error"] and "another architecture" in got["error"], f"rank {rank}: {got['error']}"
-        assert got["dst untouched"], f"rank {rank}: the destination changed although the refit was refused"
+        assert got["dst untouched"], f"rank {rank}: the destination changed although the reshard was refused"
 
 
 def test_tp_splits_that_do_not_tile_are_refused_before_planning():
     """Both sides' TP tiles must cut the dimension alike: it must divide into lcm(splits x
     strides) tiles; the check names the tensor and the sizes (no world needed: pure data)."""
     from scoped_parallel.adapters.megatron_reshard.checks import match as _match
-    from scoped_parallel.refit.staged import Held, TensorRow
+    from scoped_parallel.resharding.staged import Held, TensorRow
 
     def held(ways: int, stride: int) -> dict[str, Held]:
         return {"w": Held(TensorRow("w", (6, 4), "torch.float32", 4, "tp", 0, stride, ways, -1), (), 0)}
@@ -213,7 +213,7 @@ def test_a_transfer_between_two_tensors_of_other_global_names_is_named():
     """Grouped-GEMM experts share view names across ranks ("...weight0" is expert 0 on one
     rank, expert 2 on another): the pairing check compares global names (pure data)."""
     from scoped_parallel.adapters.megatron_reshard.core import misnamed_transfers as _misnamed
-    from scoped_parallel.refit import Transfer
+    from scoped_parallel.resharding import Transfer
 
     t = Transfer(0, 1, "fc2.weight0", "fc2.weight0", ((0, 4),), ((0, 4),), 4)
     got = _misnamed([t], {(0, "fc2.weight0"): "fc2.weight2"}, {(1, "fc2.weight0"): "fc2.weight0"})
@@ -226,7 +226,7 @@ def test_expert_reads_from_a_non_holder_go_to_a_holder_by_global_name():
     the same global name (the destination rank itself where it holds it); other reads and
     non-expert tensors are left as they are (pure data)."""
     from scoped_parallel.adapters.megatron_reshard.core import reroute_replicated as _reroute_replicated
-    from scoped_parallel.refit import Transfer
+    from scoped_parallel.resharding import Transfer
 
     name = "layers.0.mlp.experts.local_experts.1.linear_fc2.bias"
     src_global = {(1, name): name, (3, name): name, (0, "layers.0.norm.weight"): "layers.0.norm.weight"}

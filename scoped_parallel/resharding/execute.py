@@ -1,4 +1,4 @@
-"""Run a :class:`~scoped_parallel.refit.plan.ReshardPlan` with torch's point-to-point calls.
+"""Run a :class:`~scoped_parallel.resharding.plan.ReshardPlan` with torch's point-to-point calls.
 
 Every rank walks the same plan in the same order: transfers are cut into buckets of about
 ``bucket_bytes`` by their place in the plan (so the ranks agree on the cut without
@@ -17,7 +17,7 @@ a tensor elsewhere (ZeRO-3 partitions offloaded to host memory, under NCCL) is s
 copy on that device and received into a buffer there, then copied in. On CPU with gloo
 nothing is staged (the staging path needs a GPU to run).
 
-The backends' agreement among the ranks of a refit lives here too: :func:`from_each`
+The backends' agreement among the ranks of a reshard lives here too: :func:`from_each`
 (descriptions broadcast from the ranks that hold them), :func:`agree` (one error on every
 rank, or none) and :func:`confirm_part` (rank parts planned alone fit together).
 """
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from scoped_parallel.errors import ReshardError
-from scoped_parallel.refit.plan import Box, Gather, ReshardPlan, Transfer, box_is_contiguous, box_slices
-from scoped_parallel.refit.tiled import pairing_holds
+from scoped_parallel.resharding.plan import Box, Gather, ReshardPlan, Transfer, box_is_contiguous, box_slices
+from scoped_parallel.resharding.tiled import pairing_holds
 
 __all__ = ["agree", "comm_device", "confirm_part", "from_each", "participants", "participants_group", "peak_staging", "relay_groups", "run_plan"]
 
@@ -223,7 +223,7 @@ def peak_staging(part: ReshardPlan, bucket_bytes: int) -> int:
 
 class _ParticipantGroups:
     """One state's process groups over the ranks of two states (its
-    ``adapter_record("refit-participants")``), released when the state is destroyed."""
+    ``adapter_record("reshard-participants")``), released when the state is destroyed."""
 
     def __init__(self, state: object) -> None:
         self.groups: dict[tuple[int, ...], object] = {}
@@ -236,12 +236,12 @@ class _ParticipantGroups:
         self.groups.clear()
 
 
-#: per participant rank set, how many refit groups over it this process has made
+#: per participant rank set, how many reshard groups over it this process has made
 _MADE_OVER: dict[tuple[int, ...], int] = {}
 
 
 def participants(src_state: object, dst_state: object) -> tuple[int, ...]:
-    """The ranks of either state, ascending: the ranks a refit between them runs on."""
+    """The ranks of either state, ascending: the ranks a reshard between them runs on."""
     return tuple(sorted(set(src_state.layout.ranks) | set(dst_state.layout.ranks)))  # type: ignore[attr-defined]
 
 
@@ -252,7 +252,7 @@ def participants_group(src_state: object, dst_state: object, ranks: tuple[int, .
     released with the first of them destroyed."""
     if len(ranks) == dist.get_world_size():
         return None
-    return _held_group(src_state, dst_state, ranks, "refit")
+    return _held_group(src_state, dst_state, ranks, "reshard")
 
 
 def relay_groups(part: ReshardPlan, src_state: object, dst_state: object) -> dict[tuple[int, ...], object]:
@@ -261,14 +261,14 @@ def relay_groups(part: ReshardPlan, src_state: object, dst_state: object) -> dic
     member-only, in ascending order of their ranks on every member (so no two members wait
     on each other), held by both states like the participants' group."""
     wanted = sorted({g.group for g in part.gathers if g.relay})
-    return {ranks: _held_group(src_state, dst_state, ranks, "refit relay") for ranks in wanted}
+    return {ranks: _held_group(src_state, dst_state, ranks, "reshard relay") for ranks in wanted}
 
 
 def _held_group(src_state: object, dst_state: object, ranks: tuple[int, ...], what: str) -> object:
-    """The group over ``ranks`` both states hold for refits (made once, member-only)."""
+    """The group over ``ranks`` both states hold for reshards (made once, member-only)."""
     from scoped_parallel.groups import create
 
-    held = [s.adapter_record("refit-participants", _ParticipantGroups) for s in (src_state, dst_state)]  # type: ignore[attr-defined]
+    held = [s.adapter_record("reshard-participants", _ParticipantGroups) for s in (src_state, dst_state)]  # type: ignore[attr-defined]
     if all(ranks in h.groups for h in held):
         return held[0].groups[ranks]
     # the how-manyth group over these ranks this process makes: every member makes each one
@@ -313,7 +313,7 @@ def agree(problems: list[str], group: object = None, what: str = "this pair of m
     dist.all_gather_object(everyone, (dist.get_rank(), problems), group=group)
     lines = [f"rank {r}: {p}" for r, probs in sorted(everyone) for p in probs]  # type: ignore[misc]
     lines += list(everywhere)
-    raise ReshardError(f"cannot refit {what} (nothing was moved):\n  " + "\n  ".join(lines[:20]))
+    raise ReshardError(f"cannot reshard {what} (nothing was moved):\n  " + "\n  ".join(lines[:20]))
 
 
 def confirm_part(part: ReshardPlan, group: object = None) -> None:

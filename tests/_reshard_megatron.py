@@ -1,9 +1,9 @@
-"""Rank-side helpers of the Megatron refit tests: megatron-core GPTModels built in scopes
+"""Rank-side helpers of the Megatron reshard tests: megatron-core GPTModels built in scopes
 (no group passed), their full logits through Megatron's own forward-only schedule, and one
-refit scenario per call.
+reshard scenario per call.
 
 CPU shims as in ``examples/megatron_two_models.py`` (``cpu_shims``). Source and destination
-get different initial weights (seeds 1 and 2), so a destination element that the refit
+get different initial weights (seeds 1 and 2), so a destination element that the reshard
 does not write shows up in the logits.
 """
 
@@ -38,7 +38,7 @@ def build(layout: dict[str, int], seed: int, swiglu: bool = False, experts: int 
           bf16: bool = False, expert_bias: bool = False) -> list[Any]:
     """This rank's chunks of a tiny GPTModel laid out by the active scope's state; ``bf16``:
     each chunk wrapped in megatron-core's ``Float16Module`` (bf16 weights, as mixed-precision
-    training holds them), which the refit unwraps."""
+    training holds them), which the reshard unwraps."""
     gpt.parallel_state()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -167,16 +167,16 @@ def full_weights(chunks: list[Any] | None, state: Any) -> dict[str, torch.Tensor
     return out
 
 
-def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int], model: dict[str, Any], sabotage: str = "") -> dict[str, Any]:
-    """Build both models in their states, refit, and report logits and the plan's facts.
+def rank_reshard(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int], model: dict[str, Any], sabotage: str = "") -> dict[str, Any]:
+    """Build both models in their states, reshard, and report logits and the plan's facts.
 
     ``sabotage``: "wrong-state" passes a destination state of another layout (expects a
     ReshardError and an untouched destination); "swap-shard" runs a plan whose first two
-    remote transfers into one tensor have their sources swapped; "uncast" refits an fp32
+    remote transfers into one tensor have their sources swapped; "uncast" reshards an fp32
     source into a bf16 destination without ``dtype=`` (expects a ReshardError and an
     untouched destination). Not a sabotage: "service" runs the plan with megatron-core's own
     executor (``reshard(..., service=)``) and the CPU copy service above, which counts the
-    bytes sent; "cast-bf16" plans and refits with ``dtype=torch.bfloat16`` and reports
+    bytes sent; "cast-bf16" plans and reshards with ``dtype=torch.bfloat16`` and reports
     whether every destination tensor equals the gathered source's ``.to(torch.bfloat16)``.
     ``model["dst_bf16"]``: only the destination is built in bf16 (``Float16Module``).
     """
@@ -234,7 +234,7 @@ def rank_refit(rank: int, src_layout: dict[str, int], dst_layout: dict[str, int]
                 service = ex.cpu_copy_service()
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan, service=service, **backend)
                 out["sent"] = dict(sorted(service.sent.items()))
-                out["refit sent"] = done.sent  # {} by contract: the bytes are the service's to count
+                out["reshard sent"] = done.sent  # {} by contract: the bytes are the service's to count
             else:
                 done = sp.reshard(src, src_state, dst, dst_state, plan=plan, **backend)
                 out["sent"] = done.sent
@@ -273,11 +273,11 @@ def _swap_first_sources(plan: Any) -> Any:
     return plan
 
 
-def rank_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
-    """``rank_refit`` for every case, in one world call; logits reduced to the facts the tests need."""
+def rank_reshards(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """``rank_reshard`` for every case, in one world call; logits reduced to the facts the tests need."""
     out = {}
     for name, case in cases.items():
-        got = rank_refit(rank, *case)
+        got = rank_reshard(rank, *case)
         src = got.pop("src logits")
         before = got.pop("dst logits before")
         after = got.pop("dst logits", None)
@@ -289,7 +289,7 @@ def rank_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
     return out
 
 
-def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+def rank_disjoint_reshards(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
     """Per case ``(source layout, destination layout, model options[, dtype])``, each layout
     placed on its own ranks (``"ranks": (offset, size)``): both models built only on their
     state's ranks, one ``reshard`` on the ranks of either state (the others do not call), and
@@ -333,7 +333,7 @@ def rank_disjoint_refits(rank: int, cases: dict[str, tuple[Any, ...]]) -> dict[s
                         else:
                             plans = [sp.plan_reshard(src, src_state, dst, dst_state, dtype=dtype)]
                             sent = sp.reshard(src, src_state, dst, dst_state, dtype=dtype).sent
-                            from scoped_parallel.refit import whole_plan
+                            from scoped_parallel.resharding import whole_plan
 
                             whole = whole_plan(plans[0], src_state, dst_state)
                             got["whole"] = {"problems": whole.problems(), "ranks": whole.ranks,
