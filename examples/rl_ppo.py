@@ -381,7 +381,7 @@ def rollout(engine: Any, step: int, batch: int) -> tuple[torch.Tensor, torch.Ten
     return tokens, sequence_logprobs(engine, tokens)
 
 
-def reshard(engine: Any, actor: Model, state: ParallelState) -> None:
+def copy_actor_into(engine: Any, actor: Model, state: ParallelState) -> None:
     """The rollout copy takes the actor's current weights (one call; the plan is cached)."""
     reshard(actor.engine, actor.state, engine, state)
 
@@ -471,7 +471,7 @@ def ppo_step(models: dict[str, Model], step: int, batch: int) -> tuple[Batch, St
     actor, critic, reference, copy = models["actor"], models["critic"], models["reference"], models["rollout"]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    timed(copy, seconds, reshard, actor, copy.state)
+    timed(copy, seconds, copy_actor_into, actor, copy.state)
     tokens = timed(copy, seconds, generate, step, batch)
     old = timed(actor, seconds, sequence_logprobs, tokens)
     ref = timed(reference, seconds, sequence_logprobs, tokens)
