@@ -341,7 +341,7 @@ class FlatBackend(PerRankBackend):
         "planner: scoped_parallel.resharding.flat.plan_flat_local (each rank plans its own part from both layouts' "
         "descriptions); executor: scoped_parallel.resharding.execute.run_plan; receives land in the destination's own "
         "storage; a ZeRO-3 source into replicas on its own ranks is one all-gather per bucket over its partition "
-        "group; the staging figure counts gather buffers and converted send copies"
+        "group; gather buffers and converted send copies are staged"
     )
 
     def claims(self, model: Any) -> bool:
@@ -380,7 +380,7 @@ class FlatBackend(PerRankBackend):
         for name, row in dst.items():
             if name in src and src[name].shape != row.shape:
                 problems.append(f"{name!r}: source {src[name].shape} {src[name].dtype} but destination {row.shape} "
-                                f"{row.dtype}; reshard copies, it does not reshape or cast")
+                                f"{row.dtype}; resharding moves tensors between layouts of the same global shape, it does not reshape them")
         casts, cast_problems = resolve_casts(cast, {name: (src[name].dtype, row.dtype) for name, row in dst.items()
                                                     if name in src and src[name].shape == row.shape})
         problems += cast_problems

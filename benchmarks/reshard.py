@@ -226,8 +226,9 @@ def main() -> int:
         dist.all_reduce(staging, op=dist.ReduceOp.MAX)
         fastest = {m: min(t) for m, t in times.items()}
         results = {
-            "what": "one reshard of a megatron-core GPTModel (about 4.2 M fp32 parameters) from TP=2 x DP=2 to TP=4 on 4 CPU ranks "
-                    "(gloo): slowest rank's seconds and largest rank's peak resident bytes above the start of the call",
+            "what": f"one reshard of a megatron-core GPTModel (about 4.2 M fp32 parameters) from TP=2 x DP={dist.get_world_size() // 2} "
+                    f"to TP=4 x DP={dist.get_world_size() // 4} on {dist.get_world_size()} CPU ranks (gloo): slowest rank's "
+                    "seconds and largest rank's peak resident bytes above the start of the call",
             "rounds": args.rounds,
             "model_bytes": sum(p.numel() * p.element_size() for p in actor[0].parameters()) * 2,
             "plan_seconds_first_call": plan_seconds,

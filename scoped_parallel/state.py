@@ -289,19 +289,19 @@ class ParallelState(Getters):
 
     def group(self, kind: str) -> Any:
         """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
-        return self.groups.group(kind)
+        return self.groups.entry(self.groups.require(kind)).group
 
     def ranks(self, kind: str) -> tuple[int, ...]:
         """Global ranks of this rank's ``kind`` group."""
-        return self.groups.ranks(kind)
+        return self.groups.entry(self.groups.require(kind)).ranks
 
     def size(self, kind: str) -> int:
         """How many ranks this rank's ``kind`` group has."""
-        return self.groups.size(kind)
+        return len(self.groups.entry(self.groups.require(kind)).ranks)
 
     def rank_in(self, kind: str) -> int:
         """This rank's index inside its ``kind`` group."""
-        return self.groups.index(kind)
+        return self.groups.entry(self.groups.require(kind)).index
 
     def kinds(self) -> tuple[str, ...]:
         """The group kinds this rank holds."""
@@ -326,9 +326,16 @@ class ParallelState(Getters):
 
 
 def _describer(state: ParallelState) -> Callable[[], str]:
-    """How the state's view and store name it in messages (a weak reference: no cycle keeps it alive)."""
+    """How the state's view and store name it in messages (a weak reference: no cycle keeps it
+    alive; a view or store that outlives its state names it as it was built)."""
     ref = weakref.ref(state)
-    return lambda: describe_state(ref())
+    fallback = f"ParallelState {state.name!r}" if state.name else "a ParallelState that no longer exists"
+
+    def describe() -> str:
+        alive = ref()
+        return describe_state(alive) if alive is not None else fallback
+
+    return describe
 
 
 # ---------------------------------------------------------------------- constructor arguments

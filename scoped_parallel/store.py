@@ -64,6 +64,10 @@ class StateStore:
     def set_override(self, key: str, value: Any) -> None:
         """Set (``None``: clear) the override ``key``; memoized answers are dropped."""
         _check_key(key)
+        if self.closed:
+            raise GroupNotAvailableError(
+                f"{self._describe()} was destroyed; Megatron's setter for {key!r} has no state to write to"
+            )
         if value is None:
             self.overrides.pop(key, None)
         else:
@@ -76,7 +80,8 @@ class StateStore:
         return self.overrides.get(key)
 
     def close(self, state: Any) -> None:
-        """Call every record's ``state_destroyed(state)`` hook, then forget everything."""
+        """Call every record's ``state_destroyed(state)`` hook, then forget everything (the
+        override values too: a destroyed state answers no getter, overridden or not)."""
         self.closed = True
         for record in list(self.records.values()):  # e.g. a reshard plan cache shared with another state
             # looked up on the type: a record may answer attribute reads itself (compat's

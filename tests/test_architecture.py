@@ -135,16 +135,30 @@ def test_layout_imports_no_torch_and_nothing_above_it(name):
 def test_reshard_plan_and_api_import_no_torch_at_module_level(name):
     """The reshard plan (data, checks, report) and the one call import no third-party package
     at module level (the backends, in the adapters, bring torch and their target)."""
+    third = _third_party_at_module_level(name)
+    ours = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.resharding", "scoped_parallel.errors")))
+    assert (third, ours) == ([], []), f"{name}: third-party {third}, rooms outside resharding/errors {ours}"
+
+
+def _third_party_at_module_level(name: str) -> list[str]:
+    """The third-party modules ``name`` imports at module level (not inside functions or ``if`` blocks)."""
     path = SOURCES[name]
     tree = ast.parse(path.read_text(), str(path))
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    third = sorted(
-        (a.name if isinstance(n, ast.Import) else (n.module or "")) for n in top for a in n.names
-        if ((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in ("scoped_parallel", "__future__"))
-        and (a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] not in _stdlib()
-    )
-    ours = sorted(t for t in _project_imports(name) if not t.startswith(("scoped_parallel.resharding", "scoped_parallel.errors")))
-    assert (third, ours) == ([], []), f"{name}: third-party {third}, rooms outside reshard/errors {ours}"
+    imported = [
+        alias.name if isinstance(node, ast.Import) else (node.module or "")
+        for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names
+    ]
+    return sorted(m for m in imported if m.split(".")[0] not in ("scoped_parallel", "__future__", *_stdlib()))
+
+
+GETTERS = sorted(n for n in SOURCES if n.startswith("scoped_parallel.getters"))
+
+
+@pytest.mark.parametrize("name", GETTERS)
+def test_the_getters_import_no_torch_at_module_level(name):
+    """The getter package (the table, the methods, the views for other libraries) loads without
+    torch or megatron-core: the views import them inside their functions."""
+    assert _third_party_at_module_level(name) == [], f"{name} imports {_third_party_at_module_level(name)} when it loads"
 
 
 @pytest.mark.parametrize("name", STDLIB_ONLY)

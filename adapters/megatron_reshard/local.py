@@ -94,10 +94,10 @@ class MegatronBackend(PerRankBackend):
         return Holdings(src, dst, pieces(src), pieces(dst), gather_groups)
 
     def execute(self, plan: ReshardPlan, src_model: Any, src_state: Any, dst_model: Any, dst_state: Any,
-                bucket_bytes: int = BUCKET_BYTES, service: Any = None) -> dict[int, int] | None:
+                bucket_bytes: int = BUCKET_BYTES, service: Any = None, **options: Any) -> dict[int, int] | None:
         """Run this rank's part of ``plan`` (:meth:`~scoped_parallel.resharding.per_rank.PerRankBackend.execute`); ``service=`` belongs to
         the ``"megatron-core"`` backend."""
         if service is not None:  # the same on every rank: all raise before anything moves
             raise ReshardError("reshard(..., service=...) runs megatron-core's own executor on megatron-core's own plan: "
                                "pass backend='megatron-core' as well (nothing was moved)")
-        return super().execute(plan, src_model, src_state, dst_model, dst_state, bucket_bytes=bucket_bytes)
+        return super().execute(plan, src_model, src_state, dst_model, dst_state, bucket_bytes=bucket_bytes, **options)

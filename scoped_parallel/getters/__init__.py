@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 from scoped_parallel.getters.megatron import MegatronMethods
 from scoped_parallel.getters.table import FIRST, GETTERS, GROUP, KIND_TEXT, LAST, RANK, RANKS, SIZE, Getter
+from scoped_parallel.getters.views import COLLECTION_FIELDS
 
-__all__ = ["GETTERS", "Getter", "Getters"]
+__all__ = ["COLLECTION_FIELDS", "GETTERS", "Getter", "Getters"]
 
 
 def _simple(name: str, row: Getter) -> Callable[..., Any]:

@@ -1,13 +1,14 @@
-"""The Megatron getters that are more than one kind's group: variants, optional groups, collections.
+"""The Megatron getters that are more than one kind's group: variants, optional groups, virtual stages.
 
 ``MegatronMethods`` is the one base class of a state's getters: its methods
 answer the ``METHOD`` rows of :mod:`scoped_parallel.getters.table` (variant keywords
 such as ``with_context_parallel``, the embedding groups, Megatron's optional groups and
 ``process_group_collection()``); :mod:`scoped_parallel.getters` adds a method per simple
-row. Everything is answered from two public fields of the state: ``groups``, its
+row. Everything is answered from three public fields of the state: ``groups``, its
 :class:`~scoped_parallel.groups.view.GroupView` (a kind's group in one dict lookup, the
-explanatory errors, Megatron's optional groups by slot), and ``store``, its
-:class:`~scoped_parallel.store.StateStore` (the values Megatron's setters wrote).
+explanatory errors, Megatron's optional groups by slot), ``store``, its
+:class:`~scoped_parallel.store.StateStore` (the values Megatron's setters wrote), and
+``optional_groups`` (the options Megatron's optional groups were built with).
 
 Optional groups answer what megatron-core's getter of the same name answers after
 ``initialize_model_parallel`` with the same options (checked against megatron-core by
@@ -42,7 +43,7 @@ __all__ = ["MegatronMethods"]
 
 
 class MegatronMethods:
-    """Megatron's getters with variants, optional groups and collections (see the module doc)."""
+    """Megatron's getters with variants, optional groups and virtual stages, and the views for other libraries (see the module doc)."""
 
     __slots__ = ()
 
@@ -59,13 +60,7 @@ class MegatronMethods:
 
     def model_parallel_is_initialized(self) -> bool:
         """Whether the state holds groups on this rank (a live member)."""
-        if self.groups.closed:
-            return False
-        try:
-            self.groups.check_member()
-        except GroupNotAvailableError:
-            return False
-        return True
+        return not self.groups.closed and self.groups.member
 
     def get_pipeline_model_parallel_next_rank(self) -> int:
         """Global rank of the next pipeline stage (the last wraps to the first)."""

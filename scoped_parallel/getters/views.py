@@ -12,6 +12,9 @@ communicator is created. ``ParallelState.device_mesh()`` and
   :data:`COLLECTION_FIELDS` is that mapping. The one place the core imports megatron-core,
   lazily, inside the function.
 
+Like the rest of :mod:`scoped_parallel.getters`, the module imports no torch when it loads
+(torch and megatron-core are imported inside the functions).
+
 Worked example on 8 ranks, ``tensor_model_parallel_size=2, pipeline_model_parallel_size=2``,
 rank 5: ``device_mesh(state)`` has ``mesh_dim_names == ("pp", "dp", "tp")`` and its
 ``"tp"`` dimension is the group (4, 5); ``process_group_collection(state).dp`` is the
@@ -22,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
-
-import torch.distributed as dist
 
 from scoped_parallel.errors import LayoutError, UnsupportedSetupError
 from scoped_parallel.layout.grid import DENSE_AXES
@@ -105,6 +106,7 @@ def process_group_collection(state: Any, required_pgs: list[str] | None = None, 
 def device_mesh(state: Any, dims: tuple[str, ...] | None = None, device_type: str | None = None) -> Any:
     """A DeviceMesh over ``state``'s own groups (see ``ParallelState.device_mesh``)."""
     import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
     state.groups.check_member()

@@ -1,7 +1,8 @@
 """``GroupView``: one state's group table as this rank's getters read it.
 
-The getters (:mod:`scoped_parallel.getters`) and the views for other libraries answer
-from this object alone, never from the state's own fields:
+The getters (:mod:`scoped_parallel.getters`) read a state's groups from this object
+alone, never from the state's private fields (the state's ``store`` and ``optional_groups``
+hold the rest of what they read):
 
 * a kind's group, ranks, size and this rank's index in one dict lookup
   (:meth:`GroupView.group`, :meth:`~GroupView.ranks`, :meth:`~GroupView.size`,
@@ -15,7 +16,8 @@ from this object alone, never from the state's own fields:
 Worked example on 8 ranks, ``tensor_model_parallel_size=2``, rank 5:
 ``view.ranks("tp")`` is (4, 5), ``view.index("tp")`` is 1, ``view.ranks("TP")`` the
 same (an alias, normalised on the slow path), ``view.optional("dist-opt").ranks`` is
-(0, ..., 7), and after ``state.destroy()`` every call raises ``GroupNotAvailableError``.
+(0, ..., 7), and after ``state.destroy()`` every question about a group raises
+``GroupNotAvailableError`` (``kinds()`` is then empty).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class GroupView:
         #: set by :meth:`close` (the state was destroyed)
         self.closed = False
 
+    @property
+    def member(self) -> bool:
+        """Whether this rank is one of the state's ranks."""
+        return self._layout.contains(self.rank)
+
     def close(self) -> None:
         """Mark the view's state destroyed: every later question raises the explanatory error."""
         self.closed = True
@@ -58,7 +65,7 @@ class GroupView:
                 f"{self._describe()} was destroyed; its groups are gone. Build a new ParallelState "
                 "to use this layout again"
             )
-        if not self._layout.contains(self.rank):
+        if not self.member:
             lo = self._layout.rank_offset
             raise RankNotInLayoutError(
                 f"rank {self.rank} is not part of {self._describe()} (ranks {lo}..{lo + self._layout.world_size - 1}), "

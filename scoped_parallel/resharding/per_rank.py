@@ -51,7 +51,7 @@ class Holdings:
     #: this rank's pieces of each side, compared with the plan's before anything moves
     source_pieces: list[Piece]
     target_pieces: list[Piece]
-    #: all-gather groups by ranks: the source's own partition groups (relay groups are added here)
+    #: all-gather groups by ranks: the source's own partition groups (``execute`` adds the relay groups)
     gather_groups: Mapping[tuple[int, ...], Any] = dataclasses.field(default_factory=dict)
 
 
@@ -104,7 +104,8 @@ class PerRankBackend:
         held = self.hold(src_model, src_state, dst_model, dst_state)
         if not pieces_match(plan, held.source_pieces, held.target_pieces, group=group):
             return None
-        gather_groups = {**held.gather_groups, **relay_groups(plan, src_state, dst_state)}
+        # disjoint keys: a relay group holds no rank of the source
+        gather_groups = {**relay_groups(plan, src_state, dst_state), **held.gather_groups}
         sent = run_plan(plan, held.sources, held.targets, group=group, bucket_bytes=bucket_bytes, gather_groups=gather_groups)
         if dst_model is not None:
             self.after(dst_model)

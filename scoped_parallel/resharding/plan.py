@@ -80,7 +80,7 @@ def resolve_casts(spec: CastSpec, pairs: Mapping[str, tuple[str, str]]) -> tuple
     >>> resolve_casts("torch.bfloat16", {"w": ("torch.float32", "torch.bfloat16"), "step": ("torch.int64", "torch.int64")})
     ({'w': 'torch.bfloat16'}, [])
     >>> resolve_casts(None, {"w": ("torch.float32", "torch.bfloat16")})[1]
-    ["'w': source dtype torch.float32 but destination torch.bfloat16; a reshard copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16 (or a mapping / function naming these tensors) to convert on the sending side"]
+    ["'w': source dtype torch.float32 but destination torch.bfloat16; resharding moves tensors between layouts and converts dtypes only when asked: pass dtype=torch.bfloat16 (or a mapping / function naming these tensors) to convert on the sending side"]
     """
     casts: dict[str, str] = {}
     problems: list[str] = []
@@ -113,8 +113,8 @@ def resolve_casts(spec: CastSpec, pairs: Mapping[str, tuple[str, str]]) -> tuple
             casts[name] = wanted
     for (src, dst), names in uncast.items():
         problems.append(
-            f"{_names(names)}: source dtype {src} but destination {dst}; a reshard copies, it does not reshape or cast "
-            f"unless asked: pass dtype={dst} (or a mapping / function naming these tensors) to convert on the sending side"
+            f"{_names(names)}: source dtype {src} but destination {dst}; resharding moves tensors between layouts and converts "
+            f"dtypes only when asked: pass dtype={dst} (or a mapping / function naming these tensors) to convert on the sending side"
         )
     for (wanted, dst), names in mistargeted.items():
         problems.append(f"{_names(names)}: dtype= casts to {wanted}, but the destination tensor is {dst} "

@@ -125,7 +125,7 @@ def _seventy_b_like(ranks: int) -> list[FlatTensor]:
 
 def test_planning_a_70b_model_at_1024_ranks_takes_one_rank_little_time_and_memory():
     """ZeRO-3 over 1,024 ranks into replicas on them: one rank's part, planned alone, in
-    well under a second and 50 MB (the goal the reshard issue set); bounds are generous
+    well under a second and 50 MB (the goal issue 25 set); bounds are generous
     (a slow CI machine), the benchmark prints the measured curve."""
     tensors = _seventy_b_like(1024)
     copies = {"dp": (tuple(range(1024)),)}, {"replica": tuple((r,) for r in range(1024))}

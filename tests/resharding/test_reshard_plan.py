@@ -254,7 +254,7 @@ _PAIRS = {
          "'same': dtype= casts to torch.bfloat16, but the destination tensor is torch.float32"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),
         ({"w": "torch.bfloat16"}, _PAIRS, {"w": "torch.bfloat16"},
-         "'b': source dtype torch.float32 but destination torch.bfloat16; a reshard copies, it does not reshape or cast unless asked: pass dtype=torch.bfloat16"),
+         "'b': source dtype torch.float32 but destination torch.bfloat16; resharding moves tensors between layouts and converts dtypes only when asked: pass dtype=torch.bfloat16"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16", "steps": "torch.bfloat16"}, _PAIRS, None, "'steps': dtype= asks for torch.bfloat16, but a torch.int64 -> torch.int64 tensor is never cast"),
         ({"w": "torch.bfloat16", "b": "torch.bfloat16", "typo": "torch.bfloat16"}, _PAIRS, None, "dtype= names tensors that the models do not both hold: ['typo']"),
         (lambda name: "torch.bfloat16" if name in ("w", "b") else None, _PAIRS, {"w": "torch.bfloat16", "b": "torch.bfloat16"}, None),

@@ -87,6 +87,11 @@ def rank_subset_states_with_different_group_counts(rank):
             other.get_tensor_model_parallel_group()
         except Exception as err:  # noqa: BLE001
             out["outsider"] = (type(err).__name__, str(err))
+        out["initialized"] = (mine.model_parallel_is_initialized(), other.model_parallel_is_initialized())
+        try:
+            mine.group("opt:dist-opt")  # a key of the group table, not a kind
+        except Exception as err:  # noqa: BLE001
+            out["table key"] = type(err).__name__
         return out
     finally:
         for s in (ref, critic, actor):
@@ -265,6 +270,7 @@ def rank_scope_and_destroy(rank):
     actor = ParallelState(name="actor", tensor_model_parallel_size=2, timeout=T)
     critic = ParallelState(name="critic", timeout=T)
     seen = []
+    actor.set_override("vpp_size", 2)  # Megatron's setter, as the adapter writes it
     with actor.activate():
         seen.append(current_state().get_data_parallel_world_size())
         with critic.activate():
@@ -282,6 +288,11 @@ def rank_scope_and_destroy(rank):
             pass
     except Exception as err:  # noqa: BLE001
         seen.append(type(err).__name__)
+    seen.append(actor.override("vpp_size"))  # the overrides went with the state
+    try:
+        actor.set_override("vpp_size", 2)
+    except GroupNotAvailableError:
+        seen.append("setter refused")
     seen.append(len(dist.distributed_c10d._world.pg_map) - before)
     return seen
 
@@ -356,6 +367,9 @@ def test_subset_states_and_a_world_spanning_state_coexist(world):
     kind, msg = res[0]["outsider"]
     assert kind == "RankNotInLayoutError", f"rank 0 asking the critic for a group raised {kind}: {msg}"
     assert "rank 0" in msg and "2..3" in msg, f"the error should name rank 0 and the critic's ranks 2..3: {msg}"
+    # Megatron's model_parallel_is_initialized(): true for its own state, false (no error) for the other
+    assert by_rank("initialized") == [(True, False)] * 4, f"(own, other) model_parallel_is_initialized: {by_rank('initialized')}"
+    assert by_rank("table key") == ["LayoutError"] * 4, f"state.group('opt:dist-opt') should be refused as no kind: {by_rank('table key')}"
 
 
 @pytest.mark.world
@@ -450,8 +464,9 @@ def test_scope_switches_and_destroy_releases_everything(world):
     """Getters follow the scope; destroy() frees every group and blocks later use."""
     res = world.run(rank_scope_and_destroy)
     # dp size in actor, in critic nested, in actor again; then the getter after destroy(),
-    # activating a destroyed state, and torch's group count growth
-    want = [2, 4, 2, "gone", "ScopedParallelError", 0]
+    # activating a destroyed state, its override after destroy() and Megatron's setter on it,
+    # and torch's group count growth
+    want = [2, 4, 2, "gone", "ScopedParallelError", None, "setter refused", 0]
     for r, seen in enumerate(res):
         assert seen == want, f"rank {r}: saw {seen}, expected {want}"
 
