@@ -376,7 +376,7 @@ class FlatBackend(PerRankBackend):
         problems: list[str] = []
         src = {row.name: row for row in src_rows}
         dst = {row.name: row for row in dst_rows}
-        problems += unmatched_names(src, {name: dst_state.layout.ranks[0] for name in dst})
+        problems += unmatched_names(src, dict.fromkeys(dst, dst_state.layout.ranks[0]))
         for name, row in dst.items():
             if name in src and src[name].shape != row.shape:
                 problems.append(f"{name!r}: source {src[name].shape} {src[name].dtype} but destination {row.shape} "

@@ -238,7 +238,7 @@ class ParallelState(Getters):
     @property
     def is_member(self) -> bool:
         """Whether this rank belongs to the state's ranks."""
-        return self._layout.contains(self._rank)
+        return self.groups.member
 
     @property
     def destroyed(self) -> bool:
@@ -289,19 +289,19 @@ class ParallelState(Getters):
 
     def group(self, kind: str) -> Any:
         """The process group of ``kind`` (e.g. ``"tp"``, ``"dp-cp"``, ``"etp-ep"``) on this rank."""
-        return self.groups.entry(self.groups.require(kind)).group
+        return self.groups.checked(kind).group
 
     def ranks(self, kind: str) -> tuple[int, ...]:
         """Global ranks of this rank's ``kind`` group."""
-        return self.groups.entry(self.groups.require(kind)).ranks
+        return self.groups.checked(kind).ranks
 
     def size(self, kind: str) -> int:
         """How many ranks this rank's ``kind`` group has."""
-        return len(self.groups.entry(self.groups.require(kind)).ranks)
+        return len(self.groups.checked(kind).ranks)
 
     def rank_in(self, kind: str) -> int:
         """This rank's index inside its ``kind`` group."""
-        return self.groups.entry(self.groups.require(kind)).index
+        return self.groups.checked(kind).index
 
     def kinds(self) -> tuple[str, ...]:
         """The group kinds this rank holds."""

@@ -309,11 +309,10 @@ class MegatronMethods:
     def _intra_group(self, kind: str, gloo: bool = False) -> Any:
         """The partial ``kind`` group; with one instance Megatron's answer is the full group."""
         slot = "intra-" + kind
-        if self.groups.optional(slot) is None:
+        entry = self.groups.optional(slot)
+        if entry is None:
             return self.groups.gloo(kind) if gloo else self.groups.group(kind)
-        if gloo:
-            return self.groups.gloo(slot)
-        return self._opt_group(slot)
+        return self.groups.gloo(slot) if gloo else entry.group
 
     def get_intra_distributed_optimizer_instance_group(self, check_initialized: bool = True) -> Any:
         """Every rank of this rank's distributed-optimizer instance (all the state's ranks with one)."""
@@ -360,9 +359,10 @@ class MegatronMethods:
         return self.groups.optional("dp-cp/ag") is not None
 
     def _all_gather_group(self) -> Any:
-        if self.groups.optional("dp-cp/ag") is not None:
-            return self._opt_group("dp-cp/ag")
-        raise self._missing("separate all-gather dp-cp group", "create_all_gather_group=True")
+        entry = self.groups.optional("dp-cp/ag")
+        if entry is None:
+            raise self._missing("separate all-gather dp-cp group", "create_all_gather_group=True")
+        return entry.group
 
     def get_amax_reduction_group(self, with_context_parallel: bool = False, tp_only_amax_red: bool = False) -> Any:
         """FP8 amax reduction group: Megatron's choice among tp-dp(-cp), tp-cp and tp."""

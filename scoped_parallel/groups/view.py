@@ -88,6 +88,11 @@ class GroupView:
             )
         return kind
 
+    def checked(self, kind: str) -> GroupEntry:
+        """The entry of ``kind`` after :meth:`require`'s checks (an alias is normalised, a table
+        key that is no kind is refused): the public ``state.group(kind)`` and its siblings."""
+        return self._entries[self.require(kind)]
+
     # ------------------------------------------------------------------ one kind (fast)
 
     def entry(self, kind: str) -> GroupEntry:
